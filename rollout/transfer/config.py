@@ -1,0 +1,58 @@
+"""Typed configuration of the weight transfer: how bytes move, how big a bucket is, when a buffer may be reused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Transport(str, Enum):
+    """How bucket bytes move from the trainer to the rollout worker."""
+
+    auto = "auto"  # resolved by the platform: cuda -> cuda_ipc, npu/cpu -> shm
+    shm = "shm"  # POSIX shared memory (CPU, NPUs without IPC)
+    cuda_ipc = "cuda_ipc"  # one device buffer shared through CUDA IPC
+    nccl = "nccl"  # packed buckets broadcast over NCCL (engine on other GPUs)
+
+
+class Sync(str, Enum):
+    """When the sender may overwrite a bucket buffer."""
+
+    fenced = "fenced"  # one buffer: consume -> device sync -> ack
+    double_buffer = "double_buffer"  # two buffers in turn, each ack frees a named buffer
+    clone = "clone"  # pre-fix baseline: receiver copies out, acks early
+
+
+def _coerce(enum_cls: type[Enum], value: object, key: str) -> Enum:
+    try:
+        return enum_cls(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_cls)
+        raise ValueError(f"{key}={value!r} is not one of: {allowed}") from None
+
+
+@dataclass
+class TransferConfig:
+    """The `rollout.transfer` node.
+
+    Example:
+        cfg = TransferConfig(transport="shm", bucket_mb=64, sync="fenced", timeout_s=30.0)
+    """
+
+    transport: Transport = Transport.auto
+    bucket_mb: int = 256
+    sync: Sync = Sync.fenced
+    timeout_s: float = 60.0
+    verify: bool = False  # xxhash checksum per bucket, checked by the receiver
+
+    def __post_init__(self) -> None:
+        self.transport = _coerce(Transport, self.transport, "rollout.transfer.transport")
+        self.sync = _coerce(Sync, self.sync, "rollout.transfer.sync")
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, int) or self.bucket_mb < 1:
+            raise ValueError(f"rollout.transfer.bucket_mb must be an integer >= 1 (MB), got {self.bucket_mb!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"rollout.transfer.timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return self.bucket_mb << 20

@@ -1,0 +1,1 @@
+"""PPO/GRPO training loops built on the `rollout` module."""
