@@ -1,0 +1,39 @@
+"""Zero-copy bucketed weight transfer from a trainer process to a rollout (vLLM worker) process.
+
+Tensors are packed into bucket buffers shared by both processes (POSIX shared memory or CUDA IPC);
+typed metadata travels over a ZMQ socket (msgpack, no pickle); a sync policy decides when a buffer
+may be reused. Either side may start first; one connection serves many refits.
+
+Example:
+    cfg = TransferConfig(transport="shm", bucket_mb=64, sync="fenced", timeout_s=30.0)
+    endpoint = new_endpoint()
+    with WeightSender(cfg, endpoint) as sender:                     # trainer process
+        stats = sender.send(model.named_parameters(), version=7)
+    with WeightReceiver(cfg, endpoint, device="cpu") as receiver:  # rollout process
+        stats = receiver.receive(consume)                         # consume(weights, is_last)
+"""
+
+from rollout.transfer.channel import new_endpoint
+from rollout.transfer.config import Sync, TransferConfig, Transport
+from rollout.transfer.errors import IntegrityError, PeerError, TransferError, TransferTimeout
+from rollout.transfer.receiver import WeightReceiver
+from rollout.transfer.sender import WeightSender
+from rollout.transfer.stats import TransferStats
+from rollout.transfer.transports import resolve_transport
+from rollout.transfer.wire import ProtocolError
+
+__all__ = [
+    "IntegrityError",
+    "PeerError",
+    "ProtocolError",
+    "Sync",
+    "TransferConfig",
+    "TransferError",
+    "TransferStats",
+    "TransferTimeout",
+    "Transport",
+    "WeightReceiver",
+    "WeightSender",
+    "new_endpoint",
+    "resolve_transport",
+]

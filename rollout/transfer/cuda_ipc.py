@@ -1,0 +1,101 @@
+"""The `cuda_ipc` transport: bucket buffers in the sender's GPU memory, opened by the receiver via CUDA IPC.
+
+The sender allocates the buffers once and exports each storage with `UntypedStorage._share_cuda_()`;
+the resulting handles are plain bytes and ints, sent in the handshake as a wire.CudaIpcBuffer and
+rebuilt explicitly on the receiver with `rebuild_cuda_tensor` — the same fields torch's own
+pickling would carry, without pickle. Both processes must see the same physical GPU (colocated
+trainer and rollout); the GPU's UUID is checked, because device indices differ between processes
+with different CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+from rollout.transfer import wire
+from rollout.transfer.errors import TransferError
+
+
+def _uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def _cuda_device(device: torch.device | str | None) -> torch.device:
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if device.type != "cuda":
+        raise TransferError(f"transport cuda_ipc needs a cuda device, got {device}")
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+class CudaIpcTransport:
+    """Example:
+    sender_side = CudaIpcTransport.allocate(num_buffers=1, nbytes=256 << 20, device="cuda:0")
+    receiver_side = CudaIpcTransport.attach(hello, device=torch.device("cuda:0"))
+    receiver_side.region(0, offset, nbytes)      # uint8 view of the sender's GPU memory
+    """
+
+    kind = "cuda_ipc"
+
+    def __init__(self, buffers: list[torch.Tensor], device: torch.device, descs: list[wire.CudaIpcBuffer]) -> None:
+        self._buffers = buffers
+        self._descs = descs
+        self.device = device
+
+    @classmethod
+    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str | None = None) -> CudaIpcTransport:
+        device = _cuda_device(device)
+        buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
+        descs = []
+        for buf in buffers:
+            (_, handle, storage_nbytes, storage_offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
+                buf.untyped_storage()._share_cuda_()
+            )
+            descs.append(
+                wire.CudaIpcBuffer(
+                    _uuid(device), device.index, bytes(handle), int(storage_nbytes), int(storage_offset),
+                    bytes(rc_handle), int(rc_offset), bytes(ev_handle or b""), bool(ev_sync), nbytes,
+                )
+            )
+        return cls(buffers, device, descs)
+
+    @classmethod
+    def attach(cls, hello: wire.Hello, device: torch.device) -> CudaIpcTransport:
+        device = _cuda_device(device)
+        buffers = []
+        for d in hello.cuda_buffers:
+            if d.device_uuid != _uuid(device):
+                raise TransferError(
+                    f"cuda_ipc buffer lives on GPU {d.device_uuid}, but this receiver's {device} is "
+                    f"{_uuid(device)}: CUDA IPC needs both processes on the same GPU"
+                )
+            buffers.append(
+                rebuild_cuda_tensor(
+                    torch.Tensor, (d.nbytes,), (1,), 0, torch.UntypedStorage, torch.uint8,
+                    device.index, d.handle, d.storage_nbytes, d.storage_offset_bytes, False,
+                    d.ref_counter_handle, d.ref_counter_offset, d.event_handle or None, d.event_sync_required,
+                )
+            )
+        return cls(buffers, device, list(hello.cuda_buffers))
+
+    def describe(self) -> dict[str, list]:
+        return {"shm_buffers": [], "cuda_buffers": list(self._descs)}
+
+    def buffer(self, index: int) -> torch.Tensor:
+        return self._buffers[index]
+
+    def region(self, index: int, offset: int, nbytes: int) -> torch.Tensor:
+        return self._buffers[index][offset : offset + nbytes]
+
+    def synchronize(self) -> None:
+        """Wait for every kernel on the device: the peer process sees the bytes only after that."""
+        torch.cuda.synchronize(self.device)
+
+    def unlink(self) -> None:
+        """CUDA IPC handles name nothing in a filesystem."""
+
+    def close(self) -> None:
+        """Idempotent. Drops our references; the sender's memory is freed once the receiver's are gone."""
+        self._buffers = []
+        if torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()

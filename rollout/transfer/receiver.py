@@ -1,0 +1,207 @@
+"""The rollout worker's end of the weight transfer: maps the sender's buffers and hands out views.
+
+Kept light on purpose (torch, zmq, msgpack): it runs inside vLLM's worker process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from rollout.transfer import layout, transports, wire
+from rollout.transfer.channel import Channel
+from rollout.transfer.config import TransferConfig, Transport
+from rollout.transfer.errors import IntegrityError, PeerError, TransferError
+from rollout.transfer.stats import TransferStats
+from rollout.transfer.sync import Consume, make_sync_policy
+
+
+class WeightReceiver:
+    """Connects to the endpoint; one instance serves many refits, mapping the buffers once.
+
+    `consume(weights, is_last)` is called once per bucket that completes at least one tensor, in
+    order; `is_last` is True on the final call of a refit. The views are valid only during the call
+    (with shm they are CPU tensors; with cuda_ipc they live on the receiver's GPU). A tensor larger
+    than a bucket arrives whole, reassembled in a receiver-owned buffer that is reused across refits.
+    A refit of zero tensors completes without calling consume.
+
+    Example:
+        with WeightReceiver(cfg, endpoint, device="cuda:0") as receiver:
+            stats = receiver.receive(lambda weights, is_last: model.load_weights(weights))
+    """
+
+    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.device = torch.device(device)
+        self._policy = make_sync_policy(cfg.sync)
+        self._transport: transports.BucketTransport | None = None
+        self._attached: tuple[int, int] | None = None  # (session, generation) of the mapped buffers
+        self._hello: wire.Hello | None = None
+        self._session: int | None = None
+        self._last_refit_id = 0
+        self._pending: wire.BeginRefit | None = None  # a BeginRefit that cut the previous refit short
+        self._assembly: torch.Tensor | None = None
+        self._chunked: tuple[str, int] | None = None  # (name, next chunk) of the tensor being reassembled
+        self._channel = Channel(endpoint, bind=False, timeout_s=cfg.timeout_s)
+
+    def receive(self, consume: Consume) -> TransferStats:
+        """One refit. Raises whatever consume raised (after telling the sender), PeerError if the
+        sender aborted, TransferTimeout if the sender went silent for `timeout_s`."""
+        if self._channel is None:
+            raise TransferError(f"{self.endpoint}: receive() on a closed WeightReceiver")
+        begin, self._pending = self._pending or self._wait_begin(), None
+        start = time.perf_counter()
+        try:
+            self._handshake(begin)
+            return self._stream(begin, consume, start)
+        except PeerError:
+            raise
+        except BaseException as exc:
+            self._channel.try_send(wire.Error(begin.refit_id, f"{type(exc).__name__}: {exc}"))
+            raise
+
+    def _wait_begin(self) -> wire.BeginRefit:
+        deadline = self._channel.deadline()
+        while True:
+            msg = self._channel.recv("BeginRefit", deadline)
+            if isinstance(msg, wire.BeginRefit) and self._is_new(msg):
+                return msg
+            # anything else belongs to a refit that was aborted: drop it
+
+    def _is_new(self, begin: wire.BeginRefit) -> bool:
+        if begin.session == self._session and begin.refit_id <= self._last_refit_id:
+            return False
+        self._session, self._last_refit_id = begin.session, begin.refit_id
+        return True
+
+    def _handshake(self, begin: wire.BeginRefit) -> None:
+        for attempt in range(2):
+            hello = begin.hello
+            self._check_compatible(hello)
+            key = (begin.session, hello.generation)
+            if self._attached != key:
+                self._detach()
+                try:
+                    self._transport = transports.attach(hello, self.device)
+                except FileNotFoundError as exc:
+                    if attempt:
+                        raise
+                    self._channel.send(wire.Ready(begin.refit_id, False, str(exc)), "Ready")
+                    begin = self._next(begin.refit_id, wire.BeginRefit, "BeginRefit with fresh buffers")
+                    continue
+                self._attached, self._hello = key, hello
+            self._channel.send(wire.Ready(begin.refit_id, True, ""), "Ready")
+            return
+
+    def _check_compatible(self, hello: wire.Hello) -> None:
+        if hello.protocol != wire.PROTOCOL_VERSION:
+            raise TransferError(f"sender speaks protocol {hello.protocol}, this receiver {wire.PROTOCOL_VERSION}")
+        if hello.sync != self.cfg.sync.value:
+            raise TransferError(f"sync mismatch: sender uses {hello.sync!r}, receiver is configured {self.cfg.sync.value!r}")
+        wanted = self.cfg.transport
+        if wanted != Transport.auto and hello.transport != wanted.value:
+            raise TransferError(f"transport mismatch: sender offers {hello.transport!r}, receiver wants {wanted.value!r}")
+        if hello.transport == Transport.cuda_ipc.value and self.device.type != "cuda":
+            raise TransferError(f"sender offers cuda_ipc, but this receiver's device is {self.device}")
+
+    def _stream(self, begin: wire.BeginRefit, consume: Consume, start: float) -> TransferStats:
+        refit_id = begin.refit_id
+        num_buckets = num_tensors = num_bytes = 0
+        while True:
+            msg = self._next(refit_id, (wire.BucketMeta, wire.EndOfRefit), f"bucket {num_buckets} or EndOfRefit")
+            if isinstance(msg, wire.EndOfRefit):
+                break
+            if msg.bucket_index != num_buckets:
+                raise wire.ProtocolError(f"expected bucket {num_buckets}, got {msg.bucket_index}")
+            weights = self._unpack(msg)
+
+            def ack(meta: wire.BucketMeta = msg) -> None:
+                self._channel.send(wire.Ack(refit_id, meta.bucket_index, meta.buffer_index), "Ack")
+
+            self._policy.deliver(weights, msg.is_last, consume, self._transport.synchronize, ack)
+            num_buckets += 1
+            num_tensors += len(weights)
+            num_bytes += sum(e.nbytes for e in msg.entries)
+        if (msg.num_buckets, msg.num_tensors, msg.num_bytes) != (num_buckets, num_tensors, num_bytes):
+            raise wire.ProtocolError(
+                f"EndOfRefit counts {msg.num_buckets} buckets/{msg.num_tensors} tensors/{msg.num_bytes} bytes, "
+                f"received {num_buckets}/{num_tensors}/{num_bytes}"
+            )
+        self._channel.send(wire.Done(refit_id), "Done")
+        return TransferStats(begin.version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
+
+    def _next(self, refit_id: int, expected: type | tuple[type, ...], what: str):
+        deadline = self._channel.deadline()
+        while True:
+            msg = self._channel.recv(f"{what} of refit {refit_id}", deadline)
+            if isinstance(msg, wire.BeginRefit) and msg.refit_id != refit_id and self._is_new(msg):
+                self._pending = msg  # the sender gave up on this refit and started the next one
+                raise TransferError(f"{self.endpoint}: sender abandoned refit {refit_id} for refit {msg.refit_id}")
+            if getattr(msg, "refit_id", None) != refit_id:
+                continue  # left over from an aborted refit
+            if isinstance(msg, wire.Error):
+                raise PeerError(f"{self.endpoint}: the sender aborted refit {refit_id}: {msg.message}")
+            if not isinstance(msg, expected):
+                raise wire.ProtocolError(f"{self.endpoint}: got {type(msg).__name__} while waiting for {what}")
+            return msg
+
+    def _unpack(self, meta: wire.BucketMeta) -> list[tuple[str, torch.Tensor]]:
+        hello = self._hello
+        if not 0 <= meta.buffer_index < hello.num_buffers or not 0 <= meta.nbytes <= hello.bucket_bytes:
+            raise wire.ProtocolError(f"bucket {meta.bucket_index} does not fit the handshake's buffers")
+        if meta.checksum != -1:
+            digest = layout.checksum(self._transport.region(meta.buffer_index, 0, meta.nbytes))
+            if digest != meta.checksum:
+                names = sorted({e.name for e in meta.entries})
+                raise IntegrityError(f"checksum mismatch in bucket {meta.bucket_index}, tensors: {', '.join(names)}")
+        elif self.cfg.verify:
+            raise TransferError("verify=True on the receiver, but the sender sends no checksums (set it on both ends)")
+        weights = []
+        for e in meta.entries:
+            dtype = wire.dtype_from_name(e.dtype)
+            if e.offset < 0 or e.nbytes < 0 or e.offset + e.nbytes > meta.nbytes or any(d < 0 for d in e.shape):
+                raise wire.ProtocolError(f"entry {e.name!r} lies outside bucket {meta.bucket_index}")
+            if math.prod(e.shape) * dtype.itemsize != e.tensor_nbytes:
+                raise wire.ProtocolError(f"entry {e.name!r}: shape {e.shape} x {e.dtype} is not {e.tensor_nbytes} bytes")
+            region = self._transport.region(meta.buffer_index, e.offset, e.nbytes)
+            if e.num_chunks == 1:
+                weights.append((e.name, layout.typed_view(region, dtype, e.shape)))
+                continue
+            start = e.chunk_index * hello.bucket_bytes
+            if (e.chunk_index and self._chunked != (e.name, e.chunk_index)) or start + e.nbytes > e.tensor_nbytes:
+                raise wire.ProtocolError(f"chunk {e.chunk_index}/{e.num_chunks} of {e.name!r} out of order")
+            self._chunked = (e.name, e.chunk_index + 1)
+            assembly = self._assembly_buffer(e.tensor_nbytes)
+            assembly[start : start + e.nbytes].copy_(region)
+            if e.chunk_index == e.num_chunks - 1:
+                weights.append((e.name, layout.typed_view(assembly[: e.tensor_nbytes], dtype, e.shape)))
+        return weights
+
+    def _assembly_buffer(self, nbytes: int) -> torch.Tensor:
+        if self._assembly is None or self._assembly.numel() < nbytes:
+            self._assembly = None  # free the old one before allocating the larger
+            self._assembly = torch.empty(nbytes, dtype=torch.uint8, device=self._transport.device)
+        return self._assembly
+
+    def _detach(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._transport, self._attached, self._hello = None, None, None
+
+    def close(self) -> None:
+        """Idempotent: unmaps the buffers, closes the socket; removes the socket file and the endpoint
+        directory if the sender died without doing so."""
+        self._detach()
+        self._assembly = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self) -> WeightReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,147 @@
+"""The trainer's end of the weight transfer: packs tensors into bucket buffers and streams their metadata."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from typing import Iterable
+
+import torch
+
+from rollout.transfer import layout, transports, wire
+from rollout.transfer.channel import Channel
+from rollout.transfer.config import TransferConfig
+from rollout.transfer.errors import PeerError, TransferError
+from rollout.transfer.stats import TransferStats
+from rollout.transfer.sync import make_sync_policy
+
+
+class WeightSender:
+    """Binds the endpoint; one instance serves many refits, reusing its buffers and socket.
+
+    Buffers are allocated on the first send() (on `device`: the GPU for cuda_ipc, host shared memory
+    for shm) and freed by close(). A tensor on another device than the buffers is moved by the
+    packing copy itself (e.g. a CUDA tensor into shm); meta and sparse tensors raise ValueError.
+
+    Example:
+        with WeightSender(cfg, endpoint) as sender:
+            stats = sender.send(model.named_parameters(), version=step)
+    """
+
+    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str | None = None) -> None:
+        self.cfg = cfg
+        self.endpoint = endpoint
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.transport_kind = transports.resolve_transport(cfg, self.device)
+        self._policy = make_sync_policy(cfg.sync)
+        self._transport: transports.BucketTransport | None = None
+        self._generation = 0
+        self._session = secrets.randbits(62)  # distinguishes us from a previous sender on this endpoint
+        self._next_refit_id = 1
+        self._channel = Channel(endpoint, bind=True, timeout_s=cfg.timeout_s)
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> TransferStats:
+        """One refit: returns once the receiver has consumed every bucket. Raises PeerError with the
+        receiver's message if its consume failed, TransferTimeout if it did not answer in time."""
+        if self._channel is None:
+            raise TransferError(f"{self.endpoint}: send() on a closed WeightSender")
+        refit_id = self._next_refit_id
+        self._next_refit_id += 1
+        start = time.perf_counter()
+        try:
+            self._begin(refit_id, version)
+            return self._stream(refit_id, version, named_tensors, start)
+        except PeerError:
+            raise
+        except BaseException as exc:
+            # Tell the receiver now rather than let it wait out its timeout; then re-raise.
+            self._channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
+            raise
+
+    def _begin(self, refit_id: int, version: int) -> None:
+        detail = ""
+        for _ in range(2):
+            if self._transport is None:
+                self._transport = transports.allocate(
+                    self.transport_kind, self._policy.num_buffers, self.cfg.bucket_bytes, self.device
+                )
+                self._generation += 1
+            hello = wire.Hello(
+                wire.PROTOCOL_VERSION, self.transport_kind.value, self.cfg.sync.value, self.cfg.bucket_bytes,
+                self._generation, **self._transport.describe(),
+            )
+            self._channel.send(wire.BeginRefit(self._session, refit_id, version, hello), "BeginRefit")
+            ready = self._wait(refit_id, wire.Ready, "Ready")
+            if ready.attached:
+                self._transport.unlink()  # both ends have mapped the buffers: names are no longer needed
+                return
+            # A receiver that came after the names were unlinked (a restarted worker): start afresh.
+            detail = ready.detail
+            self._transport.close()
+            self._transport = None
+        raise TransferError(f"{self.endpoint}: receiver could not attach fresh buffers: {detail}")
+
+    def _stream(self, refit_id: int, version: int, named_tensors: Iterable, start: float) -> TransferStats:
+        transport, bucket_bytes = self._transport, self.cfg.bucket_bytes
+        num_buffers = self._policy.num_buffers
+        free = deque(range(num_buffers))
+        num_buckets = num_tensors = num_bytes = 0
+        for bucket in layout.plan_buckets(named_tensors, bucket_bytes):
+            if not free:
+                free.append(self._wait_ack(refit_id, free, f"Ack of bucket {num_buckets - num_buffers}"))
+            index = free.popleft()
+            buffer = transport.buffer(index)
+            layout.pack(bucket, buffer, bucket_bytes)
+            transport.synchronize()  # on a GPU, the receiver must not see half-finished copies
+            digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
+            self._after_pack(buffer, bucket)
+            entries = [p.entry for p in bucket.placements]
+            meta = wire.BucketMeta(refit_id, num_buckets, index, bucket.nbytes, bucket.is_last, digest, entries)
+            self._channel.send(meta, f"BucketMeta {num_buckets}")
+            num_buckets += 1
+            num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
+            num_bytes += sum(e.nbytes for e in entries)
+        while len(free) < num_buffers:
+            free.append(self._wait_ack(refit_id, free, "the last Acks"))
+        self._channel.send(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")
+        self._wait(refit_id, wire.Done, "Done")
+        return TransferStats(version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
+
+    def _after_pack(self, buffer: torch.Tensor, bucket: layout.PlannedBucket) -> None:
+        """Test hook (corrupt a byte after the checksum); does nothing in production."""
+
+    def _wait_ack(self, refit_id: int, free: deque, what: str) -> int:
+        ack = self._wait(refit_id, wire.Ack, what)
+        if not 0 <= ack.buffer_index < self._policy.num_buffers or ack.buffer_index in free:
+            raise wire.ProtocolError(f"{self.endpoint}: Ack names buffer {ack.buffer_index}, which is not in use")
+        return ack.buffer_index
+
+    def _wait(self, refit_id: int, expected: type, what: str):
+        deadline = self._channel.deadline()
+        while True:
+            msg = self._channel.recv(f"{what} of refit {refit_id}", deadline)
+            if getattr(msg, "refit_id", None) != refit_id:
+                continue  # a late answer from an aborted refit
+            if isinstance(msg, wire.Error):
+                raise PeerError(f"{self.endpoint}: the receiver failed refit {refit_id}: {msg.message}")
+            if not isinstance(msg, expected):
+                raise wire.ProtocolError(f"{self.endpoint}: got {type(msg).__name__} while waiting for {what}")
+            return msg
+
+    def close(self) -> None:
+        """Idempotent: frees the buffers, closes the socket, removes the socket file and its directory."""
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self) -> WeightSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,111 @@
+"""The `shm` transport: bucket buffers in POSIX shared memory (files under /dev/shm), mapped by both ends.
+
+The sender creates one segment per buffer (`refit-<uuid>-<i>`, mode 0600) and names them in the
+handshake. As soon as the receiver has mapped them, both ends unlink the names: the memory lives on
+in the two mappings and disappears with the last of them, so no segment can outlive a SIGKILLed
+peer. A receiver that arrives later (a restarted worker) finds the names gone and asks the sender
+for fresh buffers. posix_fallocate reserves the pages up front, so a full /dev/shm fails here with
+ENOSPC instead of a SIGBUS in the middle of a copy. Files are mapped by torch.from_file, so the
+mapping is released when the last tensor viewing it dies, never under a live view.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+
+import torch
+
+from rollout.transfer import wire
+from rollout.transfer.errors import TransferError
+
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "refit-"
+_SEGMENT_NAME = re.compile(r"^refit-[0-9a-f]{32}-[0-9]+$")  # never a path: the name comes off the wire
+
+
+class ShmTransport:
+    """Example:
+    sender_side = ShmTransport.allocate(num_buffers=2, nbytes=64 << 20)
+    hello_fields = sender_side.describe()            # -> Hello(shm_buffers=...)
+    receiver_side = ShmTransport.attach(hello, device=torch.device("cpu"))
+    receiver_side.region(0, offset, nbytes)          # uint8 view, no copy
+    """
+
+    kind = "shm"
+
+    def __init__(self, buffers: list[torch.Tensor], names: list[str]) -> None:
+        self._buffers = buffers
+        self._names = names
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | None = None) -> ShmTransport:
+        stem = f"{SEGMENT_PREFIX}{uuid.uuid4().hex}"
+        names: list[str] = []
+        buffers: list[torch.Tensor] = []
+        try:
+            for i in range(num_buffers):
+                names.append(f"{stem}-{i}")
+                path = os.path.join(SHM_DIR, names[-1])
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, nbytes)
+                finally:
+                    os.close(fd)
+                buffers.append(torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8))
+        except OSError as exc:
+            cls(buffers, names).close()
+            raise TransferError(f"cannot allocate {num_buffers} x {nbytes} bytes in {SHM_DIR}: {exc}") from exc
+        return cls(buffers, names)
+
+    @classmethod
+    def attach(cls, hello: wire.Hello, device: torch.device) -> ShmTransport:
+        """Map the sender's segments, then unlink their names. Raises FileNotFoundError when a name is
+        already gone (another receiver attached first): the caller then asks for fresh buffers."""
+        buffers, names = [], []
+        for desc in hello.shm_buffers:
+            if not _SEGMENT_NAME.match(desc.name):
+                raise TransferError(f"refusing shared-memory segment name {desc.name!r}")
+            path = os.path.join(SHM_DIR, desc.name)
+            size = os.stat(path).st_size
+            if size < desc.nbytes:  # reading past the end of a mapped file is a SIGBUS, not an error
+                raise TransferError(f"segment {desc.name} has {size} bytes, the handshake says {desc.nbytes}")
+            buffers.append(torch.from_file(path, shared=True, size=desc.nbytes, dtype=torch.uint8))
+            names.append(desc.name)
+        transport = cls(buffers, names)
+        transport.unlink()
+        return transport
+
+    def describe(self) -> dict[str, list]:
+        return {
+            "shm_buffers": [wire.ShmBuffer(n, b.numel()) for n, b in zip(self._names, self._buffers)],
+            "cuda_buffers": [],
+        }
+
+    def buffer(self, index: int) -> torch.Tensor:
+        return self._buffers[index]
+
+    def region(self, index: int, offset: int, nbytes: int) -> torch.Tensor:
+        return self._buffers[index][offset : offset + nbytes]
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: CPU copies are complete when copy_ returns."""
+
+    def unlink(self) -> None:
+        """Remove the names; the mappings stay valid. Idempotent."""
+        for name in self._names:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except FileNotFoundError:
+                pass
+
+    @property
+    def has_names(self) -> bool:
+        return any(os.path.exists(os.path.join(SHM_DIR, n)) for n in self._names)
+
+    def close(self) -> None:
+        """Idempotent. Views a consumer still holds keep their mapping alive until they die."""
+        self.unlink()
+        self._buffers = []

@@ -1,0 +1,130 @@
+"""Bitwise round trips between a sender process and a receiver (this process), over real shm and ZMQ."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rollout.transfer import PeerError, TransferConfig, WeightReceiver, new_endpoint
+from transfer_procs import as_bytes, mixed_tensors, our_segments
+
+TIMEOUT_S = 20.0
+
+
+def _cfg(**kw) -> dict:
+    return {"transport": "shm", "timeout_s": TIMEOUT_S, **kw}
+
+
+def _receive_all(cfg_kwargs: dict, endpoint: str, num_refits: int, consume_factory):
+    outcomes = []
+    with WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device="cpu") as receiver:
+        for i in range(num_refits):
+            try:
+                outcomes.append(("ok", receiver.receive(consume_factory(i))))
+            except Exception as exc:
+                outcomes.append(("error", exc))
+        names = [b.name for b in receiver._hello.shm_buffers] if receiver._hello else []
+    return outcomes, names
+
+
+def _collector(store: dict, calls: list):
+    def consume(weights, is_last):
+        calls.append(is_last)
+        for name, view in weights:
+            assert name not in store, f"{name} delivered twice"
+            store[name] = view.clone()
+
+    return consume
+
+
+@pytest.mark.parametrize("bucket_mb", [1, 2])
+@pytest.mark.parametrize("sync", ["fenced", "double_buffer", "clone"])
+def test_bitwise_round_trip_over_many_refits(sender_server, sync, bucket_mb):
+    cfg = _cfg(sync=sync, bucket_mb=bucket_mb)
+    endpoint = new_endpoint()
+    seeds = [11, 12, 13]
+    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": bucket_mb << 20, "seed": s, "version": s} for s in seeds])
+    stores = [{} for _ in seeds]
+    calls = [[] for _ in seeds]
+    outcomes, names = _receive_all(cfg, endpoint, len(seeds), lambda i: _collector(stores[i], calls[i]))
+    sent = sender_server.result()
+
+    for seed, store, is_last_flags, (status, stats), result in zip(seeds, stores, calls, outcomes, sent):
+        assert status == "ok", stats
+        assert result[0] == "ok", result
+        expected = mixed_tensors(bucket_mb << 20, seed)
+        assert list(store) == [n for n, _ in expected]  # order kept
+        for name, tensor in expected:
+            got = store[name]
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+            assert torch.equal(as_bytes(got), as_bytes(tensor)), f"{name} differs"
+        assert is_last_flags[-1] is True and not any(is_last_flags[:-1])
+        assert stats.version == seed and stats.num_tensors == len(expected)
+        assert stats.num_bytes == sum(t.numel() * t.element_size() for _, t in expected)
+        assert result[1:] == (stats.version, stats.num_tensors, stats.num_buckets, stats.num_bytes)
+        assert stats.num_buckets >= 4  # the 3.5x tensor alone spans 4 buckets
+    assert names and not our_segments(names)
+    assert not os.path.exists(endpoint[len("ipc://"):])
+
+
+def test_zero_tensor_refit_completes_without_consume(sender_server):
+    cfg = _cfg(sync="fenced", bucket_mb=1)
+    endpoint = new_endpoint()
+    sender_server.run(cfg, endpoint, [{"kind": "zero", "version": 3}, {"kind": "race", "version": 4}])
+    calls = []
+    outcomes, _ = _receive_all(cfg, endpoint, 2, lambda i: lambda w, last: calls.append((i, len(w))))
+    sent = sender_server.result()
+    assert [o[0] for o in outcomes] == ["ok", "ok"] and [r[0] for r in sent] == ["ok", "ok"]
+    assert outcomes[0][1].num_tensors == 0 and outcomes[0][1].num_buckets == 0 and outcomes[0][1].version == 3
+    assert calls and all(i == 1 for i, _ in calls)
+
+
+def test_consume_error_reaches_sender_and_next_refit_works(sender_server):
+    cfg = _cfg(sync="fenced", bucket_mb=1)
+    endpoint = new_endpoint()
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in (1, 2)])
+
+    def consume_factory(i):
+        def consume(weights, is_last):
+            if i == 0:
+                raise RuntimeError("load_weights exploded on purpose")
+
+        return consume
+
+    outcomes, _ = _receive_all(cfg, endpoint, 2, consume_factory)
+    sent = sender_server.result()
+    assert outcomes[0][0] == "error" and "exploded on purpose" in str(outcomes[0][1])
+    assert sent[0][0] == "error" and sent[0][1] == "PeerError" and "exploded on purpose" in sent[0][2]
+    assert outcomes[1][0] == "ok" and outcomes[1][1].version == 2 and sent[1][0] == "ok"
+
+
+def test_duplicate_name_is_a_value_error_and_next_refit_works(sender_server):
+    cfg = _cfg(sync="double_buffer", bucket_mb=1)
+    endpoint = new_endpoint()
+    sender_server.run(cfg, endpoint, [{"kind": "duplicate", "version": 1}, {"kind": "race", "version": 2}])
+    outcomes, _ = _receive_all(cfg, endpoint, 2, lambda i: lambda w, last: None)
+    sent = sender_server.result()
+    assert sent[0][:2] == ("error", "ValueError") and "'a'" in sent[0][2]
+    assert outcomes[0][0] == "error" and isinstance(outcomes[0][1], PeerError) and "duplicate" in str(outcomes[0][1])
+    assert outcomes[1][0] == "ok" and sent[1][0] == "ok"
+
+
+def test_receiver_may_start_before_sender(sender_server):
+    cfg = _cfg(sync="fenced", bucket_mb=1)
+    endpoint = new_endpoint()
+    receiver = WeightReceiver(TransferConfig(**cfg), endpoint, device="cpu")  # connects to nothing yet
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": 5}])
+    with receiver:
+        stats = receiver.receive(lambda w, last: None)
+    assert stats.version == 5 and sender_server.result()[0][0] == "ok"
+
+
+def test_config_mismatch_is_reported_on_both_ends(sender_server):
+    endpoint = new_endpoint()
+    sender_server.run(_cfg(sync="double_buffer", bucket_mb=1), endpoint, [{"kind": "race", "version": 1}])
+    outcomes, _ = _receive_all(_cfg(sync="fenced", bucket_mb=1), endpoint, 1, lambda i: lambda w, last: None)
+    sent = sender_server.result()
+    assert outcomes[0][0] == "error" and "sync mismatch" in str(outcomes[0][1])
+    assert sent[0][1] == "PeerError" and "sync mismatch" in sent[0][2]

@@ -1,0 +1,157 @@
+"""Helpers for the transfer tests: deterministic tensors, and code that runs in spawned processes.
+
+Everything a child process runs lives here at module level, so the spawn start method can import it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+
+import torch
+
+from rollout.transfer import TransferConfig, WeightReceiver, WeightSender
+
+SHM_DIR = "/dev/shm"
+CTX = mp.get_context("spawn")
+FP8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int8, torch.bool, *FP8]
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if not dtype.is_floating_point:
+        return torch.randint(-100, 100, shape, generator=g).to(dtype)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def mixed_tensors(bucket_bytes: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Every awkward input at once: all dtypes at odd sizes (alignment), 0-dim, empty, strided,
+    a tensor 3.5x the bucket, a strided tensor larger than the bucket, exact-boundary sizes."""
+    g = torch.Generator().manual_seed(seed)
+    out = [("scalar", torch.randn((), generator=g)), ("empty", torch.empty(0)), ("empty2d.bf16", torch.empty(3, 0, dtype=torch.bfloat16))]
+    out += [(f"w.{str(dt)[6:]}", _random((37, 19), dt, g)) for dt in DTYPES]
+    out.append(("strided.t", torch.randn(48, 40, generator=g).t()))
+    out.append(("strided.step", torch.randn(64, 30, generator=g)[::3, 1::2]))
+    out.append(("big.3_5x", torch.randn(int(3.5 * bucket_bytes) // 4, generator=g)))
+    out.append(("big.strided", torch.randn(bucket_bytes // 512 + 3, 128, generator=g).t()))  # > 1 bucket
+    out.append(("exact.bucket", _random((bucket_bytes,), torch.uint8, g)))
+    out.append(("bucket.plus1", _random((bucket_bytes + 1,), torch.uint8, g)))
+    out.append(("scalar.i64", torch.tensor(7 + seed)))
+    out.append(("fills.rest", _random((bucket_bytes - 4096,), torch.uint8, g)))  # nearly a whole bucket, behind small tensors
+    out.append(("tail.bf16", _random((5, 3), torch.bfloat16, g)))
+    return out
+
+
+def race_tensors(version: int, num_tensors: int = 20, numel: int = 50_000) -> list[tuple[str, torch.Tensor]]:
+    """Constant-filled tensors whose value names the refit and the tensor, so any overwrite shows."""
+    return [(f"layer.{i}", torch.full((numel,), float(version * 1000 + i))) for i in range(num_tensors)]
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def tensors_for(spec: dict) -> list[tuple[str, torch.Tensor]]:
+    kind = spec["kind"]
+    if kind == "mixed":
+        return mixed_tensors(spec["bucket_bytes"], spec["seed"])
+    if kind == "race":
+        return race_tensors(spec["version"])
+    if kind == "zero":
+        return []
+    if kind == "duplicate":
+        return [("a", torch.ones(3)), ("b", torch.ones(3)), ("a", torch.zeros(3))]
+    raise ValueError(kind)
+
+
+class CorruptingSender(WeightSender):
+    """Flips one byte after the checksum was taken, as a bad link or a stray writer would."""
+
+    def _after_pack(self, buffer: torch.Tensor, bucket) -> None:
+        buffer[bucket.nbytes // 2] ^= 0xFF
+
+
+def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool) -> list[tuple]:
+    cls = CorruptingSender if corrupt else WeightSender
+    results = []
+    with cls(TransferConfig(**cfg_kwargs), endpoint, device="cpu") as sender:
+        for spec in plan:
+            try:
+                stats = sender.send(tensors_for(spec), version=spec["version"])
+                results.append(("ok", stats.version, stats.num_tensors, stats.num_buckets, stats.num_bytes))
+            except Exception as exc:  # reported to the parent, which asserts on it
+                results.append(("error", type(exc).__name__, str(exc)))
+    return results
+
+
+def sender_server(conn) -> None:
+    """A long-lived sender process: runs one plan per command, replies with per-refit results."""
+    torch.set_num_threads(1)
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            return
+        try:
+            conn.send(_send_plan(**cmd))
+        except Exception:
+            conn.send([("crash", traceback.format_exc())])
+
+
+class SenderServer:
+    """Parent-side handle: `run(...)` starts a plan in the child; `result()` collects its outcome."""
+
+    def __init__(self) -> None:
+        self._conn, child = CTX.Pipe()
+        self.process = CTX.Process(target=sender_server, args=(child,), daemon=True)
+        self.process.start()
+
+    def run(self, cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool = False) -> None:
+        self._conn.send({"cfg_kwargs": cfg_kwargs, "endpoint": endpoint, "plan": plan, "corrupt": corrupt})
+
+    def result(self, timeout_s: float = 60.0) -> list[tuple]:
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError("sender process gave no result")
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        self._conn.send(None)
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def sender_then_hang(cfg_kwargs: dict, endpoint: str, num_tensors: int) -> None:
+    """Send one refit and never return: the parent SIGKILLs this process mid-refit."""
+    torch.set_num_threads(1)
+    sender = WeightSender(TransferConfig(**cfg_kwargs), endpoint, device="cpu")
+    sender.send(race_tensors(1, num_tensors=num_tensors), version=1)
+    time.sleep(3600)
+
+
+def receiver_that_dies(cfg_kwargs: dict, endpoint: str) -> None:
+    """Receive one refit and SIGKILL itself inside consume, i.e. mid-refit, holding the buffers."""
+    torch.set_num_threads(1)
+    receiver = WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device="cpu")
+    receiver.receive(lambda weights, is_last: os.kill(os.getpid(), signal.SIGKILL))
+
+
+def receiver_process(cfg_kwargs: dict, endpoint: str, num_refits: int, queue) -> None:
+    """Receive `num_refits` refits, report each outcome (and the tensor names seen) on `queue`."""
+    torch.set_num_threads(1)
+    with WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device="cpu") as receiver:
+        for _ in range(num_refits):
+            names: list[str] = []
+            try:
+                stats = receiver.receive(lambda weights, is_last: names.extend(n for n, _ in weights))
+                queue.put(("ok", stats.version, names))
+            except Exception as exc:
+                queue.put(("error", type(exc).__name__, str(exc)))
+
+
+def our_segments(names: list[str]) -> list[str]:
+    return [n for n in names if os.path.exists(os.path.join(SHM_DIR, n))]
