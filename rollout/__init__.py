@@ -1,0 +1,48 @@
+"""The rollout side of refit: a live vLLM engine that generates versioned samples and takes refits.
+
+`import rollout` stays light: vLLM is imported only when an engine is built.
+
+Example:
+    from rollout import RolloutConfig, build_rollout
+    with build_rollout(RolloutConfig(), model_path) as ro:     # RolloutConfig() = vLLM on the CPU
+        samples = ro.generate(prompts, n=4, max_tokens=32, temperature=1.0, seed=0)
+        stats = ro.update_weights(model.named_parameters(), version=1)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from rollout.config import Backend, BackendConfig, CacheReset, Mode, RolloutConfig
+
+if TYPE_CHECKING:
+    from rollout.engine import RefitError, RefitStats, Sample, VllmRollout
+
+__all__ = [
+    "Backend",
+    "BackendConfig",
+    "CacheReset",
+    "Mode",
+    "RefitError",
+    "RefitStats",
+    "RolloutConfig",
+    "Sample",
+    "VllmRollout",
+    "build_rollout",
+]
+
+
+def build_rollout(cfg: RolloutConfig, model_path: str | os.PathLike) -> "VllmRollout":
+    """Start a vLLM engine for `cfg.backend` on the Hugging Face model at `model_path`."""
+    from rollout.engine import VllmRollout
+
+    return VllmRollout(cfg, str(model_path))
+
+
+def __getattr__(name: str):
+    if name in ("RefitError", "RefitStats", "Sample", "VllmRollout"):
+        from rollout import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'rollout' has no attribute {name!r}")

