@@ -208,8 +208,11 @@ class VllmRollout:
         )
 
     def _transfer(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> tuple[Any, dict]:
-        from rollout.transfer import WeightSender
+        from rollout.transfer import WeightSender, new_endpoint
 
+        if self._sender is not None and self._sender.cfg != self.transfer:
+            self._sender.close()  # the transfer settings changed: a new connection (the worker follows)
+            self._sender, self._endpoint = None, new_endpoint()
         if self._sender is None:
             self._sender = WeightSender(self.transfer, self._endpoint, device=self.platform.device_type)
         fields = {f.name: _plain(getattr(self.transfer, f.name)) for f in dataclasses.fields(self.transfer)}
@@ -236,8 +239,8 @@ class VllmRollout:
         if "rpc_error" in result:
             raise RefitError(f"refit to version {version}: collective_rpc failed: {result['rpc_error']}") from result["rpc_error"]
         if not worker.get("ok"):
-            raise RefitError(f"refit to version {version} failed in the vLLM worker: {worker['error']}\n"
-                             f"worker traceback:\n{worker['traceback']}") from send_error
+            logger.warning("refit to version %d failed in the vLLM worker:\n%s", version, worker["traceback"])
+            raise RefitError(f"refit to version {version} failed in the vLLM worker: {worker['error']}") from send_error
         if send_error is not None:
             raise RefitError(f"refit to version {version} failed while sending: {send_error}") from send_error
         return send_stats, worker

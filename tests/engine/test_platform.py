@@ -1,0 +1,85 @@
+"""Platform decisions per backend; the NPU's hardware is the only thing faked (no NPU exists here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout.config import Backend
+from rollout.platform import get_platform, npu_ipc_supported, parse_ascend_version, probe_ascend_versions
+from rollout.transfer.config import Transport
+
+
+class FakeDeviceApi:
+    """Stands in for torch.npu / torch.cuda: counts synchronize() calls."""
+
+    def __init__(self) -> None:
+        self.syncs = 0
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+
+def test_cpu_platform():
+    p = get_platform(Backend.vllm_cpu)
+    assert p.device_type == "cpu" and not p.ipc_supported and not p.supports_sleep
+    assert p.resolve_transport("auto") is Transport.shm
+    assert p.resolve_transport("shm") is Transport.shm
+    p.synchronize()  # no-op, must not need a device
+    with pytest.raises(ValueError, match="sleep level 1 is not supported on cpu"):
+        p.check_sleep_level(1)
+
+
+def test_cuda_platform_with_fake_device():
+    api = FakeDeviceApi()
+    p = get_platform("vllm_gpu", device_api=api)
+    assert p.device_type == "cuda" and p.ipc_supported and p.sleep_levels == (1, 2)
+    assert p.resolve_transport(Transport.auto) is Transport.cuda_ipc
+    assert p.resolve_transport("shm") is Transport.shm  # an explicit choice wins
+    p.check_sleep_level(2)
+    p.synchronize()
+    assert api.syncs == 1
+
+
+@pytest.mark.parametrize(
+    ("versions", "ipc", "transport"),
+    [
+        (("25.3.RC1", "8.3.RC1"), True, Transport.cuda_ipc),
+        (("25.5.0", "8.5.0"), True, Transport.cuda_ipc),
+        (("25.2.0", "8.3.RC1"), False, Transport.shm),  # driver too old
+        (("25.3.RC1", "8.2.RC1"), False, Transport.shm),  # CANN too old
+        (None, False, Transport.shm),  # versions not found: assume no IPC
+    ],
+)
+def test_npu_platform_decisions(versions, ipc, transport):
+    api = FakeDeviceApi()
+    p = get_platform(Backend.vllm_ascend, device_api=api, ascend_versions=versions) if versions else None
+    if p is None:  # no install found: probe a directory without one
+        from pathlib import Path
+
+        assert probe_ascend_versions(Path("/nonexistent-ascend")) is None
+        return
+    assert p.device_type == "npu" and p.ipc_supported is ipc
+    assert p.resolve_transport("auto") is transport
+    assert p.sleep_levels == (1,)
+    p.check_sleep_level(1)
+    with pytest.raises(ValueError, match="sleep level 2 is not supported on npu; allowed: 1"):
+        p.check_sleep_level(2)
+    p.synchronize()
+    assert api.syncs == 1
+
+
+def test_ascend_version_order():
+    assert parse_ascend_version("25.3.RC1") < parse_ascend_version("25.3.0")  # a release candidate comes first
+    assert parse_ascend_version("8.3.RC2") > parse_ascend_version("8.3.rc1")
+    assert npu_ipc_supported("25.3.rc1", "8.3.RC1") and not npu_ipc_supported("24.1.0", "9.0.0")
+    with pytest.raises(ValueError):
+        parse_ascend_version("unknown")
+
+
+def test_probe_reads_standard_install_files(tmp_path):
+    (tmp_path / "driver").mkdir()
+    (tmp_path / "driver" / "version.info").write_text("Version=25.3.rc1\nascendhal_version=7.35.23\n")
+    toolkit = tmp_path / "ascend-toolkit" / "latest" / "aarch64-linux"
+    toolkit.mkdir(parents=True)
+    (toolkit / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.3.RC1\n")
+    assert probe_ascend_versions(tmp_path) == ("25.3.rc1", "8.3.RC1")
