@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections import deque
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -51,9 +52,13 @@ class WeightSender:
         refit_id = self._next_refit_id
         self._next_refit_id += 1
         start = time.perf_counter()
+        buckets = layout.plan_buckets(named_tensors, self.cfg.bucket_bytes)
+        # Plan the first bucket before talking to the receiver: bad leading inputs (a meta tensor,
+        # an unsupported dtype) fail here without starting a refit.
+        first = next(buckets, None)
         try:
             self._begin(refit_id, version)
-            return self._stream(refit_id, version, named_tensors, start)
+            return self._stream(refit_id, version, itertools.chain([first] if first else [], buckets), start)
         except PeerError:
             raise
         except BaseException as exc:
@@ -84,12 +89,12 @@ class WeightSender:
             self._transport = None
         raise TransferError(f"{self.endpoint}: receiver could not attach fresh buffers: {detail}")
 
-    def _stream(self, refit_id: int, version: int, named_tensors: Iterable, start: float) -> TransferStats:
+    def _stream(self, refit_id: int, version: int, buckets: Iterator[layout.PlannedBucket], start: float) -> TransferStats:
         transport, bucket_bytes = self._transport, self.cfg.bucket_bytes
         num_buffers = self._policy.num_buffers
         free = deque(range(num_buffers))
         num_buckets = num_tensors = num_bytes = 0
-        for bucket in layout.plan_buckets(named_tensors, bucket_bytes):
+        for bucket in buckets:
             if not free:
                 free.append(self._wait_ack(refit_id, free, f"Ack of bucket {num_buckets - num_buffers}"))
             index = free.popleft()

@@ -106,7 +106,7 @@ def test_duplicate_name_is_a_value_error_and_next_refit_works(sender_server):
     sender_server.run(cfg, endpoint, [{"kind": "duplicate", "version": 1}, {"kind": "race", "version": 2}])
     outcomes, _ = _receive_all(cfg, endpoint, 2, lambda i: lambda w, last: None)
     sent = sender_server.result()
-    assert sent[0][:2] == ("error", "ValueError") and "'a'" in sent[0][2]
+    assert sent[0][:2] == ("error", "ValueError") and "'layer.3'" in sent[0][2]
     assert outcomes[0][0] == "error" and isinstance(outcomes[0][1], PeerError) and "duplicate" in str(outcomes[0][1])
     assert outcomes[1][0] == "ok" and sent[1][0] == "ok"
 

@@ -64,8 +64,8 @@ def tensors_for(spec: dict) -> list[tuple[str, torch.Tensor]]:
         return race_tensors(spec["version"])
     if kind == "zero":
         return []
-    if kind == "duplicate":
-        return [("a", torch.ones(3)), ("b", torch.ones(3)), ("a", torch.zeros(3))]
+    if kind == "duplicate":  # found mid-refit, after buckets were sent: the refit must be aborted
+        return [*race_tensors(spec["version"], num_tensors=8), ("layer.3", torch.zeros(3))]
     raise ValueError(kind)
 
 

@@ -1,0 +1,133 @@
+"""Dead peers, silent peers and leaks: every wait ends within timeout_s with a clear error, and no
+shared-memory segment or socket file of ours survives any exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from rollout.transfer import (
+    IntegrityError,
+    PeerError,
+    TransferConfig,
+    TransferTimeout,
+    WeightReceiver,
+    WeightSender,
+    new_endpoint,
+)
+from transfer_procs import CTX, our_segments, race_tensors, receiver_process, receiver_that_dies, sender_then_hang
+
+SHORT = {"transport": "shm", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
+
+
+def _socket_path(endpoint: str) -> str:
+    return endpoint[len("ipc://"):]
+
+
+def test_new_endpoint_is_unique_and_private():
+    a, b = new_endpoint(), new_endpoint()
+    assert a != b and a.startswith("ipc://")
+    for ep in (a, b):
+        assert os.stat(os.path.dirname(_socket_path(ep))).st_mode & 0o777 == 0o700
+        WeightSender(TransferConfig(**SHORT), ep).close()  # the binding side removes the directory
+        assert not os.path.exists(os.path.dirname(_socket_path(ep)))
+
+
+def test_sender_without_receiver_times_out_naming_endpoint():
+    endpoint = new_endpoint()
+    with WeightSender(TransferConfig(**SHORT), endpoint) as sender:
+        with pytest.raises(TransferTimeout, match="BeginRefit") as err:
+            sender.send(race_tensors(1, num_tensors=2), version=1)
+        assert endpoint in str(err.value)
+        names = [b.name for b in sender._transport.describe()["shm_buffers"]]
+    assert names and not our_segments(names)
+    assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
+
+
+def test_receiver_without_sender_times_out_naming_endpoint():
+    endpoint = new_endpoint()
+    with WeightReceiver(TransferConfig(**SHORT), endpoint) as receiver:
+        with pytest.raises(TransferTimeout, match="waiting for BeginRefit") as err:
+            receiver.receive(lambda w, last: None)
+        assert endpoint in str(err.value)
+    assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
+
+
+def test_receiver_survives_sigkilled_sender_and_cleans_up():
+    endpoint = new_endpoint()
+    sender = CTX.Process(target=sender_then_hang, args=(SHORT, endpoint, 12))
+    sender.start()
+    seen = []
+
+    def consume(weights, is_last):
+        if not seen:  # first bucket: the sender dies while we hold views of its buffer
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.join()
+            receiver._channel.timeout_s = 1.5  # short only now: the first wait includes the child's start-up
+        seen.append(len(weights))
+
+    with WeightReceiver(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint) as receiver:
+        with pytest.raises(TransferTimeout, match="bucket 1") as err:
+            receiver.receive(consume)
+        assert endpoint in str(err.value)
+        names = [b.name for b in receiver._hello.shm_buffers]
+    assert seen and not our_segments(names)
+    assert not os.path.exists(_socket_path(endpoint))
+    assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
+
+
+def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one():
+    endpoint = new_endpoint()
+    cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})
+    with WeightSender(cfg, endpoint) as sender:
+        dying = CTX.Process(target=receiver_that_dies, args=(SHORT, endpoint))
+        dying.start()
+        sender._channel.timeout_s = 1.5  # only after connecting: the child's start-up takes seconds
+        with pytest.raises(TransferTimeout, match="Ack") as err:
+            sender.send(race_tensors(1), version=1)
+        dying.join()
+        assert dying.exitcode == -signal.SIGKILL and endpoint in str(err.value)
+        first_names = [b.name for b in sender._transport.describe()["shm_buffers"]]
+        assert not our_segments(first_names)  # unlinked as soon as the receiver mapped them
+
+        queue = CTX.Queue()
+        sender._channel.timeout_s = 20.0
+        restarted = CTX.Process(target=receiver_process, args=(SHORT, endpoint, 1, queue))
+        restarted.start()
+        stats = sender.send(race_tensors(2), version=2)  # fresh buffers: the old names are gone
+        assert stats.version == 2 and queue.get(timeout=20)[:2] == ("ok", 2)
+        restarted.join(20)
+        second_names = [b.name for b in sender._transport.describe()["shm_buffers"]]
+        assert second_names != first_names
+    assert not our_segments(first_names + second_names)
+    assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
+
+
+def test_checksum_mismatch_names_the_tensors(sender_server):
+    cfg = {**SHORT, "timeout_s": 20.0, "verify": True}
+    endpoint = new_endpoint()
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": 1}], corrupt=True)
+    with WeightReceiver(TransferConfig(**cfg), endpoint) as receiver:
+        with pytest.raises(IntegrityError, match=r"bucket 0, tensors: layer\.0, layer\.1"):
+            receiver.receive(lambda w, last: None)
+    sent = sender_server.result()
+    assert sent[0][1] == "PeerError" and "checksum mismatch" in sent[0][2]
+
+
+def test_verify_passes_on_clean_data(sender_server):
+    cfg = {**SHORT, "timeout_s": 20.0, "verify": True, "sync": "double_buffer"}
+    endpoint = new_endpoint()
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": 1}])
+    with WeightReceiver(TransferConfig(**cfg), endpoint) as receiver:
+        assert receiver.receive(lambda w, last: None).num_tensors == 20
+    assert sender_server.result()[0][0] == "ok"
+
+
+def test_meta_tensor_is_rejected_before_anything_is_sent():
+    endpoint = new_endpoint()
+    with WeightSender(TransferConfig(**SHORT), endpoint) as sender:
+        with pytest.raises(ValueError, match="'m' is a meta tensor"):
+            sender.send([("m", torch.empty(4, device="meta"))], version=1)

@@ -1,0 +1,62 @@
+"""The wire contract: typed messages round-trip through msgpack; anything else is a ProtocolError."""
+
+from __future__ import annotations
+
+import pickle
+
+import msgpack
+import pytest
+import torch
+
+from rollout.transfer import wire
+
+
+def _samples() -> list:
+    hello = wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", 1 << 20, 1, [wire.ShmBuffer("refit-" + "0" * 32 + "-0", 1 << 20)], [])
+    cuda = wire.CudaIpcBuffer("GPU-1", 0, b"\x00\x01", 4096, 512, b"rc", 8, b"", False, 2048)
+    entry = wire.TensorEntry("w", "bfloat16", [3, 4], 256, 24, 0, 1, 24)
+    return [
+        wire.BeginRefit(123, 4, 7, hello),
+        wire.BeginRefit(123, 5, 8, wire.Hello(1, "cuda_ipc", "double_buffer", 4096, 2, [], [cuda, cuda])),
+        wire.Ready(4, False, "gone"),
+        wire.BucketMeta(4, 0, 1, 280, True, 2**64 - 1, [entry, entry]),
+        wire.BucketMeta(4, 1, 0, 0, False, -1, []),
+        wire.Ack(4, 0, 1),
+        wire.EndOfRefit(4, 2, 48, 1),
+        wire.Done(4),
+        wire.Error(4, "boom"),
+    ]
+
+
+@pytest.mark.parametrize("msg", _samples(), ids=lambda m: type(m).__name__)
+def test_messages_round_trip(msg):
+    assert wire.decode(wire.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pickle.dumps(("os.system", "true")),
+        msgpack.packb([99, 1]),
+        msgpack.packb({"tag": 1}),
+        msgpack.packb([4, 1, 2]),  # Ack with a field missing
+        msgpack.packb([4, "1", 2, 3]),  # a str where an int belongs
+        msgpack.packb([3, 1, 0, 0, 0, True, -1, [["w", "float32", [1], 0, 4, 0, 1]]]),  # short entry
+        b"\xc1",
+    ],
+)
+def test_malformed_frames_are_protocol_errors(frame):
+    with pytest.raises(wire.ProtocolError):
+        wire.decode(frame)
+
+
+def test_dtypes_travel_through_a_whitelist():
+    for name in ["float32", "bfloat16", "float16", "int64", "bool", "uint8"]:
+        assert wire.dtype_to_name(wire.dtype_from_name(name)) == name
+    if hasattr(torch, "float8_e4m3fn"):
+        assert wire.dtype_from_name("float8_e4m3fn") is torch.float8_e4m3fn
+    for bad in ["__class__", "load", "Tensor", "float", 3]:
+        with pytest.raises(wire.ProtocolError):
+            wire.dtype_from_name(bad)
+    with pytest.raises(ValueError, match="not supported"):
+        wire.dtype_to_name(torch.quint8)
