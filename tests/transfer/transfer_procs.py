@@ -76,13 +76,14 @@ class CorruptingSender(WeightSender):
         buffer[bucket.nbytes // 2] ^= 0xFF
 
 
-def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool) -> list[tuple]:
+def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool, device: str) -> list[tuple]:
     cls = CorruptingSender if corrupt else WeightSender
     results = []
-    with cls(TransferConfig(**cfg_kwargs), endpoint, device="cpu") as sender:
+    with cls(TransferConfig(**cfg_kwargs), endpoint, device=device) as sender:
         for spec in plan:
             try:
-                stats = sender.send(tensors_for(spec), version=spec["version"])
+                tensors = [(n, t.to(device)) for n, t in tensors_for(spec)]
+                stats = sender.send(tensors, version=spec["version"])
                 results.append(("ok", stats.version, stats.num_tensors, stats.num_buckets, stats.num_bytes))
             except Exception as exc:  # reported to the parent, which asserts on it
                 results.append(("error", type(exc).__name__, str(exc)))
@@ -110,8 +111,8 @@ class SenderServer:
         self.process = CTX.Process(target=sender_server, args=(child,), daemon=True)
         self.process.start()
 
-    def run(self, cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool = False) -> None:
-        self._conn.send({"cfg_kwargs": cfg_kwargs, "endpoint": endpoint, "plan": plan, "corrupt": corrupt})
+    def run(self, cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool = False, device: str = "cpu") -> None:
+        self._conn.send({"cfg_kwargs": cfg_kwargs, "endpoint": endpoint, "plan": plan, "corrupt": corrupt, "device": device})
 
     def result(self, timeout_s: float = 60.0) -> list[tuple]:
         if not self._conn.poll(timeout_s):

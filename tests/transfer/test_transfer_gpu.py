@@ -1,0 +1,99 @@
+"""cuda_ipc: the sender's GPU buffers opened by a receiver process through CUDA IPC (needs a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.transfer import IntegrityError, TransferConfig, WeightReceiver, new_endpoint, resolve_transport
+from rollout.transfer.sync import Fenced
+from transfer_procs import as_bytes, mixed_tensors
+
+pytestmark = pytest.mark.gpu
+
+
+def _cfg(**kw) -> dict:
+    return {"transport": "cuda_ipc", "bucket_mb": 1, "timeout_s": 60.0, **kw}
+
+
+def test_auto_resolves_by_device():
+    cfg = TransferConfig()
+    assert resolve_transport(cfg, "cuda:0").value == "cuda_ipc" and resolve_transport(cfg, "cpu").value == "shm"
+
+
+@pytest.mark.parametrize("sync", ["fenced", "double_buffer", "clone"])
+def test_cuda_ipc_bitwise_round_trip(sender_server, sync):
+    cfg = _cfg(sync=sync)
+    endpoint = new_endpoint()
+    seeds = [21, 22]
+    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": 1 << 20, "seed": s, "version": s} for s in seeds], device="cuda")
+    with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
+        for seed in seeds:
+            got = {}
+
+            def consume(weights, is_last):
+                for name, view in weights:
+                    assert view.device.type == "cuda"
+                    got[name] = view.cpu()  # a copy: the view dies with the call
+
+            stats = receiver.receive(consume)
+            assert stats.version == seed
+            for name, t in mixed_tensors(1 << 20, seed):
+                assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+                assert torch.equal(as_bytes(got[name]), as_bytes(t)), name
+    assert all(r[0] == "ok" for r in sender_server.result())
+
+
+class AckWithoutFence(Fenced):
+    """The GPU flavour of the bug: ack as soon as consume returned, with its reads still queued."""
+
+    def deliver(self, weights, is_last, consume, fence, ack):
+        consume(weights, is_last)
+        ack()
+
+
+def _late_gpu_reads(sender_server, sync: str, policy=None) -> list[str]:
+    cfg = _cfg(sync=sync)
+    endpoint = new_endpoint()
+    versions = list(range(1, 7))
+    corrupt = []
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in versions], device="cuda")
+    with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
+        if policy is not None:
+            receiver._policy = policy
+        for v in versions:
+            dest: dict[str, torch.Tensor] = {}
+
+            def consume(weights, is_last):
+                torch.cuda._sleep(50_000_000)  # tens of ms of GPU time before the copies start
+                for name, view in weights:
+                    dest[name] = torch.empty_like(view).copy_(view)
+
+            receiver.receive(consume)
+            torch.cuda.synchronize()
+            for name, t in dest.items():
+                if not bool((t == float(v * 1000 + int(name.split(".")[1]))).all()):
+                    corrupt.append(f"refit {v}: {name}")
+    assert all(r[0] == "ok" for r in sender_server.result())
+    return corrupt
+
+
+@pytest.mark.parametrize("sync", ["fenced", "double_buffer"])
+def test_cuda_ipc_pending_gpu_reads_are_fenced(sender_server, sync):
+    """consume only queues its reads behind a long kernel and returns; the fence before the ack
+    must hold the sender off until they ran. The check happens after receive() returned."""
+    assert _late_gpu_reads(sender_server, sync) == []
+
+
+def test_cuda_ipc_fence_test_catches_a_missing_fence(sender_server):
+    assert _late_gpu_reads(sender_server, "fenced", policy=AckWithoutFence())
+
+
+def test_cuda_ipc_verify_detects_corruption(sender_server):
+    cfg = _cfg(sync="fenced", verify=True)
+    endpoint = new_endpoint()
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": 1}], corrupt=True, device="cuda")
+    with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
+        with pytest.raises(IntegrityError, match="layer.0"):
+            receiver.receive(lambda w, last: None)
+    assert sender_server.result()[0][1] == "PeerError"
