@@ -1,0 +1,258 @@
+"""Benchmark one refit through rollout.transfer against the two-copy floor on the same device.
+
+Run (config: conf/bench.yaml):
+    python -m rollout.bench                                   # one configuration, prints a table
+    python -m rollout.bench -m rollout.transfer.bucket_mb=16,64,256 rollout.transfer.sync=fenced,double_buffer
+    python -m rollout.bench --summary multirun/<date>/<time>  # sweep table + summary.png + summary.json
+
+A synthetic state dict with Qwen2-like shapes (embedding, q/k/v with biases, o, gate/up/down, norms;
+`bench.hidden_size` sets the width, layers are added up to `bench.total_gb`) lives in a sender
+process; a receiver process owns preallocated destination tensors. Per repeat, the sender process
+measures, alternately:
+  floor: the two unavoidable copies with torch copy_, tensor by tensor, on that device — pack each
+         bucket (same layout and bucket size as the refit) into a buffer, then copy the buffer's
+         views into destination tensors;
+  refit: WeightSender.send() to the receiver process, whose consume copies each view into its
+         destination (send() returns once the receiver has consumed the last bucket).
+Both run with `bench.num_threads` torch threads per process (1 by default: on a 2-core machine the
+two processes otherwise fight for the cores). The JSON (`bench.out` in Hydra's output directory)
+holds medians, GB/s, the ratio refit/floor and the overhead per bucket.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from rollout.transfer import TransferConfig, WeightReceiver, WeightSender, layout, new_endpoint
+from rollout.transfer.config import Transport
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class BenchConfig:
+    total_gb: float = 2.0
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    hidden_size: int = 1536  # Qwen2-1.5B; the embedding (vocab 151936) is then 0.47 GB in bf16
+    num_repeats: int = 5
+    num_threads: int = 1
+    out: str = "bench.json"
+
+
+@dataclass
+class BenchRollout:
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(transport=Transport.shm))
+
+
+@dataclass
+class BenchRoot:
+    rollout: BenchRollout = field(default_factory=BenchRollout)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def qwen2_like_shapes(total_bytes: int, hidden: int, itemsize: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Embedding first, then whole decoder layers while they fit in `total_bytes`, then the final norm."""
+    inter = max(128, round(hidden * 35 / 6 / 128) * 128)  # 1536 -> 8960, as in Qwen2-1.5B
+    kv = 128 * max(1, hidden // 768)  # two KV heads of 128 at 1536
+    vocab = max(1024, min(151936, total_bytes // 4 // (hidden * itemsize)))  # at most a quarter of the total
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    layer = [
+        ("self_attn.q_proj.weight", (hidden, hidden)), ("self_attn.q_proj.bias", (hidden,)),
+        ("self_attn.k_proj.weight", (kv, hidden)), ("self_attn.k_proj.bias", (kv,)),
+        ("self_attn.v_proj.weight", (kv, hidden)), ("self_attn.v_proj.bias", (kv,)),
+        ("self_attn.o_proj.weight", (hidden, hidden)),
+        ("mlp.gate_proj.weight", (inter, hidden)), ("mlp.up_proj.weight", (inter, hidden)),
+        ("mlp.down_proj.weight", (hidden, inter)),
+        ("input_layernorm.weight", (hidden,)), ("post_attention_layernorm.weight", (hidden,)),
+    ]
+    layer_bytes = sum(torch.Size(s).numel() for _, s in layer) * itemsize
+    used = vocab * hidden * itemsize
+    i = 0
+    while i == 0 or used + layer_bytes <= total_bytes:
+        shapes += [(f"model.layers.{i}.{name}", s) for name, s in layer]
+        used += layer_bytes
+        i += 1
+    return shapes + [("model.norm.weight", (hidden,))]
+
+
+def _tensors(shapes, dtype: torch.dtype, device: str, value: float) -> dict[str, torch.Tensor]:
+    # fill_ touches every page now, so no measurement pays for first-touch page faults
+    return {name: torch.empty(shape, dtype=dtype, device=device).fill_(value) for name, shape in shapes}
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int, device: str) -> float:
+    start = time.perf_counter()
+    for planned in layout.plan_buckets(state.items(), bucket_bytes):
+        layout.pack(planned, bucket, bucket_bytes)
+        for p in planned.placements:
+            e = p.entry
+            region = bucket[e.offset : e.offset + e.nbytes]
+            if e.num_chunks == 1:
+                dests[e.name].copy_(layout.typed_view(region, dests[e.name].dtype, e.shape))
+            else:  # a chunk goes straight to its slice of the destination
+                start_byte = e.chunk_index * bucket_bytes
+                dests[e.name].view(-1).view(torch.uint8)[start_byte : start_byte + e.nbytes].copy_(region)
+        _sync(device)
+    return time.perf_counter() - start
+
+
+def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes, results) -> None:
+    torch.set_num_threads(bench.num_threads)
+    dtype = _DTYPES[bench.dtype]
+    state = _tensors(shapes, dtype, bench.device, 1.0)
+    dests = _tensors(shapes, dtype, bench.device, 0.0)
+    bucket = torch.zeros(cfg.bucket_bytes, dtype=torch.uint8, device=bench.device)
+    floors, refits, num_buckets = [], [], 0
+    with WeightSender(cfg, endpoint, device=bench.device) as sender:
+        for repeat in range(bench.num_repeats + 1):  # repeat 0 warms up buffers, caches, page tables
+            floor = _floor_once(state, dests, bucket, cfg.bucket_bytes, bench.device)
+            stats = sender.send(state.items(), version=repeat)
+            if repeat:
+                floors.append(floor)
+                refits.append(stats.seconds)
+            num_buckets, num_bytes = stats.num_buckets, stats.num_bytes
+    results.put({"floor_s": floors, "refit_s": refits, "num_buckets": num_buckets, "num_bytes": num_bytes})
+
+
+def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes) -> None:
+    torch.set_num_threads(bench.num_threads)
+    dests = _tensors(shapes, _DTYPES[bench.dtype], bench.device, 0.0)
+
+    def consume(weights, is_last):
+        for name, view in weights:
+            dests[name].copy_(view)
+
+    with WeightReceiver(cfg, endpoint, device=bench.device) as receiver:
+        for _ in range(bench.num_repeats + 1):
+            receiver.receive(consume)
+
+
+def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
+    """Measure floor and refit for one configuration; returns the result dict (also the JSON)."""
+    import multiprocessing as mp
+
+    torch.set_num_threads(bench.num_threads)
+    dtype = _DTYPES[bench.dtype]
+    shapes = qwen2_like_shapes(int(bench.total_gb * 1e9), bench.hidden_size, dtype.itemsize)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    endpoint = new_endpoint()
+    receiver = ctx.Process(target=_receiver_main, args=(cfg, bench, endpoint, shapes), daemon=True)
+    sender = ctx.Process(target=_sender_main, args=(cfg, bench, endpoint, shapes, results), daemon=True)
+    receiver.start()
+    sender.start()
+    try:
+        out = results.get(timeout=cfg.timeout_s * (bench.num_repeats + 2) + 120)
+    finally:
+        for p in (sender, receiver):
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    floor_s, refit_s = statistics.median(out["floor_s"]), statistics.median(out["refit_s"])
+    gb = out["num_bytes"] / 1e9
+    return {
+        "transport": cfg.transport.value, "sync": cfg.sync.value, "bucket_mb": cfg.bucket_mb,
+        "device": bench.device, "dtype": bench.dtype, "num_threads": bench.num_threads,
+        "total_gb": round(gb, 4), "num_tensors": len(shapes), "num_buckets": out["num_buckets"],
+        "num_repeats": bench.num_repeats, "floor_s": floor_s, "refit_s": refit_s,
+        "floor_gbps": gb / floor_s, "refit_gbps": gb / refit_s, "ratio": refit_s / floor_s,
+        "overhead_per_bucket_ms": (refit_s - floor_s) / out["num_buckets"] * 1e3,
+        "floor_all_s": out["floor_s"], "refit_all_s": out["refit_s"],
+    }
+
+
+_COLUMNS = [  # (result key, header, format)
+    ("transport", "transport", "{}"), ("sync", "sync", "{}"), ("bucket_mb", "bucket MB", "{}"),
+    ("num_buckets", "buckets", "{}"), ("floor_s", "floor s", "{:.3f}"), ("refit_s", "refit s", "{:.3f}"),
+    ("floor_gbps", "floor GB/s", "{:.2f}"), ("refit_gbps", "refit GB/s", "{:.2f}"), ("ratio", "refit/floor", "{:.2f}"),
+    ("overhead_per_bucket_ms", "ms/bucket", "{:.2f}"),
+]
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for _, header, _ in _COLUMNS:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*(fmt.format(row[key]) for key, _, fmt in _COLUMNS))
+    Console(width=max(120, Console().width)).print(table)
+
+
+def summarize(sweep_dir: str) -> list[dict]:
+    """Collect every result JSON under a multirun directory: table, summary.json and summary.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(sweep_dir, "**", "*.json"), recursive=True)):
+        with open(path) as f:
+            row = json.load(f)
+        if isinstance(row, dict) and "refit_s" in row:
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"no benchmark results under {sweep_dir}")
+    rows.sort(key=lambda r: (r["transport"], r["sync"], r["bucket_mb"]))
+    print_table(rows, f"refit vs two-copy floor ({rows[0]['total_gb']} GB {rows[0]['dtype']}, {rows[0]['device']})")
+    with open(os.path.join(sweep_dir, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["transport"], r["sync"]) for r in rows}):
+        sel = [r for r in rows if (r["transport"], r["sync"]) == key]
+        ax.plot([r["bucket_mb"] for r in sel], [r["refit_gbps"] for r in sel], "o-", label=f"{key[0]} {key[1]}")
+    ax.plot([r["bucket_mb"] for r in rows], [r["floor_gbps"] for r in rows], "k.", label="two-copy floor (per run)")
+    ax.set(xscale="log", xlabel="bucket_mb", ylabel="GB/s", title="refit throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(sweep_dir, "summary.png"), dpi=120)
+    return rows
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="bench_schema", node=BenchRoot)
+
+
+def _hydra_main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    _register()
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+    def main(dcfg) -> None:
+        root: BenchRoot = OmegaConf.to_object(dcfg)  # DictConfig stops here; __post_init__ validates
+        result = run(root.rollout.transfer, root.bench)
+        path = os.path.join(HydraConfig.get().runtime.output_dir, root.bench.out)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print_table([result], f"refit vs two-copy floor -> {path}")
+
+    main()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--summary":
+        summarize(sys.argv[2])
+    else:
+        _hydra_main()
