@@ -22,6 +22,21 @@ class Algorithm(str, Enum):
     ppo = "ppo"  # value model + GAE
 
 
+class KLEstimator(str, Enum):
+    k1 = "k1"  # log(pi / ref): unbiased, can be negative per token
+    k3 = "k3"  # ref/pi - log(ref/pi) - 1: unbiased, always >= 0
+
+
+class TaskName(str, Enum):
+    toy = "toy"  # a+b= with single-digit operands, partial credit by distance (the embedded default)
+    gsm8k = "gsm8k"  # GSM8K-style word problems from a local json/jsonl/parquet file
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{key} must be > 0, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     """`model.path`: any Hugging Face model directory; null builds and caches the embedded tiny model."""
@@ -32,30 +47,122 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
+    """The `algorithm` node: the objective and its optimizer (the `algorithm` group: grpo | ppo)."""
+
     name: Algorithm = Algorithm.grpo
+    num_samples: int = 8  # responses per prompt (GRPO's group size)
+    temperature: float = 1.0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_eps: float = 0.2
+    num_epochs: int = 1  # passes over each step's rollouts
+    num_minibatches: int = 4  # optimizer steps per pass; > 1 makes the clip bite
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0  # penalty to the frozen reference (the policy after the warm-start); 0 = no reference
+    kl_estimator: KLEstimator = KLEstimator.k3
+    scale_adv_by_std: bool = True  # GRPO: divide by the group's std
+    # PPO only: the critic (a separate copy of the model with a scalar head) and GAE.
+    critic_lr: float = 1e-3
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
 
     def __post_init__(self) -> None:
         self.name = _coerce(Algorithm, self.name, "algorithm.name")
+        self.kl_estimator = _coerce(KLEstimator, self.kl_estimator, "algorithm.kl_estimator")
+        if self.name is Algorithm.grpo and self.num_samples < 2:
+            raise ValueError(f"algorithm=grpo needs algorithm.num_samples >= 2 (a group), got {self.num_samples!r}")
+        if self.num_samples < 1 or self.num_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("algorithm.num_samples, num_epochs and num_minibatches must be >= 1")
+        for key in ("temperature", "lr", "critic_lr", "clip_eps", "max_grad_norm", "value_clip"):
+            _positive(f"algorithm.{key}", getattr(self, key))
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError("algorithm.kl_coef and algorithm.entropy_coef must be >= 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"algorithm.gamma and algorithm.lam must be in [0, 1], got {self.gamma!r}, {self.lam!r}")
 
 
 @dataclass
 class TaskConfig:
-    name: str = "toy"
+    """The `task` node: which prompts, how long an answer may be, and the reward (`_target_`)."""
+
+    name: TaskName = TaskName.toy
+    max_operand: int = 5  # toy: operands 0..max_operand
+    data_path: Optional[str] = None  # gsm8k: a local .json / .jsonl / .parquet file
+    question_key: str = "question"
+    answer_key: str = "answer"
+    prompt_template: str = "{question}"
+    num_eval_prompts: int = 36
+    max_tokens: int = 4
+    # Any callable (response: str, answer: str, **kwargs) -> float in [0, 1].
+    reward: Any = field(default_factory=lambda: {"_target_": "trainers.rewards.addition_reward", "_partial_": True})
+
+    def __post_init__(self) -> None:
+        self.name = _coerce(TaskName, self.name, "task.name")
+        if self.max_tokens < 1 or self.num_eval_prompts < 1 or self.max_operand < 0:
+            raise ValueError("task.max_tokens and task.num_eval_prompts must be >= 1, task.max_operand >= 0")
+        if not isinstance(self.reward, dict) or "_target_" not in self.reward:
+            raise ValueError(f"task.reward must be a node with a _target_ (a reward callable), got {self.reward!r}")
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 20
+    """The `trainer` node: the loop's length, batch shape, refit cadence, warm-start and checkpoints."""
+
+    total_steps: int = 150
     seed: int = 0
+    prompts_per_step: int = 16
+    refit_every: int = 1  # update_weights every k steps; in between the engine samples with stale weights
+    warmup_steps: int = 10  # supervised warm-start steps before RL (0 = none)
+    warmup_lr: float = 3e-3
+    warmup_batch_size: int = 64
+    eval_samples: int = 4  # samples per eval prompt for the pre-RL baseline and the final eval
+    checkpoint_every: int = 0  # 0 = only at the end
+    resume: Optional[str] = None  # a checkpoint file (or its directory) to continue from
+    out_dir: Optional[str] = None  # null = Hydra's run directory
+    num_threads: int = 0  # torch threads of the trainer process; 0 = torch's default
 
     def __post_init__(self) -> None:
-        if self.total_steps < 0:
-            raise ValueError(f"trainer.total_steps must be >= 0, got {self.total_steps!r}")
+        for key in ("total_steps", "warmup_steps", "checkpoint_every", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("prompts_per_step", "refit_every", "warmup_batch_size", "eval_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)!r}")
+
+
+@dataclass
+class ConsoleLoggerConfig:
+    progress_bar: bool = True
+
+
+@dataclass
+class JsonlLoggerConfig:
+    filename: str = "metrics.jsonl"
+
+
+@dataclass
+class TensorboardLoggerConfig:
+    subdir: str = "tensorboard"
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "refit"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: str = "online"  # online | offline | disabled
 
 
 @dataclass
 class LoggerConfig:
-    console: Optional[dict[str, Any]] = None
+    """The `logger` node: each selected option of the `logger` group fills its own key (null = off)."""
+
+    console: Optional[ConsoleLoggerConfig] = None
+    jsonl: Optional[JsonlLoggerConfig] = None
+    tensorboard: Optional[TensorboardLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
 
 
 @dataclass

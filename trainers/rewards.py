@@ -1,0 +1,56 @@
+"""Verifiable reward functions: `fn(response, answer) -> float in [0, 1]`, chosen by config via `_target_`.
+
+Plug your own with `task.reward._target_=my_pkg.my_reward` (any importable callable with this
+signature; extra keys of the node are passed as keyword arguments).
+"""
+
+from __future__ import annotations
+
+import re
+
+_LEADING_INT = re.compile(r"\s*(-?\d+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def addition_reward(response: str, answer: str, tolerance: int = 4) -> float:
+    """Score an integer answer: 1 if exact, partial credit that falls linearly to 0 at `tolerance` away.
+
+    Anything after the number (the model did not stop) halves the score; no leading integer scores 0.
+    """
+    m = _LEADING_INT.match(response)
+    if m is None:
+        return 0.0
+    distance = abs(int(m.group(1)) - int(answer))
+    score = 1.0 if distance == 0 else 0.5 * max(0.0, 1.0 - distance / tolerance)
+    if response[m.end() :].strip():
+        score *= 0.5
+    return score
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a GSM8K-style solution: after '####' if present, else the last number."""
+    if "####" in text:
+        tail = text.split("####")[-1]
+        found = _NUMBER.search(tail)
+    else:
+        numbers = _NUMBER.findall(text)
+        found = None if not numbers else _NUMBER.search(numbers[-1])
+    if found is None:
+        return None
+    return _normalize_number(found.group(0))
+
+
+def _normalize_number(s: str) -> str:
+    s = s.replace(",", "").rstrip(".")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+def gsm8k_reward(response: str, answer: str, format_score: float = 0.1) -> float:
+    """1 if the extracted final answer equals the reference, `format_score` if a number was given, else 0."""
+    predicted = extract_answer(response)
+    if predicted is None:
+        return 0.0
+    reference = extract_answer(answer) or _normalize_number(answer.strip())
+    return 1.0 if predicted == reference else format_score
