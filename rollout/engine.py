@@ -19,6 +19,9 @@ from rollout.vllm_compat import has_layerwise_reload, installed_vllm_version
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rollout.worker_extension.RefitWorkerExtension"
+# vLLM's default (5 s) force-kills the engine-core process on a busy 2-core host: its worker alone takes
+# ~3-4 s to exit. Graceful exits were seen within ~4 s; this only bounds a stuck shutdown.
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -65,8 +68,6 @@ class VllmRollout:
     def __init__(self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None) -> None:
         from vllm import LLM
 
-        from rollout.transfer import new_endpoint
-
         self.cfg = cfg
         self.model_path = str(model_path)
         self.platform = platform or get_platform(cfg.backend.name)
@@ -97,7 +98,7 @@ class VllmRollout:
             worker_extension_cls=WORKER_EXTENSION,
         )
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
-        self._endpoint = new_endpoint()
+        self._endpoint: str | None = None  # created with the sender, on the first refit
         self._sender = None
         self.version = 0  # the weights loaded from model_path
         self._failed_version: int | None = None
@@ -212,8 +213,9 @@ class VllmRollout:
 
         if self._sender is not None and self._sender.cfg != self.transfer:
             self._sender.close()  # the transfer settings changed: a new connection (the worker follows)
-            self._sender, self._endpoint = None, new_endpoint()
+            self._sender = None
         if self._sender is None:
+            self._endpoint = new_endpoint()
             self._sender = WeightSender(self.transfer, self._endpoint, device=self.platform.device_type)
         fields = {f.name: _plain(getattr(self.transfer, f.name)) for f in dataclasses.fields(self.transfer)}
         result: dict[str, Any] = {}
@@ -256,12 +258,13 @@ class VllmRollout:
             return
         self._closed = True
         try:
-            self.llm.collective_rpc("refit_close", timeout=self.transfer.timeout_s)
+            if self._sender is not None:
+                self.llm.collective_rpc("refit_close", timeout=self.transfer.timeout_s)
         finally:
             if self._sender is not None:
                 self._sender.close()
                 self._sender = None
-            self.llm.llm_engine.engine_core.shutdown()
+            self.llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
     def __enter__(self) -> "VllmRollout":
         return self

@@ -1,0 +1,93 @@
+"""Shared fixtures for the engine tests: ONE vLLM (CPU) engine per session on the tiny model, the
+trainer-side Hugging Face copy of the model, and a float64 reference for logprobs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+import torch
+
+from rollout import BackendConfig, RolloutConfig, build_rollout
+from rollout.tiny_model import ensure_tiny_model
+from rollout.transfer import TransferConfig
+
+# fp32 engine, 1 MB buckets so every refit of the tiny model (1.8 MB) spans several buckets.
+ENGINE_CFG = RolloutConfig(
+    backend=BackendConfig(dtype="float32", max_model_len=512, max_num_seqs=32),
+    transfer=TransferConfig(bucket_mb=1, timeout_s=30.0),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_path, torch_dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def base_state(hf_model):
+    return {k: v.detach().to(torch.float32).clone() for k, v in hf_model.state_dict().items()}
+
+
+def child_pids() -> set[int]:
+    """Our child processes, minus Python's multiprocessing resource tracker (one per parent, lives until exit)."""
+    pids = set()
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if not any("resource_tracker" in part for part in p.cmdline()):
+                pids.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    alive = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = {p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+    return alive
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_path):
+    before = child_pids()
+    ro = build_rollout(ENGINE_CFG, tiny_path)
+    spawned = child_pids() - before
+    yield ro
+    endpoint = ro._endpoint
+    ro.close()
+    assert not wait_gone(spawned), "vLLM processes survived close()"
+    if endpoint is not None:
+        assert not os.path.exists(endpoint.removeprefix("ipc://")), "the transfer socket survived close()"
+    # Other jobs on the host may own refit-* segments: check that none stays mapped in this process.
+    with open("/proc/self/maps") as maps:
+        assert "/dev/shm/refit-" not in maps.read(), "a transfer buffer stayed mapped after close()"
+
+
+@pytest.fixture
+def extra_engine():
+    """Start another engine (same settings as the shared one) on a given model directory; at the end of
+    the test it is closed and its processes must be gone."""
+    started = []
+
+    def start(model_path):
+        before = child_pids()
+        ro = build_rollout(ENGINE_CFG, model_path)
+        started.append((ro, child_pids() - before))
+        return ro
+
+    yield start
+    for ro, pids in started:
+        ro.close()
+        assert not wait_gone(pids), "an extra engine's processes survived close()"

