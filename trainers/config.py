@@ -110,9 +110,9 @@ class TaskConfig:
 class TrainerConfig:
     """The `trainer` node: the loop's length, batch shape, refit cadence, warm-start and checkpoints."""
 
-    total_steps: int = 150
+    total_steps: int = 100
     seed: int = 0
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     refit_every: int = 1  # update_weights every k steps; in between the engine samples with stale weights
     warmup_steps: int = 10  # supervised warm-start steps before RL (0 = none)
     warmup_lr: float = 3e-3
@@ -121,7 +121,10 @@ class TrainerConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     resume: Optional[str] = None  # a checkpoint file (or its directory) to continue from
     out_dir: Optional[str] = None  # null = Hydra's run directory
-    num_threads: int = 0  # torch threads of the trainer process; 0 = torch's default
+    device: str = "auto"  # the trainer's device; auto = the rollout backend's (cpu, cuda, npu)
+    # torch threads of the trainer process (0 = torch's default). 1 by default: on a small CPU host the
+    # trainer shares the cores with vLLM's worker, and oversubscribed OpenMP threads slowed steps ~10x.
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         for key in ("total_steps", "warmup_steps", "checkpoint_every", "num_threads"):

@@ -61,7 +61,7 @@ class ConsoleLogger:
             value = metrics.get(key)
             if value is not None:
                 parts.append(f"{label} {fmt.format(value)}")
-        self.console.print(" | ".join(parts), highlight=False)
+        self.console.print(" | ".join(parts), highlight=False, soft_wrap=True)
         if self.progress is not None:
             self.progress.update(self.task, completed=step)
 

@@ -21,6 +21,10 @@ class TokenBatch:
     mask: Tensor  # [B, L-1] float, 1 on response tokens (as targets)
     sampler_logprobs: Optional[Tensor] = None  # [B, L-1] the engine's log-probs of the response tokens
 
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        sampler = None if self.sampler_logprobs is None else self.sampler_logprobs.to(device)
+        return TokenBatch(self.tokens.to(device), self.attention_mask.to(device), self.mask.to(device), sampler)
+
     def select(self, idx: Tensor) -> "TokenBatch":
         sampler = None if self.sampler_logprobs is None else self.sampler_logprobs[idx]
         return TokenBatch(self.tokens[idx], self.attention_mask[idx], self.mask[idx], sampler)

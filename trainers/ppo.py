@@ -14,6 +14,7 @@ refit the engine with `update_weights` (every `trainer.refit_every` steps) -> ne
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -85,7 +86,7 @@ def warm_start(policy, tokenizer, task: Task, cfg: PPOConfig, log) -> Optional[f
             [tokenizer(e.prompt).input_ids for e in examples],
             [tokenizer(e.completion).input_ids + [tokenizer.eos_token_id] for e in examples],
             pad_id=tokenizer.pad_token_id or 0,
-        )
+        ).to(next(policy.parameters()).device)
         logp, _ = token_logprobs(policy, batch)
         loss = -masked_mean(logp, batch.mask)
         optimizer.zero_grad(set_to_none=True)
@@ -95,8 +96,18 @@ def warm_start(policy, tokenizer, task: Task, cfg: PPOConfig, log) -> Optional[f
     return loss.item()
 
 
-def run(cfg: PPOConfig) -> dict:
-    """Train; returns the summary also written to <out_dir>/summary.json."""
+def resolve_device(device: str, backend: str) -> torch.device:
+    if device == "auto":
+        device = {"vllm_cpu": "cpu", "vllm_gpu": "cuda", "vllm_ascend": "npu"}[backend]
+    return torch.device(device)
+
+
+def run(cfg: PPOConfig, rollout=None) -> dict:
+    """Train; returns the summary also written to <out_dir>/summary.json.
+
+    `rollout`: an already running engine on the same model to use (and leave open) instead of
+    building one from `cfg.rollout`; tests share one engine this way.
+    """
     t, alg = cfg.trainer, cfg.algorithm
     out_dir = Path(t.out_dir or "outputs/ppo").expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,14 +129,15 @@ def run(cfg: PPOConfig) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    policy = load_policy(model_path)
+    device = resolve_device(t.device, cfg.rollout.backend.name.value)
+    policy = load_policy(model_path).to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay)
-    critic = ValueModel(model_path) if alg.name is Algorithm.ppo else None
+    critic = ValueModel(model_path).to(device) if alg.name is Algorithm.ppo else None
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr) if critic is not None else None
 
     start_step, history, baseline, reference = 0, [], None, None
     if ckpt is not None:
-        policy.load_state_dict(ckpt["policy"])
+        policy.load_state_dict(ckpt["policy"])  # load_state_dict copies into the live device tensors
         optimizer.load_state_dict(ckpt["optimizer"])
         if critic is not None:
             if ckpt.get("critic") is None:
@@ -147,11 +159,16 @@ def run(cfg: PPOConfig) -> dict:
         if ckpt is not None and ckpt["reference"] is not None:
             reference.load_state_dict(ckpt["reference"])
 
-    from rollout import build_rollout
+    if rollout is None:
+        from rollout import build_rollout
 
-    with build_rollout(cfg.rollout, model_path) as ro:
-        if start_step > 0 or warmup_loss is not None:
-            ro.update_weights(policy.named_parameters(), version=start_step)
+        engine = build_rollout(cfg.rollout, model_path)
+    else:
+        engine = contextlib.nullcontext(rollout)
+    with engine as ro:
+        # The engine starts from the trainer's weights: warm-started, resumed, or whatever a shared
+        # engine held before.
+        ro.update_weights(policy.named_parameters(), version=start_step)
         if baseline is None:
             baseline = evaluate(ro, task, reward_fn, cfg)
             log.message(f"pre-RL baseline: eval reward {baseline:.3f}")
@@ -174,7 +191,8 @@ def run(cfg: PPOConfig) -> dict:
             batch = collate(
                 [s.prompt_token_ids for s in samples], [s.token_ids for s in samples],
                 pad_id=tokenizer.pad_token_id or 0, sampler_logprobs=[s.logprobs for s in samples],
-            )
+            ).to(device)
+            rewards = rewards.to(device)
             mask = batch.mask
 
             # 3. old log-probs, reference, critic: recomputed by the trainer on the sampled tokens
@@ -198,7 +216,7 @@ def run(cfg: PPOConfig) -> dict:
                    "value_loss": 0.0}
             num_updates = 0
             for _ in range(alg.num_epochs):
-                for idx in torch.randperm(len(samples)).chunk(alg.num_minibatches):
+                for idx in torch.randperm(len(samples), device=device).chunk(alg.num_minibatches):
                     mb = batch.select(idx)
                     logp, entropy = token_logprobs(policy, mb, temperature=alg.temperature, with_entropy=True)
                     pg_loss, clip_frac, ppo_kl = clipped_policy_loss(

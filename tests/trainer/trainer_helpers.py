@@ -1,0 +1,29 @@
+"""Helpers shared by the trainer tests: compose the real config tree into a typed config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from trainers.config import PPOConfig, register_configs, to_typed
+
+ROOT = Path(__file__).resolve().parents[2]
+register_configs()
+
+
+def compose_typed(overrides: list[str] = (), config_name: str = "ppo", config_dir: Path = ROOT / "conf") -> PPOConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return to_typed(compose(config_name, overrides=list(overrides)))
+
+
+def small_run_config(out_dir: Path, *overrides: str) -> PPOConfig:
+    """A few small steps on the default tree: 4 prompts x 4 samples, 2 warm-start steps."""
+    base = [
+        "trainer.total_steps=3", "trainer.prompts_per_step=4", "trainer.warmup_steps=2", "trainer.warmup_batch_size=8",
+        "trainer.eval_samples=1", "task.num_eval_prompts=4", "algorithm.num_samples=4", "algorithm.num_minibatches=2",
+        f"trainer.out_dir={out_dir}", "logger=[jsonl,tensorboard]",
+    ]
+    return compose_typed(base + list(overrides))
