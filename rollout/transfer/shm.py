@@ -101,10 +101,6 @@ class ShmTransport:
             except FileNotFoundError:
                 pass
 
-    @property
-    def has_names(self) -> bool:
-        return any(os.path.exists(os.path.join(SHM_DIR, n)) for n in self._names)
-
     def close(self) -> None:
         """Idempotent. Views a consumer still holds keep their mapping alive until they die."""
         self.unlink()

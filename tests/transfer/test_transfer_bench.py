@@ -1,0 +1,57 @@
+"""The transfer benchmark: its config composes, its shapes add up, and a tiny run measures both sides."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rollout import bench
+from rollout.transfer import TransferConfig
+
+CONF_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+
+
+def test_bench_config_composes_into_typed_dataclasses():
+    bench._register()
+    with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=["rollout.transfer.sync=double_buffer", "rollout.transfer.bucket_mb=16"])
+        root = OmegaConf.to_object(cfg)
+        assert isinstance(root.rollout.transfer, TransferConfig) and root.rollout.transfer.bucket_bytes == 16 << 20
+        assert root.rollout.transfer.sync.value == "double_buffer" and root.bench.total_gb == 2.0
+        with pytest.raises(Exception, match="bucket_mbb"):
+            compose("bench", overrides=["rollout.transfer.bucket_mbb=16"])
+
+
+def test_qwen2_like_shapes_fill_the_budget():
+    shapes = bench.qwen2_like_shapes(int(2e9), 1536, 2)
+    total = sum(torch.Size(s).numel() for _, s in shapes) * 2
+    assert 1.8e9 < total <= 2e9
+    assert shapes[0] == ("model.embed_tokens.weight", (151936, 1536))
+    assert ("model.layers.0.mlp.gate_proj.weight", (8960, 1536)) in shapes
+    assert len({n for n, _ in shapes}) == len(shapes)
+
+
+def test_tiny_run_measures_floor_and_refit():
+    cfg = TransferConfig(transport="shm", bucket_mb=1, sync="double_buffer", timeout_s=30.0)
+    result = bench.run(cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=2))
+    assert result["num_buckets"] >= 5 and len(result["refit_all_s"]) == 2
+    assert result["floor_s"] > 0 and result["refit_s"] > 0 and result["ratio"] == result["refit_s"] / result["floor_s"]
+
+
+@pytest.mark.slow
+def test_multirun_sweep_and_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    small = ["bench.total_gb=0.01", "bench.hidden_size=256", "bench.num_repeats=1", "rollout.transfer.bucket_mb=1"]
+    cmd = [sys.executable, "-m", "rollout.bench", "-m", "rollout.transfer.sync=fenced,double_buffer", *small, f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300)
+    subprocess.run([sys.executable, "-m", "rollout.bench", "--summary", str(sweep)], check=True, timeout=120)
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert sorted(r["sync"] for r in rows) == ["double_buffer", "fenced"]
+    assert (sweep / "summary.png").stat().st_size > 0
