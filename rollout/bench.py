@@ -192,7 +192,7 @@ def print_table(rows: list[dict], title: str) -> None:
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(*(fmt.format(row[key]) for key, _, fmt in _COLUMNS))
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(150, Console().width)).print(table)
 
 
 def summarize(sweep_dir: str) -> list[dict]:
@@ -214,13 +214,17 @@ def summarize(sweep_dir: str) -> list[dict]:
     print_table(rows, f"refit vs two-copy floor ({rows[0]['total_gb']} GB {rows[0]['dtype']}, {rows[0]['device']})")
     with open(os.path.join(sweep_dir, "summary.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax_gbps, ax_ratio) = plt.subplots(1, 2, figsize=(10, 4))
     for key in sorted({(r["transport"], r["sync"]) for r in rows}):
         sel = [r for r in rows if (r["transport"], r["sync"]) == key]
-        ax.plot([r["bucket_mb"] for r in sel], [r["refit_gbps"] for r in sel], "o-", label=f"{key[0]} {key[1]}")
-    ax.plot([r["bucket_mb"] for r in rows], [r["floor_gbps"] for r in rows], "k.", label="two-copy floor (per run)")
-    ax.set(xscale="log", xlabel="bucket_mb", ylabel="GB/s", title="refit throughput")
-    ax.legend()
+        mbs = [r["bucket_mb"] for r in sel]
+        ax_gbps.plot(mbs, [r["refit_gbps"] for r in sel], "o-", label=f"{key[0]} {key[1]}")
+        ax_ratio.plot(mbs, [r["ratio"] for r in sel], "o-", label=f"{key[0]} {key[1]}")
+    ax_gbps.plot([r["bucket_mb"] for r in rows], [r["floor_gbps"] for r in rows], "k.", label="two-copy floor (each run)")
+    ax_gbps.set(xscale="log", xlabel="bucket_mb", ylabel="GB/s", title="refit throughput")
+    ax_ratio.axhline(1.0, color="k", lw=0.8)
+    ax_ratio.set(xscale="log", xlabel="bucket_mb", ylabel="refit / floor (same run)", title="ratio to the two-copy floor")
+    ax_gbps.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(sweep_dir, "summary.png"), dpi=120)
     return rows
