@@ -215,8 +215,9 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
             acc = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0,
                    "value_loss": 0.0}
             num_updates = 0
+            shuffle = torch.Generator().manual_seed(t.seed * 1_000_003 + step)  # resume replays the same order
             for _ in range(alg.num_epochs):
-                for idx in torch.randperm(len(samples), device=device).chunk(alg.num_minibatches):
+                for idx in torch.randperm(len(samples), generator=shuffle).to(device).chunk(alg.num_minibatches):
                     mb = batch.select(idx)
                     logp, entropy = token_logprobs(policy, mb, temperature=alg.temperature, with_entropy=True)
                     pg_loss, clip_frac, ppo_kl = clipped_policy_loss(
