@@ -38,6 +38,10 @@ class RefitWorkerExtension:
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
+    def refit_worker_info(self) -> dict[str, Any]:
+        """Plain facts about the worker process, for benchmarks and logs."""
+        return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device())}
+
     def refit_close(self) -> None:
         """Close the receiver (unmaps the buffers, closes the socket). Called before the engine shuts down."""
         receiver = getattr(self, "_refit_receiver", None)

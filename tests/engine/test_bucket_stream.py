@@ -92,19 +92,14 @@ def test_straddling_layers_are_detached_and_load_exactly():
         assert torch.equal(loader.loaded[f"t{i}"], expected(i)), f"t{i} corrupted"
 
 
-def test_without_the_detach_the_reference_check_stops_the_refit():
-    """The same loader with a detach that does nothing: the buffered views would be overwritten by the
-    next bucket; the stream refuses to release the bucket and both ends see the error."""
+def test_without_the_detach_the_next_bucket_corrupts_buffered_tensors():
+    """The same loader with a detach that does nothing: the tensors it buffered across a bucket
+    boundary read the sender's next pack. Proves that the detach is what keeps test 1 exact."""
     loader = LayerBufferingLoader()
     stream, errors, load_error = refit(loader.load, lambda bucket: 0)
-    assert load_error is not None and "kept a reference to 't3'" in str(load_error)
-    assert errors and "loading into the model failed" in str(errors[0])
-
-
-def test_a_loader_that_lists_the_iterator_is_caught():
-    stream, errors, load_error = refit(lambda weights: list(weights), lambda bucket: 0)
-    assert load_error is not None and "kept a reference" in str(load_error)
-    assert errors
+    assert not errors and load_error is None
+    corrupted = [i for i in range(NUM_TENSORS) if not torch.equal(loader.loaded[f"t{i}"], expected(i))]
+    assert corrupted == [3, 4, 9]  # buffered at the ends of buckets 0 (t3, t4) and 1 (t9)
 
 
 def test_loader_error_reaches_the_sender():
