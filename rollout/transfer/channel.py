@@ -105,6 +105,23 @@ class Channel:
             remove_endpoint(self.endpoint)  # the binder died without cleaning up
 
 
+class Owned:
+    """What one end owns (its transport and channel). close() releases it; so does a weakref.finalize
+    when close() was forgotten or an exception escaped, so no segment or socket file outlives us."""
+
+    def __init__(self) -> None:
+        self.transport = None
+        self.channel: Channel | None = None
+
+    def release(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+
 def _listener_alive(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 
 import torch
 
 from rollout.transfer import layout, transports, wire
-from rollout.transfer.channel import Channel
+from rollout.transfer.channel import Channel, Owned
 from rollout.transfer.config import TransferConfig, Transport
 from rollout.transfer.errors import IntegrityError, PeerError, TransferError
 from rollout.transfer.stats import TransferStats
 from rollout.transfer.sync import Consume, make_sync_policy
+
 
 
 class WeightReceiver:
@@ -37,7 +39,7 @@ class WeightReceiver:
         self.endpoint = endpoint
         self.device = torch.device(device)
         self._policy = make_sync_policy(cfg.sync)
-        self._transport: transports.BucketTransport | None = None
+        self._owned = Owned()
         self._attached: tuple[int, int] | None = None  # (session, generation) of the mapped buffers
         self._hello: wire.Hello | None = None
         self._session: int | None = None
@@ -46,6 +48,8 @@ class WeightReceiver:
         self._assembly: torch.Tensor | None = None
         self._chunked: tuple[str, int] | None = None  # (name, next chunk) of the tensor being reassembled
         self._channel = Channel(endpoint, bind=False, timeout_s=cfg.timeout_s)
+        # close() forgotten, or an exception escaping to the top: release at exit anyway
+        self._finalizer = weakref.finalize(self, self._owned.release)
 
     def receive(self, consume: Consume) -> TransferStats:
         """One refit. Raises whatever consume raised (after telling the sender), PeerError if the
@@ -196,9 +200,23 @@ class WeightReceiver:
         directory if the sender died without doing so."""
         self._detach()
         self._assembly = None
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        self._finalizer()
+
+    @property
+    def _transport(self):
+        return self._owned.transport
+
+    @_transport.setter
+    def _transport(self, value) -> None:
+        self._owned.transport = value
+
+    @property
+    def _channel(self) -> Channel | None:
+        return self._owned.channel
+
+    @_channel.setter
+    def _channel(self, value: Channel | None) -> None:
+        self._owned.channel = value
 
     def __enter__(self) -> WeightReceiver:
         return self
