@@ -13,6 +13,8 @@ and one engine, it measures (medians over --repeats, after one warm-up of each):
   disk:   what users otherwise do without restarting: save the state as safetensors, then reload it
           in the live engine (`reload_weights(weights_path=...)` on the worker) + prefix-cache reset;
   start:  a fresh engine from disk (once; the restart alternative).
+The three are interleaved per repeat (floor, refit, disk, floor, ...) so that load from other jobs on
+a shared machine hits them alike.
 It also checks that the refit and the disk reload give the same greedy tokens. Prints JSON.
 """
 
@@ -46,13 +48,17 @@ def floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int
     return time.perf_counter() - start
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: first-touch page faults, shm allocation, handshake
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """One warm-up of each (first-touch page faults, shm allocation, handshake), then `repeats` rounds
+    that run each once in turn, so a burst of load on this shared machine hits all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -86,8 +92,6 @@ def main() -> None:
 
     dests = {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
     bucket = torch.zeros(bucket_bytes, dtype=torch.uint8)
-    floor = [floor_once(state, dests, bucket, bucket_bytes) for _ in range(args.repeats + 1)][1:]
-    del dests, bucket
 
     start = time.perf_counter()
     ro = build_rollout(cfg, path)
@@ -97,9 +101,6 @@ def main() -> None:
         worker_threads = ro.llm.collective_rpc("refit_worker_info")[0]["torch_threads"]
         version = iter(range(1, 10_000))
         stats = []
-        refit = timed(lambda: stats.append(ro.update_weights(state.items(), version=next(version))), args.repeats)
-        after_refit = [s.token_ids for s in ro.generate(prompts, max_tokens=16, temperature=0.0)]
-
         with tempfile.TemporaryDirectory(prefix="refit-bench-") as tmp:
 
             def disk_reload() -> None:
@@ -107,12 +108,32 @@ def main() -> None:
                 ro.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp, "is_checkpoint_format": True})
                 ro.llm.reset_prefix_cache()
 
-            disk = timed(disk_reload, args.repeats)
-        after_disk = [s.token_ids for s in ro.generate(prompts, max_tokens=16, temperature=0.0)]
+            times = interleaved(
+                {
+                    "floor": lambda: floor_once(state, dests, bucket, bucket_bytes),
+                    "refit": lambda: stats.append(ro.update_weights(state.items(), version=next(version))),
+                    "disk": disk_reload,
+                },
+                args.repeats,
+            )
+            # Same greedy tokens through both paths, for weights that differ from those on disk.
+            scaled = {k: v * 1.25 for k, v in state.items()}
+            greedy = lambda: [s.token_ids for s in ro.generate(prompts, max_tokens=16, temperature=0.0)]  # noqa: E731
+            original = greedy()
+            save_file(scaled, os.path.join(tmp, "model.safetensors"))
+            ro.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp, "is_checkpoint_format": True})
+            ro.llm.reset_prefix_cache()
+            after_disk = greedy()
+        ro.update_weights(state.items(), version=next(version))
+        assert greedy() == original
+        ro.update_weights(scaled.items(), version=next(version))
+        after_refit = greedy()
     finally:
         ro.close()
+    floor, refit, disk = times["floor"], times["refit"], times["disk"]
 
-    last = stats[-1]
+    timed_stats = stats[1 : args.repeats + 1]
+    last = timed_stats[-1]
     med = statistics.median
     result = {
         "model": args.model,
@@ -126,8 +147,8 @@ def main() -> None:
         "floor_s": med(floor),
         "refit_s": med(refit),
         "refit_first_s": stats[0].seconds,
-        "refit_send_s": med(s.send_s for s in stats[1:]),
-        "refit_worker_load_s": med(s.load_s for s in stats[1:]),
+        "refit_send_s": med(s.send_s for s in timed_stats),
+        "refit_worker_load_s": med(s.load_s for s in timed_stats),
         "num_buckets": last.num_buckets,
         "detached_bytes": last.detached_bytes,
         "disk_reload_s": med(disk),
@@ -136,6 +157,7 @@ def main() -> None:
         "disk_over_refit": med(disk) / med(refit),
         "refit_gbps": num_bytes / med(refit) / 1e9,
         "same_greedy_tokens_refit_vs_disk": after_refit == after_disk,
+        "scaled_weights_changed_tokens": after_refit != original,
         "all_refit_s": refit,
         "all_disk_s": disk,
     }
