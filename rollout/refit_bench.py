@@ -12,6 +12,8 @@ and one engine, it measures (medians over --repeats, after one warm-up of each):
   refit:  `ro.update_weights(state, version)`: transfer + in-place reload + cache reset, end to end;
   disk:   what users otherwise do without restarting: save the state as safetensors, then reload it
           in the live engine (`reload_weights(weights_path=...)` on the worker) + prefix-cache reset;
+  reload: vLLM's in-place reload alone, from tensors already in the worker's memory (timed inside the
+          worker): what a refit costs even with a free transfer;
   start:  a fresh engine from disk (once; the restart alternative).
 The three are interleaved per repeat (floor, refit, disk, floor, ...) so that load from other jobs on
 a shared machine hits them alike.
@@ -108,11 +110,18 @@ def main() -> None:
                 ro.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp, "is_checkpoint_format": True})
                 ro.llm.reset_prefix_cache()
 
+            reload_only: list[float] = []
+
+            def vllm_reload() -> None:
+                file = os.path.join(path, "model.safetensors")
+                reload_only.append(ro.llm.collective_rpc("refit_bench_reload_from_memory", args=(file,))[0])
+
             times = interleaved(
                 {
                     "floor": lambda: floor_once(state, dests, bucket, bucket_bytes),
                     "refit": lambda: stats.append(ro.update_weights(state.items(), version=next(version))),
                     "disk": disk_reload,
+                    "reload": vllm_reload,
                 },
                 args.repeats,
             )
@@ -152,9 +161,11 @@ def main() -> None:
         "num_buckets": last.num_buckets,
         "detached_bytes": last.detached_bytes,
         "disk_reload_s": med(disk),
+        "vllm_reload_from_memory_s": med(reload_only[1:]),
         "engine_start_s": start_s,
         "refit_over_floor": med(refit) / med(floor),
         "disk_over_refit": med(disk) / med(refit),
+        "refit_over_vllm_reload": med(refit) / med(reload_only[1:]),
         "refit_gbps": num_bytes / med(refit) / 1e9,
         "same_greedy_tokens_refit_vs_disk": after_refit == after_disk,
         "scaled_weights_changed_tokens": after_refit != original,

@@ -42,6 +42,17 @@ class RefitWorkerExtension:
         """Plain facts about the worker process, for benchmarks and logs."""
         return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device())}
 
+    def refit_bench_reload_from_memory(self, safetensors_path: str) -> float:
+        """Benchmark helper: seconds of vLLM's in-place reload alone, fed from tensors already in this
+        process's memory (read from `safetensors_path` first, untimed) - the part of a refit that no
+        transfer can remove."""
+        from safetensors.torch import load_file
+
+        state = load_file(safetensors_path)
+        start = time.perf_counter()
+        self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+        return time.perf_counter() - start
+
     def refit_close(self) -> None:
         """Close the receiver (unmaps the buffers, closes the socket). Called before the engine shuts down."""
         receiver = getattr(self, "_refit_receiver", None)
