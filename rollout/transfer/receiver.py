@@ -61,10 +61,11 @@ class WeightReceiver:
         try:
             self._handshake(begin)
             return self._stream(begin, consume, start)
-        except PeerError:
-            raise
         except BaseException as exc:
-            self._channel.try_send(wire.Error(begin.refit_id, f"{type(exc).__name__}: {exc}"))
+            if not isinstance(exc, PeerError):
+                self._channel.try_send(wire.Error(begin.refit_id, f"{type(exc).__name__}: {exc}"))
+            if isinstance(self._transport, transports.CopyingTransport):
+                self._detach()  # a transfer may be in flight: the sender starts a fresh group next time
             raise
 
     def _wait_begin(self) -> wire.BeginRefit:
@@ -89,7 +90,7 @@ class WeightReceiver:
             if self._attached != key:
                 self._detach()
                 try:
-                    self._transport = transports.attach(hello, self.device)
+                    self._transport = transports.attach(hello, self.device, self.cfg.timeout_s)
                 except FileNotFoundError as exc:
                     if attempt:
                         raise
@@ -156,6 +157,9 @@ class WeightReceiver:
         hello = self._hello
         if not 0 <= meta.buffer_index < hello.num_buffers or not 0 <= meta.nbytes <= hello.bucket_bytes:
             raise wire.ProtocolError(f"bucket {meta.bucket_index} does not fit the handshake's buffers")
+        if isinstance(self._transport, transports.CopyingTransport):
+            what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
+            self._transport.pull(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
         if meta.checksum != -1:
             digest = layout.checksum(self._transport.region(meta.buffer_index, 0, meta.nbytes))
             if digest != meta.checksum:

@@ -63,11 +63,13 @@ class WeightSender:
         try:
             self._begin(refit_id, version)
             return self._stream(refit_id, version, itertools.chain([first] if first else [], buckets), start)
-        except PeerError:
-            raise
         except BaseException as exc:
-            # Tell the receiver now rather than let it wait out its timeout; then re-raise.
-            self._channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
+            if not isinstance(exc, PeerError):
+                # Tell the receiver now rather than let it wait out its timeout; then re-raise.
+                self._channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
+            if isinstance(self._transport, transports.CopyingTransport):
+                self._transport.close()  # a transfer may be in flight: the next refit starts a fresh group
+                self._transport = None
             raise
 
     def _begin(self, refit_id: int, version: int) -> None:
@@ -75,7 +77,7 @@ class WeightSender:
         for _ in range(2):
             if self._transport is None:
                 self._transport = transports.allocate(
-                    self.transport_kind, self._policy.num_buffers, self.cfg.bucket_bytes, self.device
+                    self.transport_kind, self._policy.num_buffers, self.cfg.bucket_bytes, self.device, self.cfg.timeout_s
                 )
                 self._generation += 1
             hello = wire.Hello(
@@ -95,6 +97,7 @@ class WeightSender:
 
     def _stream(self, refit_id: int, version: int, buckets: Iterator[layout.PlannedBucket], start: float) -> TransferStats:
         transport, bucket_bytes = self._transport, self.cfg.bucket_bytes
+        copying = isinstance(transport, transports.CopyingTransport)
         num_buffers = self._policy.num_buffers
         free = deque(range(num_buffers))
         num_buckets = num_tensors = num_bytes = 0
@@ -102,6 +105,9 @@ class WeightSender:
             if not free:
                 free.append(self._wait_ack(refit_id, free, f"Ack of bucket {num_buckets - num_buffers}"))
             index = free.popleft()
+            what = f"{self.endpoint}: bucket {num_buckets} of refit {refit_id}"
+            if copying:  # acked, so its broadcast is done; this orders our packing after it
+                transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
             buffer = transport.buffer(index)
             layout.pack(bucket, buffer, bucket_bytes)
             transport.synchronize()  # on a GPU, the receiver must not see half-finished copies
@@ -110,6 +116,8 @@ class WeightSender:
             entries = [p.entry for p in bucket.placements]
             meta = wire.BucketMeta(refit_id, num_buckets, index, bucket.nbytes, bucket.is_last, digest, entries)
             self._channel.send(meta, f"BucketMeta {num_buckets}")
+            if copying:
+                transport.push(index, bucket.nbytes, what)
             num_buckets += 1
             num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
             num_bytes += sum(e.nbytes for e in entries)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -24,6 +24,16 @@ class BucketTransport(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class CopyingTransport(BucketTransport, Protocol):
+    """A transport whose ends own separate buffers (nccl): each bucket's bytes move explicitly, and a
+    failed refit may leave a transfer in flight, so both ends rebuild the transport after one."""
+
+    def reclaim(self, index: int, deadline: float, what: str) -> None: ...  # sender, before packing `index`
+    def push(self, index: int, nbytes: int, what: str) -> None: ...  # sender, after the BucketMeta
+    def pull(self, index: int, nbytes: int, deadline: float, what: str) -> None: ...  # receiver, before the views
+
+
 def resolve_transport(cfg: TransferConfig, device: torch.device | str) -> Transport:
     """`auto` -> cuda_ipc for a cuda device, else shm; an explicit choice is returned as is."""
     if cfg.transport != Transport.auto:
@@ -31,7 +41,7 @@ def resolve_transport(cfg: TransferConfig, device: torch.device | str) -> Transp
     return Transport.cuda_ipc if torch.device(device).type == "cuda" else Transport.shm
 
 
-def allocate(kind: Transport, num_buffers: int, nbytes: int, device: torch.device | str | None) -> BucketTransport:
+def allocate(kind: Transport, num_buffers: int, nbytes: int, device: torch.device | str | None, timeout_s: float) -> BucketTransport:
     if kind == Transport.shm:
         from rollout.transfer.shm import ShmTransport
 
@@ -40,10 +50,14 @@ def allocate(kind: Transport, num_buffers: int, nbytes: int, device: torch.devic
         from rollout.transfer.cuda_ipc import CudaIpcTransport
 
         return CudaIpcTransport.allocate(num_buffers, nbytes, device)
-    raise ValueError(f"rollout.transfer.transport={kind.value!r} is not implemented by WeightSender (shm, cuda_ipc)")
+    if kind == Transport.nccl:
+        from rollout.transfer.nccl import NcclTransport
+
+        return NcclTransport.allocate(num_buffers, nbytes, device, timeout_s)
+    raise ValueError(f"rollout.transfer.transport={kind.value!r} is not implemented by WeightSender (shm, cuda_ipc, nccl)")
 
 
-def attach(hello: wire.Hello, device: torch.device) -> BucketTransport:
+def attach(hello: wire.Hello, device: torch.device, timeout_s: float) -> BucketTransport:
     if hello.transport == Transport.shm.value:
         from rollout.transfer.shm import ShmTransport
 
@@ -52,4 +66,8 @@ def attach(hello: wire.Hello, device: torch.device) -> BucketTransport:
         from rollout.transfer.cuda_ipc import CudaIpcTransport
 
         return CudaIpcTransport.attach(hello, device)
+    if hello.transport == Transport.nccl.value:
+        from rollout.transfer.nccl import NcclTransport
+
+        return NcclTransport.attach(hello, device, timeout_s)
     raise ValueError(f"the sender offers transport {hello.transport!r}, which this receiver cannot attach")

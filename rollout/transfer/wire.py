@@ -16,13 +16,13 @@ Either side may send Error instead; it aborts that refit on both ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Hello.nccl_buffers
 
 
 class ProtocolError(ValueError):
@@ -89,6 +89,17 @@ class CudaIpcBuffer:
 
 
 @dataclass(frozen=True)
+class NcclBuffer:
+    """One sender buffer of the `nccl` transport; its bytes move by broadcast in a private 2-rank group
+    whose rendezvous store (a torch TCPStore run by the sender) listens at store_host:store_port."""
+
+    store_host: str
+    store_port: int
+    backend: str  # "nccl" (cuda) or "gloo" (cpu)
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Hello:
     """The handshake: what the sender's buffers are and how they are synchronised."""
 
@@ -99,11 +110,12 @@ class Hello:
     generation: int  # bumps whenever the sender allocates fresh buffers
     shm_buffers: list[ShmBuffer]
     cuda_buffers: list[CudaIpcBuffer]
-    _lists: ClassVar[dict[str, type]] = {"shm_buffers": ShmBuffer, "cuda_buffers": CudaIpcBuffer}
+    nccl_buffers: list[NcclBuffer] = field(default_factory=list)
+    _lists: ClassVar[dict[str, type]] = {"shm_buffers": ShmBuffer, "cuda_buffers": CudaIpcBuffer, "nccl_buffers": NcclBuffer}
 
     @property
     def num_buffers(self) -> int:
-        return len(self.shm_buffers) + len(self.cuda_buffers)
+        return len(self.shm_buffers) + len(self.cuda_buffers) + len(self.nccl_buffers)
 
 
 @dataclass(frozen=True)

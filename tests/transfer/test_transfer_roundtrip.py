@@ -1,4 +1,5 @@
-"""Bitwise round trips between a sender process and a receiver (this process), over real shm and ZMQ."""
+"""Bitwise round trips between a sender process and a receiver (this process), over real shm and ZMQ,
+and over a real torch.distributed group for the nccl transport (gloo on CPU)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import pytest
 import torch
 
 from rollout.transfer import PeerError, TransferConfig, WeightReceiver, new_endpoint
-from transfer_procs import as_bytes, mixed_tensors, our_segments
+from transfer_procs import as_bytes, listening, mixed_tensors, our_segments, store_ports
 
 TIMEOUT_S = 20.0
+
+
+TRANSPORTS = ["shm", "nccl"]
 
 
 def _cfg(**kw) -> dict:
@@ -25,8 +29,8 @@ def _receive_all(cfg_kwargs: dict, endpoint: str, num_refits: int, consume_facto
                 outcomes.append(("ok", receiver.receive(consume_factory(i))))
             except Exception as exc:
                 outcomes.append(("error", exc))
-        names = [b.name for b in receiver._hello.shm_buffers] if receiver._hello else []
-    return outcomes, names
+        hello = receiver._hello
+    return outcomes, hello
 
 
 def _collector(store: dict, calls: list):
@@ -41,14 +45,15 @@ def _collector(store: dict, calls: list):
 
 @pytest.mark.parametrize("bucket_mb", [1, 2])
 @pytest.mark.parametrize("sync", ["fenced", "double_buffer", "clone"])
-def test_bitwise_round_trip_over_many_refits(sender_server, sync, bucket_mb):
-    cfg = _cfg(sync=sync, bucket_mb=bucket_mb)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bitwise_round_trip_over_many_refits(sender_server, transport, sync, bucket_mb):
+    cfg = _cfg(transport=transport, sync=sync, bucket_mb=bucket_mb)
     endpoint = new_endpoint()
     seeds = [11, 12, 13]
     sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": bucket_mb << 20, "seed": s, "version": s} for s in seeds])
     stores = [{} for _ in seeds]
     calls = [[] for _ in seeds]
-    outcomes, names = _receive_all(cfg, endpoint, len(seeds), lambda i: _collector(stores[i], calls[i]))
+    outcomes, hello = _receive_all(cfg, endpoint, len(seeds), lambda i: _collector(stores[i], calls[i]))
     sent = sender_server.result()
 
     for seed, store, is_last_flags, (status, stats), result in zip(seeds, stores, calls, outcomes, sent):
@@ -65,12 +70,18 @@ def test_bitwise_round_trip_over_many_refits(sender_server, sync, bucket_mb):
         assert stats.num_bytes == sum(t.numel() * t.element_size() for _, t in expected)
         assert result[1:] == (stats.version, stats.num_tensors, stats.num_buckets, stats.num_bytes)
         assert stats.num_buckets >= 4  # the 3.5x tensor alone spans 4 buckets
-    assert names and not our_segments(names)
+    if transport == "shm":
+        names = [b.name for b in hello.shm_buffers]
+        assert names and not our_segments(names)
+    else:  # one group (one store) served every refit, and it is gone with the sender
+        assert hello.num_buffers == len(hello.nccl_buffers) and len(store_ports(hello)) == 1
+        assert not listening(store_ports(hello)[0])
     assert not os.path.exists(endpoint[len("ipc://"):])
 
 
-def test_zero_tensor_refit_completes_without_consume(sender_server):
-    cfg = _cfg(sync="fenced", bucket_mb=1)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_zero_tensor_refit_completes_without_consume(sender_server, transport):
+    cfg = _cfg(transport=transport, sync="fenced", bucket_mb=1)
     endpoint = new_endpoint()
     sender_server.run(cfg, endpoint, [{"kind": "zero", "version": 3}, {"kind": "race", "version": 4}])
     calls = []
@@ -81,8 +92,9 @@ def test_zero_tensor_refit_completes_without_consume(sender_server):
     assert calls and all(i == 1 for i, _ in calls)
 
 
-def test_consume_error_reaches_sender_and_next_refit_works(sender_server):
-    cfg = _cfg(sync="fenced", bucket_mb=1)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_consume_error_reaches_sender_and_next_refit_works(sender_server, transport):
+    cfg = _cfg(transport=transport, sync="fenced", bucket_mb=1)
     endpoint = new_endpoint()
     sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in (1, 2)])
 
@@ -93,22 +105,25 @@ def test_consume_error_reaches_sender_and_next_refit_works(sender_server):
 
         return consume
 
-    outcomes, _ = _receive_all(cfg, endpoint, 2, consume_factory)
+    outcomes, hello = _receive_all(cfg, endpoint, 2, consume_factory)
     sent = sender_server.result()
     assert outcomes[0][0] == "error" and "exploded on purpose" in str(outcomes[0][1])
     assert sent[0][0] == "error" and sent[0][1] == "PeerError" and "exploded on purpose" in sent[0][2]
     assert outcomes[1][0] == "ok" and outcomes[1][1].version == 2 and sent[1][0] == "ok"
+    assert hello.generation == (2 if transport == "nccl" else 1)  # nccl: a fresh group after the failure
 
 
-def test_duplicate_name_is_a_value_error_and_next_refit_works(sender_server):
-    cfg = _cfg(sync="double_buffer", bucket_mb=1)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_duplicate_name_is_a_value_error_and_next_refit_works(sender_server, transport):
+    cfg = _cfg(transport=transport, sync="double_buffer", bucket_mb=1)
     endpoint = new_endpoint()
     sender_server.run(cfg, endpoint, [{"kind": "duplicate", "version": 1}, {"kind": "race", "version": 2}])
-    outcomes, _ = _receive_all(cfg, endpoint, 2, lambda i: lambda w, last: None)
+    outcomes, hello = _receive_all(cfg, endpoint, 2, lambda i: lambda w, last: None)
     sent = sender_server.result()
     assert sent[0][:2] == ("error", "ValueError") and "'layer.3'" in sent[0][2]
     assert outcomes[0][0] == "error" and isinstance(outcomes[0][1], PeerError) and "duplicate" in str(outcomes[0][1])
     assert outcomes[1][0] == "ok" and sent[1][0] == "ok"
+    assert hello.generation == (2 if transport == "nccl" else 1)
 
 
 def test_receiver_may_start_before_sender(sender_server):

@@ -18,6 +18,7 @@ def _samples() -> list:
     return [
         wire.BeginRefit(123, 4, 7, hello),
         wire.BeginRefit(123, 5, 8, wire.Hello(1, "cuda_ipc", "double_buffer", 4096, 2, [], [cuda, cuda])),
+        wire.BeginRefit(123, 6, 9, wire.Hello(2, "nccl", "double_buffer", 4096, 3, [], [], [wire.NcclBuffer("127.0.0.1", 29500, "nccl", 4096)] * 2)),
         wire.Ready(4, False, "gone"),
         wire.BucketMeta(4, 0, 1, 280, True, 2**64 - 1, [entry, entry]),
         wire.BucketMeta(4, 1, 0, 0, False, -1, []),
@@ -42,6 +43,7 @@ def test_messages_round_trip(msg):
         msgpack.packb([4, 1, 2]),  # Ack with a field missing
         msgpack.packb([4, "1", 2, 3]),  # a str where an int belongs
         msgpack.packb([3, 1, 0, 0, 0, True, -1, [["w", "float32", [1], 0, 4, 0, 1]]]),  # short entry
+        msgpack.packb([1, 1, 2, 3, [2, "nccl", "fenced", 4096, 1, [], [], [["127.0.0.1", "29500", "nccl", 4096]]]]),  # str port
         b"\xc1",
     ],
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import socket
 import time
 import traceback
 
@@ -126,25 +127,25 @@ class SenderServer:
             self.process.kill()
 
 
-def sender_then_hang(cfg_kwargs: dict, endpoint: str, num_tensors: int) -> None:
+def sender_then_hang(cfg_kwargs: dict, endpoint: str, num_tensors: int, device: str = "cpu") -> None:
     """Send one refit and never return: the parent SIGKILLs this process mid-refit."""
     torch.set_num_threads(1)
-    sender = WeightSender(TransferConfig(**cfg_kwargs), endpoint, device="cpu")
-    sender.send(race_tensors(1, num_tensors=num_tensors), version=1)
+    sender = WeightSender(TransferConfig(**cfg_kwargs), endpoint, device=device)
+    sender.send([(n, t.to(device)) for n, t in race_tensors(1, num_tensors=num_tensors)], version=1)
     time.sleep(3600)
 
 
-def receiver_that_dies(cfg_kwargs: dict, endpoint: str) -> None:
+def receiver_that_dies(cfg_kwargs: dict, endpoint: str, device: str = "cpu") -> None:
     """Receive one refit and SIGKILL itself inside consume, i.e. mid-refit, holding the buffers."""
     torch.set_num_threads(1)
-    receiver = WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device="cpu")
+    receiver = WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device=device)
     receiver.receive(lambda weights, is_last: os.kill(os.getpid(), signal.SIGKILL))
 
 
-def receiver_process(cfg_kwargs: dict, endpoint: str, num_refits: int, queue) -> None:
+def receiver_process(cfg_kwargs: dict, endpoint: str, num_refits: int, queue, device: str = "cpu") -> None:
     """Receive `num_refits` refits, report each outcome (and the tensor names seen) on `queue`."""
     torch.set_num_threads(1)
-    with WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device="cpu") as receiver:
+    with WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device=device) as receiver:
         for _ in range(num_refits):
             names: list[str] = []
             try:
@@ -156,3 +157,14 @@ def receiver_process(cfg_kwargs: dict, endpoint: str, num_refits: int, queue) ->
 
 def our_segments(names: list[str]) -> list[str]:
     return [n for n in names if os.path.exists(os.path.join(SHM_DIR, n))]
+
+
+def store_ports(hello) -> list[int]:
+    """The rendezvous-store ports an nccl handshake named (none for the other transports)."""
+    return sorted({b.store_port for b in hello.nccl_buffers}) if hello is not None else []
+
+
+def listening(port: int) -> bool:
+    """Whether something still accepts connections on 127.0.0.1:port (an nccl sender's store)."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

@@ -1,0 +1,206 @@
+"""The `nccl` transport: buckets broadcast over a private 2-rank torch.distributed group, for a rollout
+engine on other GPUs than the trainer (standalone mode).
+
+Unlike shm and cuda_ipc the two ends share no memory: the sender packs into its own buffers (one per
+sync-policy buffer) and `push` starts one broadcast per bucket from rank 0; the receiver `pull`s it
+into a single buffer of its own (its fence-before-ack already frees that buffer before the next
+bucket) and hands out views of it. The collective backend follows the device, cuda -> NCCL and
+cpu -> gloo, so this same code runs, and is tested, on CPU.
+
+The group is private: the sender runs a TCPStore on a free port of 127.0.0.1 (the ZMQ channel is
+ipc://, so both ends share a host anyway) for each buffer generation and names it in the handshake;
+both ends build the backend object from that store and never call init_process_group, so a vLLM
+worker's or trainer's default group is left alone. The receiver claims the group with store.add:
+a second receiver (a restarted worker) finds it claimed and asks for a fresh generation, as with shm.
+
+Every wait polls `work.is_completed()` against a deadline, since NCCL's work.wait() only orders
+streams. A failed refit may leave a broadcast unmatched, so both ends then close the group (abort)
+and the next refit rendezvous afresh. NCCL's watchdog timeout is set far past our deadlines so that
+it never fires first (by default it ends the process). NVLink multicast stays off:
+NCCL_NVLS_ENABLE defaults to 0 before our first NCCL group is made (the device machines require
+it; an explicit setting in the environment is respected). One wait is not ours to bound: NCCL's
+own communicator set-up, on the first bucket of a group, if the peer dies exactly then.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rollout.transfer import wire
+from rollout.transfer.errors import TransferError, TransferTimeout
+
+HOST = "127.0.0.1"
+_CLAIM_KEY = "refit/receivers"
+_RANK_SENDER, _RANK_RECEIVER = 0, 1
+
+
+def backend_for(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "nccl"
+    if device.type == "cpu":
+        return "gloo"
+    raise TransferError(f"transport nccl moves cuda (NCCL) or cpu (gloo) buffers, not {device}")
+
+
+def _normalized(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class NcclTransport:
+    """Example:
+    sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60)
+    hello_fields = sender_side.describe()                # -> Hello(nccl_buffers=...)
+    receiver_side = NcclTransport.attach(hello, torch.device("cuda:1"), timeout_s=60)
+    sender_side.reclaim(i, deadline, what); pack into sender_side.buffer(i); sender_side.push(i, n, what)
+    receiver_side.pull(i, n, deadline, what); receiver_side.region(i, offset, nbytes)
+    """
+
+    kind = "nccl"
+
+    def __init__(self, buffers: list[torch.Tensor], device: torch.device, rank: int, store: dist.Store,
+                 descs: list[wire.NcclBuffer], timeout_s: float) -> None:
+        self._buffers = buffers
+        self.device = device
+        self._rank = rank
+        self._store: dist.Store | None = store
+        self._descs = descs
+        self._timeout_s = timeout_s
+        self._backend = backend_for(device)
+        self._group = None  # built on the first broadcast: both ends must join it at the same time
+        # the broadcast in flight per buffer; only here, so that close() (and not some traceback's
+        # frame) holds the last reference to what keeps the group's sockets open
+        self._works: dict[int, object] = {}
+
+    @classmethod
+    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str, timeout_s: float) -> NcclTransport:
+        device = _normalized(device)
+        backend = backend_for(device)
+        store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+        buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
+        descs = [wire.NcclBuffer(HOST, store.port, backend, nbytes) for _ in range(num_buffers)]
+        return cls(buffers, device, _RANK_SENDER, store, descs, timeout_s)
+
+    @classmethod
+    def attach(cls, hello: wire.Hello, device: torch.device, timeout_s: float) -> NcclTransport:
+        """Join the sender's store and claim its group. Raises FileNotFoundError when another receiver
+        claimed it first (the caller then asks for fresh buffers), TransferError on a bad handshake."""
+        device = _normalized(device)
+        descs = hello.nccl_buffers
+        if not descs or len({(d.store_host, d.store_port, d.backend, d.nbytes) for d in descs}) != 1:
+            raise TransferError(f"the handshake's nccl buffers disagree or are missing: {descs!r:.200}")
+        d = descs[0]
+        if d.backend != backend_for(device):
+            raise TransferError(f"the sender broadcasts over {d.backend}, but this receiver's device {device} needs {backend_for(device)}")
+        if d.nbytes != hello.bucket_bytes or not 0 < d.store_port < 65536:
+            raise TransferError(f"nccl buffer {d!r} does not fit the handshake")
+        try:
+            store = dist.TCPStore(d.store_host, d.store_port, is_master=False, timeout=timedelta(seconds=timeout_s))
+            claimed = store.add(_CLAIM_KEY, 1)
+        except RuntimeError as exc:  # DistNetworkError, DistStoreError
+            raise TransferError(f"cannot reach the sender's rendezvous store at {d.store_host}:{d.store_port}: {exc}") from exc
+        if claimed != 1:
+            raise FileNotFoundError(f"the group at {d.store_host}:{d.store_port} was claimed by an earlier receiver")
+        buffer = torch.empty(d.nbytes, dtype=torch.uint8, device=device)
+        return cls([buffer], device, _RANK_RECEIVER, store, list(descs), timeout_s)
+
+    def describe(self) -> dict[str, list]:
+        return {"shm_buffers": [], "cuda_buffers": [], "nccl_buffers": list(self._descs)}
+
+    def buffer(self, index: int) -> torch.Tensor:
+        return self._buffers[index if self._rank == _RANK_SENDER else 0]
+
+    def region(self, index: int, offset: int, nbytes: int) -> torch.Tensor:
+        return self.buffer(index)[offset : offset + nbytes]
+
+    def reclaim(self, index: int, deadline: float, what: str) -> None:
+        """Sender: wait until the last broadcast out of buffer `index` is done, before packing it again."""
+        if index in self._works:
+            self._finish(index, deadline, what)
+
+    def push(self, index: int, nbytes: int, what: str) -> None:
+        """Sender: start broadcasting the first `nbytes` of buffer `index`; returns without waiting
+        (the first call waits, up to timeout_s, for the receiver to join the group)."""
+        if nbytes:
+            self._works[index] = self._broadcast(self._buffers[index][:nbytes], what)
+
+    def pull(self, index: int, nbytes: int, deadline: float, what: str) -> None:
+        """Receiver: the bucket's `nbytes` are in our buffer when this returns."""
+        if nbytes:
+            self._works[index] = self._broadcast(self._buffers[0][:nbytes], what)
+            self._finish(index, deadline, what)
+
+    def _broadcast(self, tensor: torch.Tensor, what: str):
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = _RANK_SENDER, 0
+        group = self._connect(what)
+        try:
+            return group.broadcast([tensor], opts)
+        except RuntimeError as exc:
+            raise TransferError(f"{what}: {self._backend} broadcast failed: {exc}") from exc
+
+    def _connect(self, what: str):
+        if self._group is not None:
+            return self._group
+        if self._store is None:
+            raise TransferError(f"{what}: the transport is closed")
+        try:
+            if self._backend == "nccl":
+                os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+                opts = dist.ProcessGroupNCCL.Options()
+                opts.is_high_priority_stream = False
+                # our own deadlines abort the group long before the watchdog would end the process
+                opts._timeout = timedelta(seconds=4 * self._timeout_s + 60)
+                with torch.cuda.device(self.device):
+                    self._group = dist.ProcessGroupNCCL(self._store, self._rank, 2, opts)
+            else:  # gloo connects both ranks here, waiting up to timeout_s for the peer
+                self._group = dist.ProcessGroupGloo(self._store, self._rank, 2, timedelta(seconds=self._timeout_s))
+        except RuntimeError as exc:
+            raise TransferError(f"{what}: could not join the {self._backend} group (peer gone?): {exc}") from exc
+        return self._group
+
+    def _finish(self, index: int, deadline: float, what: str) -> None:
+        pause = 20e-6
+        while not self._works[index].is_completed():
+            if time.monotonic() > deadline:
+                raise TransferTimeout(
+                    f"{what}: timed out after {self._timeout_s}s waiting for the {self._backend} broadcast "
+                    "(peer dead, stuck, or never started?)"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+        try:
+            self._works.pop(index).wait()  # raises the backend's error; on NCCL it also orders our stream after it
+        except RuntimeError as exc:
+            raise TransferError(f"{what}: {self._backend} broadcast failed (peer dead?): {exc}") from exc
+
+    def synchronize(self) -> None:
+        """Sender: wait for the packing copies on our stream only, since a broadcast to a dead peer may
+        hang the device's NCCL stream until we abort. Receiver: the whole device, as cuda_ipc does;
+        its last broadcast has completed by then."""
+        if self.device.type != "cuda":
+            return
+        if self._rank == _RANK_SENDER:
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            torch.cuda.synchronize(self.device)
+
+    def unlink(self) -> None:
+        """Nothing named in a filesystem."""
+
+    def close(self) -> None:
+        """Idempotent. Aborts the group (ending any broadcast still in flight), stops or leaves the
+        store, frees the buffers."""
+        group, self._group = self._group, None
+        if group is not None:
+            group.abort()
+        self._works.clear()
+        self._store = None
+        self._buffers = []

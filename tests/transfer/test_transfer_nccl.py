@@ -1,0 +1,163 @@
+"""The nccl transport's own failure paths, run for real over gloo on CPU (the same code drives NCCL on
+GPUs): killed peers, a silent broadcast, a restarted receiver, and nothing left listening or open."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from rollout.transfer import TransferConfig, TransferError, TransferTimeout, WeightReceiver, WeightSender, new_endpoint, transports, wire
+from rollout.transfer.nccl import NcclTransport
+from transfer_procs import CTX, listening, race_tensors, receiver_process, receiver_that_dies, sender_then_hang, store_ports
+
+SHORT = {"transport": "nccl", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
+
+
+def _recording_allocate(monkeypatch) -> list:
+    """Spy on the sender's transport factory: returns the list of every transport it allocates."""
+    made, allocate = [], transports.allocate
+
+    def recording(*args, **kwargs):
+        made.append(allocate(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(transports, "allocate", recording)
+    return made
+
+
+def _port(transport) -> int:
+    return transport.describe()["nccl_buffers"][0].store_port
+
+
+def test_receiver_survives_sigkilled_sender_and_drops_the_group():
+    endpoint = new_endpoint()
+    sender = CTX.Process(target=sender_then_hang, args=(SHORT, endpoint, 12))
+    sender.start()
+    seen = []
+
+    def consume(weights, is_last):
+        if not seen:  # first bucket: the sender dies while we hold views of our buffer
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.join()
+            receiver._channel.timeout_s = 1.5  # short only now: the first wait includes the child's start-up
+        seen.append(len(weights))
+
+    with WeightReceiver(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint) as receiver:
+        with pytest.raises(TransferError, match="bucket 1") as err:
+            receiver.receive(consume)
+        assert endpoint in str(err.value)
+        assert receiver._transport is None  # the group is aborted and released at once, not at close()
+    assert seen
+    assert not os.path.exists(os.path.dirname(endpoint[len("ipc://"):]))
+
+
+def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one(monkeypatch):
+    made = _recording_allocate(monkeypatch)
+    endpoint = new_endpoint()
+    with WeightSender(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint, device="cpu") as sender:
+        dying = CTX.Process(target=receiver_that_dies, args=(SHORT, endpoint))
+        dying.start()
+        sender._channel.timeout_s = 1.5  # only after connecting: the child's start-up takes seconds
+        with pytest.raises(TransferTimeout, match="Ack") as err:
+            sender.send(race_tensors(1), version=1)
+        dying.join()
+        assert dying.exitcode == -signal.SIGKILL and endpoint in str(err.value)
+        assert len(made) == 1 and sender._transport is None and not listening(_port(made[0]))
+
+        queue = CTX.Queue()
+        sender._channel.timeout_s = 20.0
+        restarted = CTX.Process(target=receiver_process, args=(SHORT, endpoint, 1, queue))
+        restarted.start()
+        stats = sender.send(race_tensors(2), version=2)  # a fresh group: the old one died with its peer
+        assert stats.version == 2 and queue.get(timeout=20)[:2] == ("ok", 2)
+        restarted.join(20)
+        assert len(made) == 2 and listening(_port(made[1]))
+    assert not listening(_port(made[1]))  # close() stopped the store
+    assert not os.path.exists(os.path.dirname(endpoint[len("ipc://"):]))
+
+
+def _send_in_thread(sender: WeightSender, version: int) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(sender.send(race_tensors(version, num_tensors=4), version=version))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_second_receiver_gets_a_fresh_group():
+    """A restarted worker must not join the group its predecessor claimed: it asks for a new one."""
+    cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})
+    endpoint = new_endpoint()
+    hellos = []
+    with WeightSender(cfg, endpoint, device="cpu") as sender:
+        for version in (1, 2):
+            with WeightReceiver(cfg, endpoint) as receiver:  # the previous one closed between refits
+                thread, sent = _send_in_thread(sender, version)
+                assert receiver.receive(lambda w, last: None).num_tensors == 4
+                thread.join(20)
+                assert sent[0].version == version
+                hellos.append(receiver._hello)
+    assert [h.generation for h in hellos] == [1, 2] and store_ports(hellos[0]) != store_ports(hellos[1])
+    assert not any(listening(p) for h in hellos for p in store_ports(h))
+
+
+def _open_fds() -> int:
+    gc.collect()  # garbage of earlier tests must not close its files between the two counts
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _good_refit(sender: WeightSender, receiver: WeightReceiver, version: int) -> None:
+    thread, sent = _send_in_thread(sender, version)
+    got = {}
+    stats = receiver.receive(lambda w, last: got.update((n, v.clone()) for n, v in w))
+    thread.join(20)
+    assert stats.version == version and sent[0].version == version
+    assert all(torch.equal(got[n], t) for n, t in race_tensors(version, num_tensors=4))
+
+
+def test_silent_broadcast_times_out_naming_the_bucket_then_a_good_refit_works(monkeypatch):
+    """Both ends in this process (two threads, a real gloo group): the sender joins the group but
+    never broadcasts bucket 0; the receiver's wait ends at timeout_s, both ends drop the group, and
+    the next refit rendezvous afresh, with no socket of the dropped group left open."""
+    endpoint = new_endpoint()
+    cfg = TransferConfig(**SHORT)
+    with WeightSender(cfg, endpoint, device="cpu") as sender, WeightReceiver(cfg, endpoint) as receiver:
+        _good_refit(sender, receiver, 1)
+        fds_with_one_group = _open_fds()
+        ports = store_ports(receiver._hello)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(NcclTransport, "push", lambda self, index, nbytes, what: self._connect(what))
+            thread, sent = _send_in_thread(sender, 2)
+            with pytest.raises(TransferTimeout, match="the bytes of bucket 0 of refit 2") as err:
+                receiver.receive(lambda w, last: None)
+            thread.join(20)
+        assert endpoint in str(err.value) and "gloo broadcast" in str(err.value)
+        assert isinstance(sent[0], TransferError) and endpoint in str(sent[0])  # PeerError or its own timeout
+        assert sender._transport is None and receiver._transport is None
+
+        _good_refit(sender, receiver, 3)
+        assert receiver._hello.generation == 2  # the group of refits 1-2 was dropped with the failure
+        assert _open_fds() <= fds_with_one_group
+        ports += store_ports(receiver._hello)
+    assert len(set(ports)) == 2 and not any(listening(p) for p in ports)
+
+
+def test_backend_must_match_the_receiver_device():
+    hello = wire.Hello(wire.PROTOCOL_VERSION, "nccl", "fenced", 1 << 20, 1, [], [], [wire.NcclBuffer("127.0.0.1", 1234, "nccl", 1 << 20)])
+    with pytest.raises(TransferError, match="broadcasts over nccl, but this receiver's device cpu needs gloo"):
+        NcclTransport.attach(hello, torch.device("cpu"), timeout_s=1.0)
+    bad_size = wire.Hello(wire.PROTOCOL_VERSION, "nccl", "fenced", 1 << 20, 1, [], [], [wire.NcclBuffer("127.0.0.1", 1234, "gloo", 1 << 30)])
+    with pytest.raises(TransferError, match="does not fit the handshake"):
+        NcclTransport.attach(bad_size, torch.device("cpu"), timeout_s=1.0)
