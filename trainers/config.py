@@ -50,7 +50,7 @@ class AlgorithmConfig:
     """The `algorithm` node: the objective and its optimizer (the `algorithm` group: grpo | ppo)."""
 
     name: Algorithm = Algorithm.grpo
-    num_samples: int = 8  # responses per prompt (GRPO's group size)
+    num_samples: int = 16  # responses per prompt (GRPO's group size)
     temperature: float = 1.0
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -59,7 +59,7 @@ class AlgorithmConfig:
     num_epochs: int = 1  # passes over each step's rollouts
     num_minibatches: int = 4  # optimizer steps per pass; > 1 makes the clip bite
     entropy_coef: float = 0.0
-    kl_coef: float = 0.0  # penalty to the frozen reference (the policy after the warm-start); 0 = no reference
+    kl_coef: float = 0.001  # penalty to the frozen reference (the policy after the warm-start); 0 = no reference
     kl_estimator: KLEstimator = KLEstimator.k3
     scale_adv_by_std: bool = True  # GRPO: divide by the group's std
     # PPO only: the critic (a separate copy of the model with a scalar head) and GAE.
@@ -110,7 +110,7 @@ class TaskConfig:
 class TrainerConfig:
     """The `trainer` node: the loop's length, batch shape, refit cadence, warm-start and checkpoints."""
 
-    total_steps: int = 100
+    total_steps: int = 80
     seed: int = 0
     prompts_per_step: int = 32
     refit_every: int = 1  # update_weights every k steps; in between the engine samples with stale weights

@@ -151,6 +151,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     log = build_loggers(cfg.logger, out_dir, t.total_steps, start_step, run_config=asdict(cfg))
     for record in history:  # a resumed run's files hold the whole run, not only its second half
         log.replay({k: v for k, v in record.items() if k != "step"}, record["step"])
+    log.message(f"{alg.name.value} on task {cfg.task.name.value}: {model_path} -> {out_dir}")
     warmup_loss = None
     if ckpt is None:
         warmup_loss = warm_start(policy, tokenizer, task, cfg, log)
@@ -165,7 +166,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
         engine = build_rollout(cfg.rollout, model_path)
     else:
         engine = contextlib.nullcontext(rollout)
-    with engine as ro:
+    with contextlib.closing(log), engine as ro:
         # The engine starts from the trainer's weights: warm-started, resumed, or whatever a shared
         # engine held before.
         ro.update_weights(policy.named_parameters(), version=start_step)
@@ -279,8 +280,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
                 })
         final_eval = evaluate(ro, task, reward_fn, cfg)
         log.log_eval({"eval/reward": final_eval}, step=t.total_steps)
-    log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {baseline:.3f})")
-    log.close()
+        log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {baseline:.3f})")
 
     summary = summarize(history, baseline, final_eval, time.perf_counter() - wall_start)
     summary["algorithm"] = alg.name.value

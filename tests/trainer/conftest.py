@@ -19,7 +19,7 @@ def tiny_path() -> Path:
 def trainer_engine(tiny_path):
     from rollout import build_rollout
 
-    cfg = compose_typed(["rollout.backend.max_num_seqs=64"]).rollout
+    cfg = compose_typed().rollout  # the default run's engine settings
     ro = build_rollout(cfg, tiny_path)
     yield ro
     ro.close()

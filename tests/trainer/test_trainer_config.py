@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -97,6 +98,10 @@ def _vllm_children() -> list[str]:
         (["task.reward._target_=trainers.rewards.nope"], ValueError, "task.reward=.*nope"),
         (["task=gsm8k", "task.data_path=/nonexistent/gsm8k.jsonl"], FileNotFoundError, "/nonexistent/gsm8k.jsonl"),
         (["trainer.resume=/nonexistent/run"], FileNotFoundError, "trainer.resume='/nonexistent/run'"),
+        pytest.param(
+            ["logger=[console,wandb]"], ImportError, "logger=wandb needs the wandb package",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
+        ),
     ],
 )
 def test_run_fails_before_any_engine_starts(tmp_path, overrides, error, match):
