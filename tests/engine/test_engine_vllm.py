@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from rollout import CacheReset, RefitError
+from rollout import CacheReset, Mode, RefitError
 from rollout.transfer import Sync
 
 
@@ -184,3 +184,11 @@ def test_sleep_rules_on_the_cpu(engine, base_state):
         greedy(engine)
     engine.update_weights(base_state.items(), version=52)  # wakes and restores the weights
     assert greedy(engine)[0].version == 52
+
+    original = engine.cfg
+    try:
+        engine.cfg = dataclasses.replace(original, mode=Mode.standalone)
+        engine.sleep(level=2)  # standalone never sleeps
+        assert greedy(engine)[0].version == 52
+    finally:
+        engine.cfg = original
