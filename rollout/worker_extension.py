@@ -53,6 +53,12 @@ class RefitWorkerExtension:
         self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
         return time.perf_counter() - start
 
+    def refit_debug_skip_detach(self, skip: bool) -> None:
+        """Diagnostics only: `True` stops copying the reload's buffered tensors out of a bucket before its
+        release - the race this project exists to prevent. The engine tests use it to show that the
+        copy is what keeps refits exact."""
+        self._refit_skip_detach = bool(skip)
+
     def refit_close(self) -> None:
         """Close the receiver (unmaps the buffers, closes the socket). Called before the engine shuts down."""
         receiver = getattr(self, "_refit_receiver", None)
@@ -75,7 +81,8 @@ class RefitWorkerExtension:
     def _refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
         receiver = self._refit_get_receiver(endpoint, transfer)
         timeout_s = receiver.cfg.timeout_s
-        stream = BucketStream(timeout_s, detach_layerwise_pending)
+        detach = (lambda bucket: 0) if getattr(self, "_refit_skip_detach", False) else detach_layerwise_pending
+        stream = BucketStream(timeout_s, detach)
         outcome: dict[str, Any] = {}
         device = self._refit_device()
 

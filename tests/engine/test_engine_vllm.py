@@ -8,12 +8,13 @@ tokens vLLM generated; vLLM runs in float32, so logprobs agree to REF_ATOL (obse
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 
 from rollout import CacheReset, Mode, RefitError
-from rollout.transfer import Sync
+from rollout.transfer import Sync, layout
 
 
 REF_ATOL = 1e-4  # float32 engine vs float64 reference
@@ -92,6 +93,51 @@ def test_refit_equals_fresh_engine_for_every_sync_policy(engine, hf_model, base_
                 assert g.version == 11 + 2 * k
     finally:
         engine.transfer = original_transfer
+
+
+def _fused_layer(name: str) -> str:
+    """The vLLM layer a checkpoint tensor loads into (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+    module = name.rsplit(".", 1)[0]
+    return re.sub(r"\.(q|k|v)_proj$", ".qkv_proj", re.sub(r"\.(gate|up)_proj$", ".gate_up_proj", module))
+
+
+def _overwritten_before_use(named, bucket_bytes):
+    """Tensors of a layer left incomplete at the end of bucket k whose bytes bucket k+1 overwrites."""
+    buckets = list(layout.plan_buckets(named, bucket_bytes))
+    hit = []
+    for k in range(len(buckets) - 1):
+        later = {_fused_layer(p.entry.name) for b in buckets[k + 1 :] for p in b.placements}
+        hit += [p.entry.name for p in buckets[k].placements
+                if _fused_layer(p.entry.name) in later and p.entry.offset < buckets[k + 1].nbytes]
+    return hit
+
+
+def test_without_the_detach_a_refit_reads_the_next_bucket(engine, hf_model, base_state):
+    """The race, in the live engine: with the copy-out of the reload's buffered tensors switched off, a
+    layer that straddles a bucket boundary loads bytes of the next bucket (fenced: one buffer, reused as
+    soon as the bucket is released). The same refit with the copy-out on is exact. The tensor order is
+    chosen so that bucket 0 ends with layer 0's q_proj and bucket 1 is long enough to overwrite it."""
+    state = perturbed(base_state, seed=61)
+    first = [
+        "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight", "lm_head.weight",
+        "model.layers.1.self_attn.o_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.gate_proj.weight",  # does not fit bucket 0
+    ]
+    named = [(n, state[n]) for n in first] + [(n, t) for n, t in state.items() if n not in first]
+    assert "model.layers.0.self_attn.q_proj.weight" in _overwritten_before_use(named, engine.transfer.bucket_bytes)
+    engine.llm.collective_rpc("refit_debug_skip_detach", args=(True,))
+    try:
+        stats = engine.update_weights(named, version=61)
+        corrupt = greedy(engine)
+    finally:
+        engine.llm.collective_rpc("refit_debug_skip_detach", args=(False,))
+    assert stats.detached_bytes == 0
+    with pytest.raises(AssertionError):
+        assert_matches_reference(hf_model, state, corrupt)
+    stats = engine.update_weights(named, version=62)
+    assert stats.detached_bytes > 0
+    assert_matches_reference(hf_model, state, greedy(engine))
 
 
 def test_prefix_cache_is_stale_without_reset(engine, hf_model, base_state):
