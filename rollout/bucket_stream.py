@@ -23,6 +23,9 @@ overwrites the buffer as soon as `consume` returns and the ack goes out):
      0.24 and 0.32), and the refit-equivalence tests run with 1 MB buckets in two tensor orders.
   4. The last bucket is released only by `finish()`, after the whole reload (including the final
      processing) has returned, so nothing of it needs copying.
+Without step 2 the race is real: tests/engine/test_bucket_stream.py (a fake layer-buffering loader) and
+test_engine_vllm.py::test_without_the_detach_a_refit_reads_the_next_bucket (the live engine, copy-out
+switched off) both load bytes of the next bucket.
 """
 
 from __future__ import annotations
