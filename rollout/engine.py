@@ -237,6 +237,8 @@ class VllmRollout:
         if thread.is_alive():
             raise RefitError(f"refit to version {version}: the vLLM worker did not answer within "
                              f"{3 * self.transfer.timeout_s} s") from send_error
+        if send_error is not None and not isinstance(send_error, Exception):
+            raise send_error  # KeyboardInterrupt/SystemExit stay what they are (the worker was told to abort)
         worker = result.get("worker")
         if "rpc_error" in result:
             raise RefitError(f"refit to version {version}: collective_rpc failed: {result['rpc_error']}") from result["rpc_error"]
