@@ -24,6 +24,7 @@ own communicator set-up, on the first bucket of a group, if the peer dies exactl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import timedelta
@@ -142,7 +143,8 @@ class NcclTransport:
         opts.rootRank, opts.rootTensor = _RANK_SENDER, 0
         group = self._connect(what)
         try:
-            return group.broadcast([tensor], opts)
+            with self._on_device():
+                return group.broadcast([tensor], opts)
         except RuntimeError as exc:
             raise TransferError(f"{what}: {self._backend} broadcast failed: {exc}") from exc
 
@@ -158,13 +160,17 @@ class NcclTransport:
                 opts.is_high_priority_stream = False
                 # our own deadlines abort the group long before the watchdog would end the process
                 opts._timeout = timedelta(seconds=4 * self._timeout_s + 60)
-                with torch.cuda.device(self.device):
+                with self._on_device():
                     self._group = dist.ProcessGroupNCCL(self._store, self._rank, 2, opts)
             else:  # gloo connects both ranks here, waiting up to timeout_s for the peer
                 self._group = dist.ProcessGroupGloo(self._store, self._rank, 2, timedelta(seconds=self._timeout_s))
         except RuntimeError as exc:
             raise TransferError(f"{what}: could not join the {self._backend} group (peer gone?): {exc}") from exc
         return self._group
+
+    def _on_device(self):
+        """NCCL calls run with our GPU current, whichever GPU the calling thread had selected."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _finish(self, index: int, deadline: float, what: str) -> None:
         pause = 20e-6

@@ -138,6 +138,7 @@ def sender_then_hang(cfg_kwargs: dict, endpoint: str, num_tensors: int, device: 
 def receiver_that_dies(cfg_kwargs: dict, endpoint: str, device: str = "cpu") -> None:
     """Receive one refit and SIGKILL itself inside consume, i.e. mid-refit, holding the buffers."""
     torch.set_num_threads(1)
+    torch.zeros(1, device=device)  # a GPU's start-up now, not inside the sender's wait for Ready
     receiver = WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device=device)
     receiver.receive(lambda weights, is_last: os.kill(os.getpid(), signal.SIGKILL))
 
@@ -168,3 +169,26 @@ def listening(port: int) -> bool:
     """Whether something still accepts connections on 127.0.0.1:port (an nccl sender's store)."""
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def sender_silent_after_first_bucket(cfg_kwargs: dict, endpoint: str, device: str, ready) -> None:
+    """An nccl sender that broadcasts bucket 0 (so both ends' communicator is up) and then never
+    another: its receiver waits on a broadcast that never comes. Lingers until the parent kills it."""
+    from rollout.transfer.nccl import NcclTransport
+
+    real_push, calls = NcclTransport.push, []
+
+    def push(self, index, nbytes, what):
+        calls.append(index)
+        if len(calls) == 1:
+            real_push(self, index, nbytes, what)
+
+    NcclTransport.push = push
+    sender = WeightSender(TransferConfig(**cfg_kwargs), endpoint, device=device)
+    tensors = [(n, t.to(device)) for n, t in race_tensors(1)]
+    ready.put("ready")
+    try:
+        sender.send(tensors, version=1)
+    except Exception as exc:  # expected: the receiver gives up on bucket 1
+        ready.put(type(exc).__name__)
+    time.sleep(3600)
