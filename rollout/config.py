@@ -43,6 +43,10 @@ class BackendConfig:
     tensor_parallel_size: int = 1
     sleep_level: int = 1
     seed: int = 0
+    # "dummy" starts the engine on random weights (as verl does): the first refit brings the real ones.
+    load_format: str = "auto"
+    # vLLM's own default (5 s) force-kills a busy engine core; a graceful exit took ~4 s on 2 cores.
+    shutdown_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.name = _coerce(Backend, self.name, "rollout.backend.name")

@@ -42,6 +42,12 @@ class TinyModelSpec:
         """Qwen2.5-0.5B's shapes (random weights, character vocabulary padded to its vocab size)."""
         return cls(896, 4864, 24, 14, 2, 151936, 4096, True, "bfloat16")
 
+    @classmethod
+    def qwen2_7b(cls) -> "TinyModelSpec":
+        """Qwen2.5-7B's shapes (15.2 GB in bf16); build it with `with_weights=False` and start vLLM with
+        `load_format="dummy"`, then refit: writing and reading 15 GB of random weights proves nothing."""
+        return cls(3584, 18944, 28, 28, 4, 152064, 4096, False, "bfloat16")
+
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
@@ -64,16 +70,21 @@ def default_cache_dir() -> Path:
     return Path("~/.cache/refit").expanduser()
 
 
-def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the directory of the model for `spec`, building it once (atomically) if it is missing."""
+def ensure_tiny_model(
+    spec: TinyModelSpec = TinyModelSpec(), cache_dir: str | os.PathLike | None = None, with_weights: bool = True
+) -> Path:
+    """Return the directory of the model for `spec`, building it once (atomically) if it is missing.
+
+    `with_weights=False` writes only config.json and the tokenizer (for vLLM's `load_format="dummy"`).
+    """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    target = root / "models" / f"tiny-qwen2-{spec.key()}"
+    target = root / "models" / f"tiny-qwen2-{spec.key()}{'' if with_weights else '-config-only'}"
     if (target / "config.json").exists():
         return target
     root.joinpath("models").mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root / "models"))
     try:
-        _build(spec, staging)
+        _build(spec, staging, with_weights)
         os.rename(staging, target)  # atomic: a concurrent builder either wins or finds it done
     except OSError:
         if not (target / "config.json").exists():
@@ -83,7 +94,7 @@ def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), cache_dir: str | os
     return target
 
 
-def _build(spec: TinyModelSpec, out: Path) -> None:
+def _build(spec: TinyModelSpec, out: Path, with_weights: bool) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -104,7 +115,10 @@ def _build(spec: TinyModelSpec, out: Path) -> None:
         torch_dtype=spec.dtype,
         use_sliding_window=False,
     )
+    tokenizer.save_pretrained(out)
+    if not with_weights:
+        config.save_pretrained(out)
+        return
     torch.manual_seed(spec.seed)
     model = Qwen2ForCausalLM(config).to(getattr(torch, spec.dtype))
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
