@@ -14,6 +14,10 @@ measures, alternately:
          views into destination tensors;
   refit: WeightSender.send() to the receiver process, whose consume copies each view into its
          destination (send() returns once the receiver has consumed the last bucket).
+With `rollout.transfer.transport=nccl bench.device=cuda` the case is standalone mode: sender on cuda:0,
+receiver on cuda:1, and the floor has three copies — pack on cuda:0, the cuda:0 -> cuda:1 peer copy,
+load on cuda:1:
+    python -m rollout.bench rollout.transfer.transport=nccl bench.device=cuda bench.total_gb=15
 Both run with `bench.num_threads` torch threads per process (1 by default: on a 2-core machine the
 two processes otherwise fight for the cores). The JSON (`bench.out` in Hydra's output directory)
 holds medians, GB/s, the ratio refit/floor and the overhead per bucket.
@@ -94,32 +98,49 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int, device: str) -> float:
+def _devices(cfg: TransferConfig, bench: BenchConfig) -> tuple[str, str]:
+    """(sender, receiver) devices: both bench.device, except nccl on cuda, which spans two GPUs."""
+    if cfg.transport == Transport.nccl and torch.device(bench.device).type == "cuda":
+        return "cuda:0", "cuda:1"
+    return bench.device, bench.device
+
+
+def _floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int, device: str,
+                peer: torch.Tensor | None = None) -> float:
+    """`peer`: a bucket on the destinations' device when it is not the sender's (the third copy)."""
     start = time.perf_counter()
     for planned in layout.plan_buckets(state.items(), bucket_bytes):
         layout.pack(planned, bucket, bucket_bytes)
+        loaded = bucket
+        if peer is not None:
+            peer[: planned.nbytes].copy_(bucket[: planned.nbytes])
+            loaded = peer
         for p in planned.placements:
             e = p.entry
-            region = bucket[e.offset : e.offset + e.nbytes]
+            region = loaded[e.offset : e.offset + e.nbytes]
             if e.num_chunks == 1:
                 dests[e.name].copy_(layout.typed_view(region, dests[e.name].dtype, e.shape))
             else:  # a chunk goes straight to its slice of the destination
                 start_byte = e.chunk_index * bucket_bytes
                 dests[e.name].view(-1).view(torch.uint8)[start_byte : start_byte + e.nbytes].copy_(region)
         _sync(device)
+        if peer is not None:
+            _sync(peer.device)
     return time.perf_counter() - start
 
 
 def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes, results) -> None:
     torch.set_num_threads(bench.num_threads)
     dtype = _DTYPES[bench.dtype]
-    state = _tensors(shapes, dtype, bench.device, 1.0)
-    dests = _tensors(shapes, dtype, bench.device, 0.0)
-    bucket = torch.zeros(cfg.bucket_bytes, dtype=torch.uint8, device=bench.device)
+    device, receiver_device = _devices(cfg, bench)
+    state = _tensors(shapes, dtype, device, 1.0)
+    dests = _tensors(shapes, dtype, receiver_device, 0.0)
+    bucket = torch.zeros(cfg.bucket_bytes, dtype=torch.uint8, device=device)
+    peer = None if receiver_device == device else torch.zeros_like(bucket, device=receiver_device)
     floors, refits, num_buckets = [], [], 0
-    with WeightSender(cfg, endpoint, device=bench.device) as sender:
+    with WeightSender(cfg, endpoint, device=device) as sender:
         for repeat in range(bench.num_repeats + 1):  # repeat 0 warms up buffers, caches, page tables
-            floor = _floor_once(state, dests, bucket, cfg.bucket_bytes, bench.device)
+            floor = _floor_once(state, dests, bucket, cfg.bucket_bytes, device, peer)
             stats = sender.send(state.items(), version=repeat)
             if repeat:
                 floors.append(floor)
@@ -130,13 +151,14 @@ def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes,
 
 def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes) -> None:
     torch.set_num_threads(bench.num_threads)
-    dests = _tensors(shapes, _DTYPES[bench.dtype], bench.device, 0.0)
+    device = _devices(cfg, bench)[1]
+    dests = _tensors(shapes, _DTYPES[bench.dtype], device, 0.0)
 
     def consume(weights, is_last):
         for name, view in weights:
             dests[name].copy_(view)
 
-    with WeightReceiver(cfg, endpoint, device=bench.device) as receiver:
+    with WeightReceiver(cfg, endpoint, device=device) as receiver:
         for _ in range(bench.num_repeats + 1):
             receiver.receive(consume)
 
@@ -166,7 +188,8 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
     gb = out["num_bytes"] / 1e9
     return {
         "transport": cfg.transport.value, "sync": cfg.sync.value, "bucket_mb": cfg.bucket_mb,
-        "device": bench.device, "dtype": bench.dtype, "num_threads": bench.num_threads,
+        "device": bench.device, "sender_device": _devices(cfg, bench)[0], "receiver_device": _devices(cfg, bench)[1],
+        "dtype": bench.dtype, "num_threads": bench.num_threads,
         "total_gb": round(gb, 4), "num_tensors": len(shapes), "num_buckets": out["num_buckets"],
         "num_repeats": bench.num_repeats, "floor_s": floor_s, "refit_s": refit_s,
         "floor_gbps": gb / floor_s, "refit_gbps": gb / refit_s, "ratio": refit_s / floor_s,

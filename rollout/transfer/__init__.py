@@ -1,6 +1,7 @@
 """Zero-copy bucketed weight transfer from a trainer process to a rollout (vLLM worker) process.
 
-Tensors are packed into bucket buffers shared by both processes (POSIX shared memory or CUDA IPC);
+Tensors are packed into bucket buffers shared by both processes (POSIX shared memory or CUDA IPC),
+or broadcast bucket by bucket over a private torch.distributed group (nccl: an engine on other GPUs);
 typed metadata travels over a ZMQ socket (msgpack, no pickle); a sync policy decides when a buffer
 may be reused. Either side may start first; one connection serves many refits.
 

@@ -38,6 +38,13 @@ def test_qwen2_like_shapes_fill_the_budget():
     assert len({n for n, _ in shapes}) == len(shapes)
 
 
+def test_nccl_on_cuda_spans_two_gpus_and_nothing_else_does():
+    nccl, shm = TransferConfig(transport="nccl"), TransferConfig(transport="shm")
+    assert bench._devices(nccl, bench.BenchConfig(device="cuda")) == ("cuda:0", "cuda:1")
+    assert bench._devices(nccl, bench.BenchConfig(device="cpu")) == ("cpu", "cpu")
+    assert bench._devices(shm, bench.BenchConfig(device="cuda")) == ("cuda", "cuda")
+
+
 def test_tiny_run_measures_floor_and_refit():
     cfg = TransferConfig(transport="shm", bucket_mb=1, sync="double_buffer", timeout_s=30.0)
     result = bench.run(cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=2))

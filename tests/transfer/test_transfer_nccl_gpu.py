@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 
+from rollout import bench
 from rollout.transfer import IntegrityError, PeerError, TransferConfig, TransferTimeout, WeightReceiver, WeightSender, new_endpoint
 from rollout.transfer.sync import Fenced
 from transfer_procs import (
@@ -181,3 +182,11 @@ def test_nccl_sender_survives_sigkilled_receiver_frees_memory_and_serves_a_resta
         assert stats.version == 2 and queue.get(timeout=60)[:2] == ("ok", 2)
         restarted.join(60)
     assert _allocated(SENDER) == allocated
+
+
+def test_bench_measures_gpu0_to_gpu1_against_the_three_copy_floor():
+    cfg = TransferConfig(transport="nccl", bucket_mb=4, sync="fenced", timeout_s=60.0)
+    result = bench.run(cfg, bench.BenchConfig(device="cuda", total_gb=0.05, hidden_size=256, num_repeats=2))
+    assert (result["sender_device"], result["receiver_device"]) == ("cuda:0", "cuda:1")
+    assert result["num_buckets"] >= 10 and len(result["refit_all_s"]) == 2
+    assert result["floor_s"] > 0 and result["refit_s"] > 0
