@@ -114,6 +114,7 @@ class TrainerConfig:
     seed: int = 0
     prompts_per_step: int = 32
     refit_every: int = 1  # update_weights every k steps; in between the engine samples with stale weights
+    micro_batch_size: int = 0  # sequences per forward/backward (gradients accumulate); 0 = a whole minibatch
     warmup_steps: int = 10  # supervised warm-start steps before RL (0 = none)
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 64
@@ -127,7 +128,7 @@ class TrainerConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("total_steps", "warmup_steps", "checkpoint_every", "num_threads"):
+        for key in ("total_steps", "micro_batch_size", "warmup_steps", "checkpoint_every", "num_threads"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
         for key in ("prompts_per_step", "refit_every", "warmup_batch_size", "eval_samples"):

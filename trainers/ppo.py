@@ -26,21 +26,13 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from trainers.algorithms import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    gae,
-    grpo_advantages,
-    kl_estimate,
-    masked_mean,
-    masked_whiten,
-    terminal_rewards,
-)
+from trainers.algorithms import gae, grpo_advantages, masked_mean, masked_whiten, terminal_rewards
 from trainers.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from trainers.config import Algorithm, PPOConfig, register_configs, to_typed
 from trainers.loggers import build_loggers
-from trainers.policy import TokenBatch, ValueModel, collate, load_policy, token_logprobs
+from trainers.policy import ValueModel, collate, load_policy, token_logprobs
 from trainers.tasks import Task, build_task
+from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
 
 register_configs()
 
@@ -197,12 +189,12 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
             mask = batch.mask
 
             # 3. old log-probs, reference, critic: recomputed by the trainer on the sampled tokens
-            with torch.no_grad():
-                old_logp, _ = token_logprobs(policy, batch, temperature=alg.temperature)
-                raw_logp = old_logp if alg.temperature == 1.0 else token_logprobs(policy, batch)[0]
-                gap = ((raw_logp - batch.sampler_logprobs).abs() * mask).sum() / mask.sum()
-                ref_logp = token_logprobs(reference, batch, temperature=alg.temperature)[0] if reference else None
-                old_values = critic(batch) * mask if critic is not None else None
+            micro = t.micro_batch_size
+            old_logp = logprobs_no_grad(policy, batch, alg.temperature, micro)
+            raw_logp = old_logp if alg.temperature == 1.0 else logprobs_no_grad(policy, batch, 1.0, micro)
+            gap = ((raw_logp - batch.sampler_logprobs).abs() * mask).sum() / mask.sum()
+            ref_logp = logprobs_no_grad(reference, batch, alg.temperature, micro) if reference else None
+            old_values = values_no_grad(critic, batch, micro) if critic is not None else None
 
             # 4. advantages
             if alg.name is Algorithm.grpo:
@@ -220,30 +212,17 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
             for _ in range(alg.num_epochs):
                 for idx in torch.randperm(len(samples), generator=shuffle).to(device).chunk(alg.num_minibatches):
                     mb = batch.select(idx)
-                    logp, entropy = token_logprobs(policy, mb, temperature=alg.temperature, with_entropy=True)
-                    pg_loss, clip_frac, ppo_kl = clipped_policy_loss(
-                        logp, old_logp[idx], advantages[idx], mb.mask, alg.clip_eps
-                    )
-                    ent = masked_mean(entropy, mb.mask)
-                    loss = pg_loss - alg.entropy_coef * ent
-                    if ref_logp is not None:
-                        kl = masked_mean(kl_estimate(logp, ref_logp[idx], alg.kl_estimator.value), mb.mask)
-                        loss = loss + alg.kl_coef * kl
-                        acc["kl"] += kl.item()
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), alg.max_grad_norm)
+                    ref_mb = ref_logp[idx] if ref_logp is not None else None
+                    for key, value in policy_backward(policy, mb, old_logp[idx], advantages[idx], ref_mb, alg, micro).items():
+                        acc[key] += value
+                    acc["grad_norm"] += torch.nn.utils.clip_grad_norm_(policy.parameters(), alg.max_grad_norm).item()
                     optimizer.step()
                     if critic is not None:
-                        v_loss = clipped_value_loss(critic(mb), old_values[idx], returns[idx], mb.mask, alg.value_clip)
                         critic_opt.zero_grad(set_to_none=True)
-                        v_loss.backward()
+                        acc["value_loss"] += value_backward(critic, mb, old_values[idx], returns[idx], alg.value_clip, micro)
                         torch.nn.utils.clip_grad_norm_(critic.parameters(), alg.max_grad_norm)
                         critic_opt.step()
-                        acc["value_loss"] += v_loss.item()
-                    for key, value in (("loss", loss), ("clip_frac", clip_frac), ("ppo_kl", ppo_kl),
-                                       ("entropy", ent), ("grad_norm", grad_norm)):
-                        acc[key] += value.item()
                     num_updates += 1
             train_s = time.perf_counter() - train_start
 
