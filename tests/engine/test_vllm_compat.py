@@ -8,11 +8,16 @@ import sys
 import pytest
 
 from rollout.vllm_compat import (
+    check_layerwise_internals,
+    finalize_failed_reload,
+    fully_awake,
     has_encoder_cache_reset,
     has_layerwise_reload,
     installed_vllm_version,
+    missing_layerwise_internals,
     resolve_call,
     version_tuple,
+    wake_up_reports_state,
 )
 
 
@@ -57,3 +62,75 @@ def test_resolve_call_both_sides(caplog):
     assert resolve_call(Obj, "inner.there", "x")() == 7
     assert resolve_call(Obj, "inner.missing_call_for_test", "the thing") is None
     assert "inner.missing_call_for_test" in caplog.text and "the thing skipped" in caplog.text
+
+
+@pytest.mark.parametrize(("version", "expected"), [("0.24.0", False), ("0.31.9", False), ("0.32.0", True), ("0.32.0+cpu", True)])
+def test_wake_up_state_gate(version, expected):
+    assert wake_up_reports_state(version) is expected
+
+
+def test_fully_awake_both_sides():
+    assert fully_awake(None, "0.24.0") is None  # 0.24's LLM.wake_up returns None: no claim either way
+    assert fully_awake(True, "0.24.0") is None
+    assert fully_awake(True, "0.32.0") is True
+    assert fully_awake(False, "0.32.0") is False
+
+
+def test_layerwise_internals_present_in_installed_vllm():
+    assert missing_layerwise_internals() == []
+    check_layerwise_internals(installed_vllm_version())
+
+
+def test_layerwise_internals_missing_is_a_clear_error():
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(LAYERWISE_INFO={}, finalize_layerwise_reload=lambda *a: None)
+    assert missing_layerwise_internals(fake) == ["_place_kernel_tensors"]
+    with pytest.raises(RuntimeError, match="_place_kernel_tensors"):
+        check_layerwise_internals("9.9.9", fake)
+
+
+def _half_reloaded_model():
+    """A two-layer model mid-way through vLLM's (real) layerwise reload: one weight of one layer loaded."""
+    import torch
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    class Layer(torch.nn.Module):  # two loadable tensors ("bias" would be skipped by 0.32's reload)
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+            self.scale = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Layer(), Layer())
+    kernel = {name: p for name, p in model.named_parameters()}
+    layerwise.record_metadata_for_reloading(model)
+    layerwise.initialize_layerwise_reload(model)
+    assert all(p.is_meta for p in model.parameters())
+    first = model[0].weight
+    first.weight_loader(first, torch.ones(4, 4))  # buffered: the layer still waits for its scale
+    assert layerwise.LAYERWISE_INFO[model[0]].loaded_weights
+    return model, kernel
+
+
+@pytest.mark.parametrize("finalize", ["installed", "0.24-like: drops kernel tensors without placing"])
+def test_failed_reload_restores_every_layer(monkeypatch, finalize):
+    """Both sides of the 0.24/0.32 difference in finalize: afterwards no layer holds a meta tensor, every
+    parameter is the live kernel tensor again, and no layer keeps buffered reload state."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    model, kernel = _half_reloaded_model()
+    if finalize != "installed":
+
+        def finalize_024_like(model, model_config):  # 0.24: reset, kernel tensors not put back
+            for info in list(layerwise.LAYERWISE_INFO.values()):
+                info.reset()
+
+        monkeypatch.setattr(layerwise, "finalize_layerwise_reload", finalize_024_like)
+    finalize_failed_reload(model, model_config=None)
+    for name, param in model.named_parameters():
+        assert not param.is_meta, name
+        assert param is kernel[name], name
+    for layer in model.modules():
+        info = layerwise.LAYERWISE_INFO.get(layer)
+        assert info is None or (not info.loaded_weights and info.kernel_tensors is None), layer
