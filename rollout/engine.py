@@ -14,14 +14,11 @@ import torch
 from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
-from rollout.vllm_compat import has_layerwise_reload, installed_vllm_version
+from rollout.vllm_compat import fully_awake, has_layerwise_reload, installed_vllm_version
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rollout.worker_extension.RefitWorkerExtension"
-# vLLM's default (5 s) force-kills the engine-core process on a busy 2-core host: its worker alone takes
-# ~3-4 s to exit. Graceful exits were seen within ~4 s; this only bounds a stuck shutdown.
-SHUTDOWN_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -94,6 +91,7 @@ class VllmRollout:
             enable_prefix_caching=b.enable_prefix_caching,
             tensor_parallel_size=b.tensor_parallel_size,
             seed=b.seed,
+            load_format=b.load_format,  # "dummy": random weights until the first refit brings real ones
             enable_sleep_mode=self._can_sleep,
             worker_extension_cls=WORKER_EXTENSION,
         )
@@ -104,6 +102,7 @@ class VllmRollout:
         self._failed_version: int | None = None
         self._asleep = False
         self._weights_discarded = False  # a level-2 sleep dropped them: a refit must come first
+        self._dummy_weights = b.load_format == "dummy"  # random weights until the first refit
         self._closed = False
 
     @property
@@ -151,6 +150,10 @@ class VllmRollout:
                 f"refit to version {self._failed_version} failed midway: the engine holds half-updated weights "
                 "and refuses to generate until a complete update_weights() succeeds"
             )
+        if self._dummy_weights:
+            raise RuntimeError(
+                "the engine started with load_format='dummy' (random weights): call update_weights() before generate()"
+            )
         if self._weights_discarded:
             raise RuntimeError(
                 "the engine slept at level 2, which discarded its weights: call update_weights() before generate()"
@@ -174,10 +177,15 @@ class VllmRollout:
         if not self._asleep:
             return
         if self._can_sleep:
-            self.llm.wake_up(tags)
+            self._wake(tags)
         if tags is None or "kv_cache" in tags:
             self._asleep = False
             self._reset_caches(after_sleep=True)
+
+    def _wake(self, tags: list[str] | None) -> None:
+        awake = fully_awake(self.llm.wake_up(tags), self.vllm_version)  # None on 0.24: it does not say
+        if awake is False and (tags is None or "kv_cache" in tags):
+            raise RuntimeError(f"vLLM {self.vllm_version} still sleeps after wake_up({tags}): it will not schedule")
 
     # -- refit ----------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
@@ -196,10 +204,11 @@ class VllmRollout:
             raise
         self._failed_version = None
         self._weights_discarded = False
+        self._dummy_weights = False
         self.version = version
         if was_asleep:
             if self._can_sleep:
-                self.llm.wake_up(["kv_cache"])
+                self._wake(["kv_cache"])
             self._asleep = False
         caches = self._reset_caches(after_sleep=was_asleep)
         return RefitStats(
@@ -266,7 +275,8 @@ class VllmRollout:
             if self._sender is not None:
                 self._sender.close()
                 self._sender = None
-            self.llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+            # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
+            self.llm.llm_engine.engine_core.shutdown(timeout=self.cfg.backend.shutdown_timeout_s)
 
     def __enter__(self) -> "VllmRollout":
         return self

