@@ -170,12 +170,14 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
         for step in range(start_step + 1, t.total_steps + 1):
             step_start = time.perf_counter()
             # 1. generate with the engine's current weights
+            ro.wake_up()  # no-op unless it slept through a step without a refit (trainer.refit_every > 1)
             examples = task.batch(step, t.prompts_per_step)
             samples = ro.generate(
                 [e.prompt for e in examples], n=alg.num_samples, max_tokens=cfg.task.max_tokens,
                 temperature=alg.temperature, seed=t.seed * 1_000_003 + step * 100_003,
             )
             gen_s = time.perf_counter() - step_start
+            ro.sleep()  # colocate: the engine's device memory goes to training; update_weights wakes it up
             version_lag = (step - 1) - min(s.version for s in samples)  # the policy has step-1 updates
 
             # 2. reward
