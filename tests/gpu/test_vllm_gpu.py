@@ -1,0 +1,140 @@
+"""The vllm_gpu backend end to end on a real GPU with real vLLM (CUDA build): refit through cuda_ipc
+into a live engine equals a fresh engine on the same weights; colocate mode with the real memory
+hand-off (sleep, wake weights, refit, wake KV cache) and the encoder-cache reset after sleep.
+
+Runs only where CUDA and vLLM's CUDA build exist (the lent H100: see docs/benchmarks.md, "GPU").
+FlashAttention 3 on Hopper has no fp32 path, so the model here is the tiny Qwen2 in bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.vllm_gpu]
+
+
+def _vllm_cuda() -> bool:
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # noqa: BLE001 - no vLLM, or a broken one: nothing to run here
+        return False
+    return torch.cuda.is_available() and current_platform.is_cuda()
+
+
+if not _vllm_cuda():
+    pytest.skip("needs vLLM's CUDA build and a CUDA device", allow_module_level=True)
+
+from rollout import BackendConfig, CacheReset, Mode, RolloutConfig, build_rollout  # noqa: E402
+from rollout.tiny_model import TinyModelSpec, build_tokenizer, ensure_tiny_model  # noqa: E402
+from rollout.transfer import Sync, TransferConfig, Transport  # noqa: E402
+
+PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+# bf16 with 4 layers: 1.8 MB, so a refit with 1 MB buckets spans two buckets and a layer straddles them
+# (the default 2-layer tiny model is 0.9 MB in bf16: one bucket, no race to exercise).
+SPEC = TinyModelSpec(num_hidden_layers=4, dtype="bfloat16")
+
+
+def gpu_cfg(mode: Mode = Mode.standalone, sync: Sync = Sync.fenced, utilization: float = 0.2,
+            load_format: str = "auto") -> RolloutConfig:
+    return RolloutConfig(
+        backend=BackendConfig(name="vllm_gpu", dtype="bfloat16", gpu_memory_utilization=utilization,
+                              max_model_len=512, max_num_seqs=32, load_format=load_format),
+        mode=mode,
+        transfer=TransferConfig(transport="auto", bucket_mb=1, sync=sync, timeout_s=60.0),
+        cache_reset=CacheReset.auto,
+    )
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    path = ensure_tiny_model(SPEC, tmp_path_factory.mktemp("models"))
+    return path, load_file(path / "model.safetensors")
+
+
+def perturbed(state, seed, scale=0.05, device="cuda"):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + scale * torch.randn(v.shape, generator=gen)).to(v.dtype).to(device) for k, v in state.items()}
+
+
+def save_model(src_dir, state, out_dir):
+    """The same config and tokenizer as src_dir, with `state` as its weights (what a fresh engine loads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src_dir)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)  # (torch_)dtype= differs across versions
+    model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    build_tokenizer().save_pretrained(out_dir)
+    return out_dir
+
+
+def greedy(ro):
+    return ro.generate(PROMPTS, n=1, max_tokens=24, temperature=0.0)
+
+
+def assert_same(a, b, atol=0.0):
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def fresh_expected(base, tmp_path_factory):
+    """Greedy output of a fresh engine started from disk on the perturbed weights (seed 1)."""
+    path, state = base
+    new = perturbed(state, seed=1)
+    with build_rollout(gpu_cfg(), save_model(path, new, tmp_path_factory.mktemp("fresh"))) as fresh:
+        return new, greedy(fresh)
+
+
+@pytest.mark.parametrize(
+    ("sync", "load_format"), [(Sync.fenced, "auto"), (Sync.double_buffer, "auto"), (Sync.fenced, "dummy")]
+)
+def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_format):
+    path, _ = base
+    new, expected = fresh_expected
+    with build_rollout(gpu_cfg(sync=sync, load_format=load_format), path) as ro:
+        assert ro.transfer.transport is Transport.cuda_ipc  # auto on cuda
+        assert ro.llm.collective_rpc("refit_worker_info")[0]["device"].startswith("cuda")  # receiver on the GPU
+        if load_format == "dummy":  # random weights until the first refit: generating first is refused
+            with pytest.raises(RuntimeError, match="dummy"):
+                greedy(ro)
+            before = None
+        else:
+            before = greedy(ro)
+        stats = ro.update_weights(new.items(), version=1)
+        assert stats.num_buckets > 1 and stats.version == 1
+        refitted = greedy(ro)
+    if before is not None:
+        assert [s.token_ids for s in before] != [s.token_ids for s in refitted], "the perturbation changed nothing"
+    assert all(s.version == 1 for s in refitted)
+    assert_same(refitted, expected, atol=1e-3)
+
+
+def test_colocate_sleep_wake_refit_and_encoder_reset(base):
+    path, state = base
+    w1, w2 = perturbed(state, seed=1), perturbed(state, seed=2)
+    with build_rollout(gpu_cfg(mode=Mode.colocate, utilization=0.3), path) as ro:
+        ro.update_weights(w1.items(), version=1)
+        out1 = greedy(ro)
+        free_awake, _ = torch.cuda.mem_get_info()
+        ro.sleep()
+        free_asleep, total = torch.cuda.mem_get_info()
+        # level 1 offloads the weights and drops the KV cache: most of the engine's 30% comes back
+        assert free_asleep - free_awake > 0.15 * total, (free_awake, free_asleep, total)
+        with pytest.raises(RuntimeError, match="asleep"):
+            greedy(ro)
+        stats = ro.update_weights(w2.items(), version=2)  # wakes weights, refits, wakes the KV cache
+        assert "encoder" in stats.caches_reset and "prefix" in stats.caches_reset, stats.caches_reset
+        out2 = greedy(ro)
+        ro.sleep()
+        ro.update_weights(w1.items(), version=3)
+        again = greedy(ro)
+    assert [s.token_ids for s in out1] != [s.token_ids for s in out2]
+    assert_same(out1, again)  # same weights after two sleep/refit cycles: identical greedy output
+    assert {s.version for s in again} == {3}
