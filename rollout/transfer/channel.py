@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 import tempfile
 import time
 
@@ -120,6 +121,43 @@ class Owned:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+
+
+class End:
+    """What the sender and the receiver share: their transport and channel live in an `Owned`, released
+    by `close()` or, when close() is forgotten or an exception escapes, by a weakref.finalize."""
+
+    def _own(self, channel: Channel) -> None:
+        self._owned = Owned()
+        self._owned.channel = channel
+        self._finalizer = weakref.finalize(self, self._owned.release)
+
+    @property
+    def _transport(self):
+        return self._owned.transport
+
+    @_transport.setter
+    def _transport(self, value) -> None:
+        self._owned.transport = value
+
+    @property
+    def _channel(self) -> Channel | None:
+        return self._owned.channel
+
+    @_channel.setter
+    def _channel(self, value: Channel | None) -> None:
+        self._owned.channel = value
+
+    def close(self) -> None:
+        """Idempotent: frees the buffers, closes the socket; the binding end removes the socket file and its
+        directory (the connecting end does so too when the binder died without cleaning up)."""
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _listener_alive(path: str) -> bool:

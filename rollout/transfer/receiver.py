@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 
 import torch
 
 from rollout.transfer import layout, transports, wire
-from rollout.transfer.channel import Channel, Owned
+from rollout.transfer.channel import Channel, End
 from rollout.transfer.config import TransferConfig, Transport
 from rollout.transfer.errors import IntegrityError, PeerError, TransferError
 from rollout.transfer.stats import TransferStats
@@ -20,7 +19,7 @@ from rollout.transfer.sync import Consume, make_sync_policy
 
 
 
-class WeightReceiver:
+class WeightReceiver(End):
     """Connects to the endpoint; one instance serves many refits, mapping the buffers once.
 
     `consume(weights, is_last)` is called once per bucket that completes at least one tensor, in
@@ -39,7 +38,6 @@ class WeightReceiver:
         self.endpoint = endpoint
         self.device = torch.device(device)
         self._policy = make_sync_policy(cfg.sync)
-        self._owned = Owned()
         self._attached: tuple[int, int] | None = None  # (session, generation) of the mapped buffers
         self._hello: wire.Hello | None = None
         self._session: int | None = None
@@ -47,9 +45,7 @@ class WeightReceiver:
         self._pending: wire.BeginRefit | None = None  # a BeginRefit that cut the previous refit short
         self._assembly: torch.Tensor | None = None
         self._chunked: tuple[str, int] | None = None  # (name, next chunk) of the tensor being reassembled
-        self._channel = Channel(endpoint, bind=False, timeout_s=cfg.timeout_s)
-        # close() forgotten, or an exception escaping to the top: release at exit anyway
-        self._finalizer = weakref.finalize(self, self._owned.release)
+        self._own(Channel(endpoint, bind=False, timeout_s=cfg.timeout_s))
 
     def receive(self, consume: Consume) -> TransferStats:
         """One refit. Raises whatever consume raised (after telling the sender), PeerError if the
@@ -205,25 +201,3 @@ class WeightReceiver:
         self._detach()
         self._assembly = None
         self._finalizer()
-
-    @property
-    def _transport(self):
-        return self._owned.transport
-
-    @_transport.setter
-    def _transport(self, value) -> None:
-        self._owned.transport = value
-
-    @property
-    def _channel(self) -> Channel | None:
-        return self._owned.channel
-
-    @_channel.setter
-    def _channel(self, value: Channel | None) -> None:
-        self._owned.channel = value
-
-    def __enter__(self) -> WeightReceiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-import weakref
 from collections import deque
 from typing import Iterable, Iterator
 
 import torch
 
 from rollout.transfer import layout, transports, wire
-from rollout.transfer.channel import Channel, Owned
+from rollout.transfer.channel import Channel, End
 from rollout.transfer.config import TransferConfig
 from rollout.transfer.errors import PeerError, TransferError
 from rollout.transfer.stats import TransferStats
@@ -20,7 +19,7 @@ from rollout.transfer.sync import make_sync_policy
 
 
 
-class WeightSender:
+class WeightSender(End):
     """Binds the endpoint; one instance serves many refits, reusing its buffers and socket.
 
     Buffers are allocated on the first send() (on `device`: the GPU for cuda_ipc, host shared memory
@@ -40,13 +39,10 @@ class WeightSender:
         self.device = torch.device(device)
         self.transport_kind = transports.resolve_transport(cfg, self.device)
         self._policy = make_sync_policy(cfg.sync)
-        self._owned = Owned()
         self._generation = 0
         self._session = secrets.randbits(62)  # distinguishes us from a previous sender on this endpoint
         self._next_refit_id = 1
-        self._channel = Channel(endpoint, bind=True, timeout_s=cfg.timeout_s)
-        # close() forgotten, or an exception escaping to the top: release at exit anyway
-        self._finalizer = weakref.finalize(self, self._owned.release)
+        self._own(Channel(endpoint, bind=True, timeout_s=cfg.timeout_s))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> TransferStats:
         """One refit: returns once the receiver has consumed every bucket. Raises PeerError with the
@@ -147,29 +143,3 @@ class WeightSender:
             if not isinstance(msg, expected):
                 raise wire.ProtocolError(f"{self.endpoint}: got {type(msg).__name__} while waiting for {what}")
             return msg
-
-    def close(self) -> None:
-        """Idempotent: frees the buffers, closes the socket, removes the socket file and its directory."""
-        self._finalizer()
-
-    @property
-    def _transport(self):
-        return self._owned.transport
-
-    @_transport.setter
-    def _transport(self, value) -> None:
-        self._owned.transport = value
-
-    @property
-    def _channel(self) -> Channel | None:
-        return self._owned.channel
-
-    @_channel.setter
-    def _channel(self, value: Channel | None) -> None:
-        self._owned.channel = value
-
-    def __enter__(self) -> WeightSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
