@@ -65,7 +65,7 @@ def floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int
 def shared_dests(state: dict) -> dict:
     """One zeroed destination per (shape, dtype), shared by the tensors of that shape (GPU floor)."""
     by_shape: dict = {}
-    for name, t in state.items():
+    for t in state.values():
         key = (tuple(t.shape), t.dtype)
         if key not in by_shape:
             by_shape[key] = torch.zeros_like(t)

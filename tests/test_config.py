@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from rollout.config import Backend, BackendConfig, CacheReset, Mode, RolloutConfig
+from rollout.config import Backend, BackendConfig, CacheReset, Mode
 from rollout.transfer.config import Sync, TransferConfig, Transport
 from trainers.config import PPOConfig, register_configs, to_typed
 

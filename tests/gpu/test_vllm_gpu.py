@@ -8,7 +8,6 @@ FlashAttention 3 on Hopper has no fp32 path, so the model here is the tiny Qwen2
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ import torch
 
 from rollout.transfer import (
     IntegrityError,
-    PeerError,
     TransferConfig,
     TransferTimeout,
     WeightReceiver,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from rollout.transfer import TransferConfig, WeightReceiver, new_endpoint
 from rollout.transfer.sync import Fenced
