@@ -10,11 +10,13 @@ with different CUDA_VISIBLE_DEVICES.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
 from rollout.transfer import wire
-from rollout.transfer.errors import TransferError
+from rollout.transfer.errors import TransferError, TransferTimeout
 
 
 def _uuid(device: torch.device) -> str:
@@ -37,17 +39,23 @@ class CudaIpcTransport:
 
     kind = "cuda_ipc"
 
-    def __init__(self, buffers: list[torch.Tensor], device: torch.device, descs: list[wire.CudaIpcBuffer]) -> None:
+    def __init__(
+        self, buffers: list[torch.Tensor], device: torch.device, descs: list[wire.CudaIpcBuffer],
+        events: list[torch.cuda.Event],
+    ) -> None:
         self._buffers = buffers
         self._descs = descs
+        self._events = events  # one interprocess "packed" event per buffer, shared with the peer
         self.device = device
 
     @classmethod
     def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str | None = None) -> CudaIpcTransport:
         device = _cuda_device(device)
         buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
+        with torch.cuda.device(device):
+            events = [torch.cuda.Event(enable_timing=False, interprocess=True) for _ in buffers]
         descs = []
-        for buf in buffers:
+        for buf, event in zip(buffers, events):
             (_, handle, storage_nbytes, storage_offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
                 buf.untyped_storage()._share_cuda_()
             )
@@ -55,14 +63,15 @@ class CudaIpcTransport:
                 wire.CudaIpcBuffer(
                     _uuid(device), device.index, bytes(handle), int(storage_nbytes), int(storage_offset),
                     bytes(rc_handle), int(rc_offset), bytes(ev_handle or b""), bool(ev_sync), nbytes,
+                    bytes(event.ipc_handle()),
                 )
             )
-        return cls(buffers, device, descs)
+        return cls(buffers, device, descs, events)
 
     @classmethod
     def attach(cls, hello: wire.Hello, device: torch.device) -> CudaIpcTransport:
         device = _cuda_device(device)
-        buffers = []
+        buffers, events = [], []
         for d in hello.cuda_buffers:
             if d.device_uuid != _uuid(device):
                 raise TransferError(
@@ -76,7 +85,10 @@ class CudaIpcTransport:
                     d.ref_counter_handle, d.ref_counter_offset, d.event_handle or None, d.event_sync_required,
                 )
             )
-        return cls(buffers, device, list(hello.cuda_buffers))
+            if not d.packed_event:
+                raise TransferError("cuda_ipc buffer without a packed event: the sender is too old")
+            events.append(torch.cuda.Event.from_ipc_handle(device, d.packed_event))
+        return cls(buffers, device, list(hello.cuda_buffers), events)
 
     def describe(self) -> dict[str, list]:
         return {"shm_buffers": [], "cuda_buffers": list(self._descs)}
@@ -91,11 +103,26 @@ class CudaIpcTransport:
         """Wait for every kernel on the device: the peer process sees the bytes only after that."""
         torch.cuda.synchronize(self.device)
 
+    def mark_packed(self, index: int) -> None:
+        """Record the buffer's event behind the packing copies instead of blocking the host until they end:
+        the sender sends the BucketMeta at once and the receiver decodes it while the GPU still packs."""
+        self._events[index].record(torch.cuda.current_stream(self.device))
+
+    def wait_packed(self, index: int, deadline: float, what: str) -> None:
+        """Wait on the host until the sender's packing of `index` has finished on the GPU (a host wait, not a
+        stream wait, so it holds whatever streams or threads the consumer reads the views from). Polled, so
+        a sender that died mid-pack costs at most the timeout."""
+        event = self._events[index]
+        while not event.query():
+            if time.monotonic() > deadline:
+                raise TransferTimeout(f"timed out waiting for {what} (the sender's packing copies)")
+            time.sleep(0)  # yield; a pack lasts about a millisecond
+
     def unlink(self) -> None:
         """CUDA IPC handles name nothing in a filesystem."""
 
     def close(self) -> None:
         """Idempotent. Drops our references; the sender's memory is freed once the receiver's are gone."""
-        self._buffers = []
+        self._buffers, self._events = [], []
         if torch.cuda.is_initialized():
             torch.cuda.ipc_collect()

@@ -187,6 +187,12 @@ class NcclTransport:
         except RuntimeError as exc:
             raise TransferError(f"{what}: {self._backend} broadcast failed (peer dead?): {exc}") from exc
 
+    def mark_packed(self, index: int) -> None:
+        self.synchronize()  # the broadcast reads the buffer on NCCL's stream, after this returns
+
+    def wait_packed(self, index: int, deadline: float, what: str) -> None:
+        """pull() has already waited for the bytes."""
+
     def synchronize(self) -> None:
         """Sender: wait for the packing copies on our stream only, since a broadcast to a dead peer may
         hang the device's NCCL stream until we abort. Receiver: the whole device, as cuda_ipc does;

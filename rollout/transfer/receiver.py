@@ -153,9 +153,10 @@ class WeightReceiver(End):
         hello = self._hello
         if not 0 <= meta.buffer_index < hello.num_buffers or not 0 <= meta.nbytes <= hello.bucket_bytes:
             raise wire.ProtocolError(f"bucket {meta.bucket_index} does not fit the handshake's buffers")
+        what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
         if isinstance(self._transport, transports.CopyingTransport):
-            what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
             self._transport.pull(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
+        self._transport.wait_packed(meta.buffer_index, self._channel.deadline(), what)
         if meta.checksum != -1:
             digest = layout.checksum(self._transport.region(meta.buffer_index, 0, meta.nbytes))
             if digest != meta.checksum:

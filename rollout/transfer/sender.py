@@ -106,7 +106,7 @@ class WeightSender(End):
                 transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
             buffer = transport.buffer(index)
             layout.pack(bucket, buffer, bucket_bytes)
-            transport.synchronize()  # on a GPU, the receiver must not see half-finished copies
+            transport.mark_packed(index)  # on a GPU, the receiver must not read half-finished copies
             digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
             self._after_pack(buffer, bucket)
             entries = [p.entry for p in bucket.placements]

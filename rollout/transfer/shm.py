@@ -93,6 +93,12 @@ class ShmTransport:
     def synchronize(self) -> None:
         """Nothing to wait for: CPU copies are complete when copy_ returns."""
 
+    def mark_packed(self, index: int) -> None:
+        """CPU copies are complete when copy_ returns."""
+
+    def wait_packed(self, index: int, deadline: float, what: str) -> None:
+        """The BucketMeta was sent after the copies returned."""
+
     def unlink(self) -> None:
         """Remove the names; the mappings stay valid. Idempotent."""
         for name in self._names:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 2  # 2: Hello.nccl_buffers
+PROTOCOL_VERSION = 3  # 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event
 
 
 class ProtocolError(ValueError):
@@ -86,6 +86,9 @@ class CudaIpcBuffer:
     event_handle: bytes
     event_sync_required: bool
     nbytes: int
+    # IPC handle of an interprocess CUDA event the sender records after packing this buffer: the receiver
+    # waits on it instead of the sender blocking its host on a device synchronize per bucket.
+    packed_event: bytes = b""
 
 
 @dataclass(frozen=True)
