@@ -6,6 +6,7 @@ torch, the transfer's receiving half, nothing of Hydra or the trainer.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
@@ -114,6 +115,7 @@ class RefitWorkerExtension:
     def _refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
         if not getattr(self, "_refit_internals_checked", False):
             check_layerwise_internals(installed_vllm_version())
+            _quiet_benign_reload_logs()
             self._refit_internals_checked = True
         receiver = self._refit_get_receiver(endpoint, transfer)
         timeout_s = receiver.cfg.timeout_s
@@ -178,3 +180,19 @@ def random_weight(name: str, shape: list[int], dtype: torch.dtype, device: torch
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype, device=device)
     return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)  # no fp32 temporary
+
+
+class _DropRotaryNoWeights(logging.Filter):
+    """vLLM's layerwise reload warns "<layer>: Failed to load weights" for every layer with loadable
+    tensors that no checkpoint carries. RotaryEmbedding's cos/sin cache is computed, never saved, so the
+    warning fires on every refit of every rotary model and would bury the trainer's step lines; it then
+    restores the computed cache, which is right. Any other layer's warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.args and record.args[0] == "RotaryEmbedding" and "Failed to load weights" in record.msg)
+
+
+def _quiet_benign_reload_logs() -> None:
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropRotaryNoWeights())
+    # "Reloading and processing weights took ..." at every refit: RefitStats.load_s reports it already.
+    logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
