@@ -173,18 +173,23 @@ class NcclTransport:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _finish(self, index: int, deadline: float, what: str) -> None:
+        timed_out = TransferTimeout(
+            f"{what}: timed out after {self._timeout_s}s waiting for the {self._backend} broadcast "
+            "(peer dead, stuck, or never started?)"
+        )
         pause = 20e-6
         while not self._works[index].is_completed():
             if time.monotonic() > deadline:
-                raise TransferTimeout(
-                    f"{what}: timed out after {self._timeout_s}s waiting for the {self._backend} broadcast "
-                    "(peer dead, stuck, or never started?)"
-                )
+                raise timed_out
             time.sleep(pause)
             pause = min(2 * pause, 1e-3)
         try:
             self._works.pop(index).wait()  # raises the backend's error; on NCCL it also orders our stream after it
         except RuntimeError as exc:
+            # gloo's own op timeout is timeout_s too (it also bounds its connect): whichever fires first,
+            # a broadcast that outlived timeout_s is a timeout, not some other failure.
+            if time.monotonic() > deadline - 0.1 * self._timeout_s:
+                raise timed_out from exc
             raise TransferError(f"{what}: {self._backend} broadcast failed (peer dead?): {exc}") from exc
 
     def mark_packed(self, index: int) -> None:
