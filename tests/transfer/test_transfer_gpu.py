@@ -89,6 +89,41 @@ def test_cuda_ipc_fence_test_catches_a_missing_fence(sender_server):
     assert _late_gpu_reads(sender_server, "fenced", policy=AckWithoutFence())
 
 
+def _late_packs(sender_server) -> list[str]:
+    """The sender's packing copies run behind a long kernel, so its BucketMeta arrives long before the
+    bytes are in the buffer: the receiver must wait for the sender's "packed" event before reading."""
+    cfg = _cfg(sync="fenced")
+    endpoint = new_endpoint()
+    versions = list(range(1, 5))
+    corrupt = []
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v, "gpu_sleep_cycles": 50_000_000} for v in versions],
+                      device="cuda")
+    with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
+        for v in versions:
+            dest: dict[str, torch.Tensor] = {}
+
+            def consume(weights, is_last):
+                for name, view in weights:
+                    dest[name] = view.clone()
+
+            receiver.receive(consume)
+            torch.cuda.synchronize()
+            corrupt += [f"refit {v}: {n}" for n, t in dest.items() if not bool((t == float(v * 1000 + int(n.split(".")[1]))).all())]
+    assert all(r[0] == "ok" for r in sender_server.result())
+    return corrupt
+
+
+def test_cuda_ipc_receiver_waits_for_late_packs(sender_server):
+    assert _late_packs(sender_server) == []
+
+
+def test_cuda_ipc_late_pack_test_catches_a_missing_wait(sender_server, monkeypatch):
+    from rollout.transfer.cuda_ipc import CudaIpcTransport
+
+    monkeypatch.setattr(CudaIpcTransport, "wait_packed", lambda self, index, deadline, what: None)
+    assert _late_packs(sender_server)
+
+
 def test_cuda_ipc_verify_detects_corruption(sender_server):
     cfg = _cfg(sync="fenced", verify=True)
     endpoint = new_endpoint()

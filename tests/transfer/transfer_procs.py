@@ -84,6 +84,8 @@ def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool,
         for spec in plan:
             try:
                 tensors = [(n, t.to(device)) for n, t in tensors_for(spec)]
+                if spec.get("gpu_sleep_cycles"):  # queue the packing copies behind a long kernel
+                    torch.cuda._sleep(spec["gpu_sleep_cycles"])
                 stats = sender.send(tensors, version=spec["version"])
                 results.append(("ok", stats.version, stats.num_tensors, stats.num_buckets, stats.num_bytes))
             except Exception as exc:  # reported to the parent, which asserts on it
