@@ -115,14 +115,7 @@ def _floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: in
         if peer is not None:
             peer[: planned.nbytes].copy_(bucket[: planned.nbytes])
             loaded = peer
-        for p in planned.placements:
-            e = p.entry
-            region = loaded[e.offset : e.offset + e.nbytes]
-            if e.num_chunks == 1:
-                dests[e.name].copy_(layout.typed_view(region, dests[e.name].dtype, e.shape))
-            else:  # a chunk goes straight to its slice of the destination
-                start_byte = e.chunk_index * bucket_bytes
-                dests[e.name].view(-1).view(torch.uint8)[start_byte : start_byte + e.nbytes].copy_(region)
+        layout.unpack_into(planned, loaded, dests, bucket_bytes)
         _sync(device)
         if peer is not None:
             _sync(peer.device)

@@ -49,14 +49,7 @@ def floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int
     start = time.perf_counter()
     for planned in layout.plan_buckets(state.items(), bucket_bytes):
         layout.pack(planned, bucket, bucket_bytes)
-        for p in planned.placements:
-            e = p.entry
-            region = bucket[e.offset : e.offset + e.nbytes]
-            if e.num_chunks == 1:
-                dests[e.name].copy_(layout.typed_view(region, dests[e.name].dtype, e.shape))
-            else:
-                first = e.chunk_index * bucket_bytes
-                dests[e.name].view(-1).view(torch.uint8)[first : first + e.nbytes].copy_(region)
+        layout.unpack_into(planned, bucket, dests, bucket_bytes)
     if cuda:
         torch.cuda.synchronize(bucket.device)
     return time.perf_counter() - start

@@ -116,6 +116,20 @@ def pack(bucket: PlannedBucket, buffer: torch.Tensor, bucket_bytes: int) -> None
             region.copy_(p.source[start : start + e.nbytes])
 
 
+@torch.no_grad()
+def unpack_into(bucket: PlannedBucket, buffer: torch.Tensor, dests: dict[str, torch.Tensor], bucket_bytes: int) -> None:
+    """The inverse of `pack` into preallocated `dests` by name (the benchmarks' floor): a chunk of a
+    tensor larger than the bucket goes straight to its slice of the destination."""
+    for p in bucket.placements:
+        e = p.entry
+        region = buffer[e.offset : e.offset + e.nbytes]
+        if e.num_chunks == 1:
+            dests[e.name].copy_(typed_view(region, dests[e.name].dtype, e.shape))
+        else:
+            start = e.chunk_index * bucket_bytes
+            dests[e.name].view(-1).view(torch.uint8)[start : start + e.nbytes].copy_(region)
+
+
 def checksum(region: torch.Tensor) -> int:
     """xxh3_64 of a uint8 region (copied to the host first when it lives on a device)."""
     import xxhash

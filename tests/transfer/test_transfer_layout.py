@@ -67,6 +67,17 @@ def test_pack_then_view_is_bitwise_for_strided_and_chunked_inputs():
         assert torch.equal(got[name], t), name
 
 
+def test_unpack_into_inverts_pack_for_strided_and_chunked_inputs():
+    tensors = [("s", torch.randn(20, 30)[::2, ::3]), ("z", torch.tensor(True)), ("c", torch.randn(70, 30).t())]
+    dests = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in tensors}
+    buffer = torch.zeros(B, dtype=torch.uint8)
+    for bucket in _plan(tensors):
+        layout.pack(bucket, buffer, B)
+        layout.unpack_into(bucket, buffer, dests, B)
+    for name, t in tensors:
+        assert torch.equal(dests[name], t), name
+
+
 @pytest.mark.parametrize(
     "item, message",
     [
