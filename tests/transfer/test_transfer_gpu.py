@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from rollout.transfer import IntegrityError, TransferConfig, WeightReceiver, new_endpoint, resolve_transport
-from rollout.transfer.sync import Fenced
-from transfer_procs import as_bytes, mixed_tensors
+from transfer_procs import AckWithoutFence, as_bytes, late_gpu_reads, mixed_tensors, race_value
 
 pytestmark = pytest.mark.gpu
 
@@ -44,38 +43,8 @@ def test_cuda_ipc_bitwise_round_trip(sender_server, sync):
     assert all(r[0] == "ok" for r in sender_server.result())
 
 
-class AckWithoutFence(Fenced):
-    """The GPU flavour of the bug: ack as soon as consume returned, with its reads still queued."""
-
-    def deliver(self, weights, is_last, consume, fence, ack):
-        consume(weights, is_last)
-        ack()
-
-
 def _late_gpu_reads(sender_server, sync: str, policy=None) -> list[str]:
-    cfg = _cfg(sync=sync)
-    endpoint = new_endpoint()
-    versions = list(range(1, 7))
-    corrupt = []
-    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in versions], device="cuda")
-    with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
-        if policy is not None:
-            receiver._policy = policy
-        for v in versions:
-            dest: dict[str, torch.Tensor] = {}
-
-            def consume(weights, is_last):
-                torch.cuda._sleep(50_000_000)  # tens of ms of GPU time before the copies start
-                for name, view in weights:
-                    dest[name] = torch.empty_like(view).copy_(view)
-
-            receiver.receive(consume)
-            torch.cuda.synchronize()
-            for name, t in dest.items():
-                if not bool((t == float(v * 1000 + int(name.split(".")[1]))).all()):
-                    corrupt.append(f"refit {v}: {name}")
-    assert all(r[0] == "ok" for r in sender_server.result())
-    return corrupt
+    return late_gpu_reads(sender_server, _cfg(sync=sync), "cuda", "cuda:0", num_refits=6, policy=policy)
 
 
 @pytest.mark.parametrize("sync", ["fenced", "double_buffer"])
@@ -108,7 +77,7 @@ def _late_packs(sender_server) -> list[str]:
 
             receiver.receive(consume)
             torch.cuda.synchronize()
-            corrupt += [f"refit {v}: {n}" for n, t in dest.items() if not bool((t == float(v * 1000 + int(n.split(".")[1]))).all())]
+            corrupt += [f"refit {v}: {n}" for n, t in dest.items() if not bool((t == race_value(v, n)).all())]
     assert all(r[0] == "ok" for r in sender_server.result())
     return corrupt
 

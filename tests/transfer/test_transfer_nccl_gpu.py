@@ -12,10 +12,11 @@ import torch
 
 from rollout import bench
 from rollout.transfer import IntegrityError, PeerError, TransferConfig, TransferTimeout, WeightReceiver, WeightSender, new_endpoint
-from rollout.transfer.sync import Fenced
 from transfer_procs import (
     CTX,
+    AckWithoutFence,
     as_bytes,
+    late_gpu_reads,
     mixed_tensors,
     race_tensors,
     receiver_process,
@@ -66,39 +67,8 @@ def test_nccl_bitwise_round_trip_gpu0_to_gpu1(sender_server, sync):
     assert os.environ["NCCL_NVLS_ENABLE"] == "0"  # NVLink multicast stays off
 
 
-class AckWithoutFence(Fenced):
-    """Ack as soon as consume returned, with its GPU reads still queued."""
-
-    def deliver(self, weights, is_last, consume, fence, ack):
-        consume(weights, is_last)
-        ack()
-
-
 def _late_gpu_reads(sender_server, sync: str, policy=None) -> list[str]:
-    cfg = _cfg(sync=sync)
-    endpoint = new_endpoint()
-    versions = list(range(1, 5))
-    corrupt = []
-    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in versions], device=SENDER)
-    with WeightReceiver(TransferConfig(**cfg), endpoint, device=RECEIVER) as receiver:
-        if policy is not None:
-            receiver._policy = policy
-        for v in versions:
-            dest: dict[str, torch.Tensor] = {}
-
-            def consume(weights, is_last):
-                with torch.cuda.device(RECEIVER):
-                    torch.cuda._sleep(50_000_000)  # tens of ms of GPU time before the copies start
-                    for name, view in weights:
-                        dest[name] = torch.empty_like(view).copy_(view)
-
-            receiver.receive(consume)
-            torch.cuda.synchronize(RECEIVER)
-            for name, t in dest.items():
-                if not bool((t == float(v * 1000 + int(name.split(".")[1]))).all()):
-                    corrupt.append(f"refit {v}: {name}")
-    assert all(r[0] == "ok" for r in sender_server.result())
-    return corrupt
+    return late_gpu_reads(sender_server, _cfg(sync=sync), SENDER, RECEIVER, num_refits=4, policy=policy)
 
 
 @pytest.mark.parametrize("sync", ["fenced", "double_buffer", "clone"])

@@ -13,6 +13,7 @@ import pytest
 
 from rollout.transfer import TransferConfig, WeightReceiver, new_endpoint
 from rollout.transfer.sync import Fenced
+from transfer_procs import race_value
 
 NUM_REFITS = 8
 
@@ -30,7 +31,7 @@ def _slow_checking_consume(version: int):
     def consume(weights, is_last):
         time.sleep(0.02)  # the sender is free to pack the next bucket meanwhile, if it was acked
         for name, view in weights:
-            expected = float(version * 1000 + int(name.split(".")[1]))
+            expected = race_value(version, name)
             if not bool((view == expected).all()):
                 raise AssertionError(f"corrupt view {name}: expected {expected}, found {view.unique()[:4].tolist()}")
 

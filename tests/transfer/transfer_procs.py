@@ -14,7 +14,8 @@ import traceback
 
 import torch
 
-from rollout.transfer import TransferConfig, WeightReceiver, WeightSender
+from rollout.transfer import TransferConfig, WeightReceiver, WeightSender, new_endpoint
+from rollout.transfer.sync import Fenced
 
 SHM_DIR = "/dev/shm"
 CTX = mp.get_context("spawn")
@@ -48,9 +49,48 @@ def mixed_tensors(bucket_bytes: int, seed: int) -> list[tuple[str, torch.Tensor]
     return out
 
 
+def race_value(version: int, name: str) -> float:
+    """What every element of race tensor `name` holds in refit `version`."""
+    return float(version * 1000 + int(name.split(".")[1]))
+
+
 def race_tensors(version: int, num_tensors: int = 20, numel: int = 50_000) -> list[tuple[str, torch.Tensor]]:
     """Constant-filled tensors whose value names the refit and the tensor, so any overwrite shows."""
-    return [(f"layer.{i}", torch.full((numel,), float(version * 1000 + i))) for i in range(num_tensors)]
+    return [(f"layer.{i}", torch.full((numel,), race_value(version, f"layer.{i}"))) for i in range(num_tensors)]
+
+
+class AckWithoutFence(Fenced):
+    """The GPU flavour of the bug: ack as soon as consume returned, with its reads still queued."""
+
+    def deliver(self, weights, is_last, consume, fence, ack):
+        consume(weights, is_last)
+        ack()
+
+
+def late_gpu_reads(sender_server, cfg: dict, sender: str, receiver: str, num_refits: int, policy=None) -> list[str]:
+    """consume only queues its reads behind a long kernel and returns; returns the tensors whose copy,
+    checked after receive() returned, holds other bytes than its refit's."""
+    endpoint = new_endpoint()
+    versions = list(range(1, num_refits + 1))
+    corrupt = []
+    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in versions], device=sender)
+    with WeightReceiver(TransferConfig(**cfg), endpoint, device=receiver) as rx:
+        if policy is not None:
+            rx._policy = policy
+        for v in versions:
+            dest: dict[str, torch.Tensor] = {}
+
+            def consume(weights, is_last):
+                with torch.cuda.device(receiver):
+                    torch.cuda._sleep(50_000_000)  # tens of ms of GPU time before the copies start
+                    for name, view in weights:
+                        dest[name] = torch.empty_like(view).copy_(view)
+
+            rx.receive(consume)
+            torch.cuda.synchronize(receiver)
+            corrupt += [f"refit {v}: {n}" for n, t in dest.items() if not bool((t == race_value(v, n)).all())]
+    assert all(r[0] == "ok" for r in sender_server.result())
+    return corrupt
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
