@@ -156,6 +156,9 @@ class WeightReceiver(End):
         what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
         if isinstance(self._transport, transports.CopyingTransport):
             self._transport.pull(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
+        # Views read no bytes: build them while the sender's GPU may still be packing (cuda_ipc), so
+        # the consumer's first copy is launched as soon as the packed event fires.
+        weights, chunk_copy = self._views(meta)
         self._transport.wait_packed(meta.buffer_index, self._channel.deadline(), what)
         if meta.checksum != -1:
             digest = layout.checksum(self._transport.region(meta.buffer_index, 0, meta.nbytes))
@@ -164,7 +167,17 @@ class WeightReceiver(End):
                 raise IntegrityError(f"checksum mismatch in bucket {meta.bucket_index}, tensors: {', '.join(names)}")
         elif self.cfg.verify:
             raise TransferError("verify=True on the receiver, but the sender sends no checksums (set it on both ends)")
-        weights = []
+        if chunk_copy is not None:
+            destination, region = chunk_copy
+            destination.copy_(region)
+        return weights
+
+    def _views(self, meta: wire.BucketMeta) -> tuple[list[tuple[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Validate the entries and build their views, reading no bytes. A chunk of a tensor larger than
+        a bucket (at most one per bucket) is returned as a (destination, source) copy to make once the
+        bytes are there; its tensor's view, over the assembly buffer, is listed with its last chunk."""
+        hello = self._hello
+        weights, chunk_copy = [], None
         for e in meta.entries:
             dtype = wire.dtype_from_name(e.dtype)
             if e.offset < 0 or e.nbytes < 0 or e.offset + e.nbytes > meta.nbytes or any(d < 0 for d in e.shape):
@@ -176,14 +189,16 @@ class WeightReceiver(End):
                 weights.append((e.name, layout.typed_view(region, dtype, e.shape)))
                 continue
             start = e.chunk_index * hello.bucket_bytes
+            if chunk_copy is not None:
+                raise wire.ProtocolError(f"bucket {meta.bucket_index} holds a second chunk ({e.name!r}); the layout allows one")
             if (e.chunk_index and self._chunked != (e.name, e.chunk_index)) or start + e.nbytes > e.tensor_nbytes:
                 raise wire.ProtocolError(f"chunk {e.chunk_index}/{e.num_chunks} of {e.name!r} out of order")
             self._chunked = (e.name, e.chunk_index + 1)
             assembly = self._assembly_buffer(e.tensor_nbytes)
-            assembly[start : start + e.nbytes].copy_(region)
+            chunk_copy = (assembly[start : start + e.nbytes], region)
             if e.chunk_index == e.num_chunks - 1:
                 weights.append((e.name, layout.typed_view(assembly[: e.tensor_nbytes], dtype, e.shape)))
-        return weights
+        return weights, chunk_copy
 
     def _assembly_buffer(self, nbytes: int) -> torch.Tensor:
         if self._assembly is None or self._assembly.numel() < nbytes:

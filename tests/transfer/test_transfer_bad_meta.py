@@ -1,0 +1,103 @@
+"""A receiver fed bucket metadata that does not fit its buffers fails that refit with a ProtocolError that
+names the entry, tells the sender, and reads no byte outside the buffer. The sender here is driven by
+hand over a real channel and real shared memory, since WeightSender never produces such metadata."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from rollout.transfer import TransferConfig, WeightReceiver, new_endpoint, wire
+from rollout.transfer.channel import Channel
+from rollout.transfer.config import Transport
+from rollout.transfer.shm import ShmTransport
+
+BUCKET = 4096
+
+
+def _entry(name: str, offset: int, nbytes: int, chunk: int = 0, num_chunks: int = 1, total: int | None = None):
+    return wire.TensorEntry(name, "float32", [nbytes // 4] if num_chunks == 1 else [(total or nbytes) // 4],
+                            offset, nbytes, chunk, num_chunks, total or nbytes)
+
+
+BAD = {
+    "past the bucket's extent": ([_entry("w.past", 256, 4096)], 4096, "'w.past' lies outside bucket 0"),
+    "negative offset": ([_entry("w.neg", -256, 64)], 64, "'w.neg' lies outside bucket 0"),
+    "shape and bytes disagree": (
+        [wire.TensorEntry("w.shape", "float32", [3, 3], 0, 64, 0, 1, 64)], 64, "'w.shape': shape [3, 3]"
+    ),
+    "chunk 1 before chunk 0": ([_entry("w.big", 0, 4096, 1, 3, 3 * 4096)], 4096, "chunk 1/3 of 'w.big' out of order"),
+    "two chunks in one bucket": (
+        [_entry("w.a", 0, 1024, 0, 2, 4096 + 1024), _entry("w.b", 1024, 1024, 0, 2, 4096 + 1024)],
+        2048, "second chunk ('w.b')",
+    ),
+    "bucket larger than the buffers": ([_entry("w.ok", 0, 64)], BUCKET + 1, "does not fit the handshake's buffers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_bucket_meta_fails_the_refit_naming_the_entry(case):
+    entries, extent, message = BAD[case]
+    cfg = TransferConfig(transport=Transport.shm, bucket_mb=1, timeout_s=10.0)
+    endpoint = new_endpoint()
+    transport = ShmTransport.allocate(1, BUCKET)
+    channel = Channel(endpoint, bind=True, timeout_s=10.0)
+    outcome: list[BaseException] = []
+    receiver = WeightReceiver(cfg, endpoint)
+
+    def receive() -> None:
+        try:
+            receiver.receive(lambda weights, is_last: None)
+        except BaseException as exc:  # noqa: BLE001 - the assertion below says what was expected
+            outcome.append(exc)
+
+    worker = threading.Thread(target=receive)
+    worker.start()
+    try:
+        hello = wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", BUCKET, 1, **transport.describe())
+        channel.send(wire.BeginRefit(7, 1, 1, hello), "BeginRefit")
+        deadline = channel.deadline()
+        assert isinstance(channel.recv("Ready", deadline), wire.Ready)
+        channel.send(wire.BucketMeta(1, 0, 0, extent, True, -1, entries), "BucketMeta")
+        error = channel.recv("the receiver's Error", deadline)
+        worker.join(10)
+    finally:
+        receiver.close()
+        channel.close()
+        transport.close()
+    assert not worker.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], wire.ProtocolError), outcome
+    assert message in str(outcome[0])
+    assert isinstance(error, wire.Error) and message in error.message
+
+
+def test_well_formed_meta_from_the_same_hand_driven_sender_is_delivered():
+    """The control for the cases above: the same hand-built refit, with entries that fit, arrives."""
+    cfg = TransferConfig(transport=Transport.shm, bucket_mb=1, timeout_s=10.0)
+    endpoint = new_endpoint()
+    transport = ShmTransport.allocate(1, BUCKET)
+    transport.buffer(0)[:64].view(torch.float32).copy_(torch.arange(16, dtype=torch.float32))
+    channel = Channel(endpoint, bind=True, timeout_s=10.0)
+    got: dict[str, torch.Tensor] = {}
+    receiver = WeightReceiver(cfg, endpoint)
+    worker = threading.Thread(
+        target=lambda: receiver.receive(lambda weights, is_last: got.update((n, t.clone()) for n, t in weights))
+    )
+    worker.start()
+    try:
+        hello = wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", BUCKET, 1, **transport.describe())
+        channel.send(wire.BeginRefit(7, 1, 1, hello), "BeginRefit")
+        deadline = channel.deadline()
+        assert isinstance(channel.recv("Ready", deadline), wire.Ready)
+        channel.send(wire.BucketMeta(1, 0, 0, 64, True, -1, [_entry("w.ok", 0, 64)]), "BucketMeta")
+        assert isinstance(channel.recv("Ack", deadline), wire.Ack)
+        channel.send(wire.EndOfRefit(1, 1, 64, 1), "EndOfRefit")
+        assert isinstance(channel.recv("Done", deadline), wire.Done)
+        worker.join(10)
+    finally:
+        receiver.close()
+        channel.close()
+        transport.close()
+    torch.testing.assert_close(got["w.ok"], torch.arange(16, dtype=torch.float32))
