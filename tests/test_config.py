@@ -57,6 +57,7 @@ def test_every_group_option_composes(group):
         ("rollout.transfer.sync=double_buffer", lambda c: c.rollout.transfer.sync is Sync.double_buffer),
         ("rollout.transfer.sync=clone", lambda c: c.rollout.transfer.sync is Sync.clone),
         ("rollout.transfer.timeout_s=5", lambda c: c.rollout.transfer.timeout_s == 5.0),
+        ("rollout.transfer.spin_us=0", lambda c: c.rollout.transfer.spin_us == 0),
         ("rollout.cache_reset=none", lambda c: c.rollout.cache_reset is CacheReset.none),
         ("model.path=/models/qwen", lambda c: c.model.path == "/models/qwen"),
         ("trainer.total_steps=3", lambda c: c.trainer.total_steps == 3),
@@ -76,6 +77,7 @@ def test_documented_overrides(override, check):
         ("rollout.transfer.bukket_mb=8", ConfigCompositionException, ["bukket_mb"]),
         ("rollout.mode=shared", ConfigCompositionException, ["rollout.mode", "colocate", "standalone"]),
         ("rollout.transfer.timeout_s=0", ValueError, ["rollout.transfer.timeout_s"]),
+        ("rollout.transfer.spin_us=-1", ValueError, ["rollout.transfer.spin_us", ">= 0"]),
         ("algorithm=reinforce", ConfigCompositionException, ["reinforce", "grpo", "ppo"]),
     ],
 )

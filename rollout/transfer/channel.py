@@ -49,9 +49,10 @@ class Channel:
         ch.close()
     """
 
-    def __init__(self, endpoint: str, *, bind: bool, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, *, bind: bool, timeout_s: float, spin_s: float = 0.0) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.spin_s = spin_s
         self._bind = bind
         path = ipc_path(endpoint)
         self._ctx = zmq.Context()
@@ -82,7 +83,15 @@ class Channel:
             pass
 
     def recv(self, waiting_for: str, deadline: float) -> wire.Message:
-        """The next message, or TransferTimeout naming the endpoint and `waiting_for` at `deadline`."""
+        """The next message, or TransferTimeout naming the endpoint and `waiting_for` at `deadline`.
+        Busy-polls for up to `spin_s` first, then sleeps in zmq's poll until the message or the deadline."""
+        if self.spin_s:
+            spin_end = min(deadline, time.monotonic() + self.spin_s)
+            while time.monotonic() < spin_end:
+                try:
+                    return wire.decode(self._sock.recv(zmq.NOBLOCK, copy=True))
+                except zmq.Again:
+                    pass
         remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
         if not self._sock.poll(remaining_ms, zmq.POLLIN):
             raise TransferTimeout(

@@ -44,12 +44,18 @@ class TransferConfig:
     sync: Sync = Sync.fenced
     timeout_s: float = 60.0
     verify: bool = False  # xxhash checksum per bucket, checked by the receiver
+    # Busy-poll each wait for the peer this long before sleeping in the kernel: a sleeping process
+    # wakes tens to hundreds of microseconds after the message lands (CPU idle states), which a GPU
+    # refit pays on every bucket. 0 always sleeps. Costs at most this much CPU per message.
+    spin_us: int = 2000
 
     def __post_init__(self) -> None:
         self.transport = _coerce(Transport, self.transport, "rollout.transfer.transport")
         self.sync = _coerce(Sync, self.sync, "rollout.transfer.sync")
         if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, int) or self.bucket_mb < 1:
             raise ValueError(f"rollout.transfer.bucket_mb must be an integer >= 1 (MB), got {self.bucket_mb!r}")
+        if isinstance(self.spin_us, bool) or not isinstance(self.spin_us, int) or self.spin_us < 0:
+            raise ValueError(f"rollout.transfer.spin_us must be an integer >= 0 (microseconds), got {self.spin_us!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"rollout.transfer.timeout_s must be > 0 seconds, got {self.timeout_s!r}")
 

@@ -43,11 +43,11 @@ def _collector(store: dict, calls: list):
     return consume
 
 
-@pytest.mark.parametrize("bucket_mb", [1, 2])
+@pytest.mark.parametrize("bucket_mb, spin_us", [(1, 2000), (2, 0)], ids=["1MB", "2MB-nospin"])
 @pytest.mark.parametrize("sync", ["fenced", "double_buffer", "clone"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_bitwise_round_trip_over_many_refits(sender_server, transport, sync, bucket_mb):
-    cfg = _cfg(transport=transport, sync=sync, bucket_mb=bucket_mb)
+def test_bitwise_round_trip_over_many_refits(sender_server, transport, sync, bucket_mb, spin_us):
+    cfg = _cfg(transport=transport, sync=sync, bucket_mb=bucket_mb, spin_us=spin_us)
     endpoint = new_endpoint()
     seeds = [11, 12, 13]
     sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": bucket_mb << 20, "seed": s, "version": s} for s in seeds])
