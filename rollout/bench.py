@@ -50,6 +50,7 @@ class BenchConfig:
     num_repeats: int = 5
     num_threads: int = 1
     out: str = "bench.json"
+    trace: bool = False  # after the timed repeats, one more refit with a per-bucket timeline (see _Trace)
 
 
 @dataclass
@@ -139,10 +140,15 @@ def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes,
                 floors.append(floor)
                 refits.append(stats.seconds)
             num_buckets, num_bytes = stats.num_buckets, stats.num_bytes
-    results.put({"floor_s": floors, "refit_s": refits, "num_buckets": num_buckets, "num_bytes": num_bytes})
+        trace = None
+        if bench.trace:
+            with _Trace(sender._channel, device) as trace:
+                sender.send(state.items(), version=bench.num_repeats + 1)
+    results.put({"floor_s": floors, "refit_s": refits, "num_buckets": num_buckets, "num_bytes": num_bytes,
+                 "sender_trace": trace and trace.records()})
 
 
-def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes) -> None:
+def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes, results) -> None:
     torch.set_num_threads(bench.num_threads)
     device = _devices(cfg, bench)[1]
     dests = _tensors(shapes, _DTYPES[bench.dtype], device, 0.0)
@@ -154,6 +160,107 @@ def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shape
     with WeightReceiver(cfg, endpoint, device=device) as receiver:
         for _ in range(bench.num_repeats + 1):
             receiver.receive(consume)
+        if bench.trace:
+            with _Trace(receiver._channel, device) as trace:
+                receiver.receive(trace.timed("load", consume))
+            results.put({"receiver_trace": trace.records()})
+
+
+class _Trace:
+    """Per-bucket timeline of one refit, for `bench.trace`: when each end sent and got each message (host
+    time on the clock both processes share) and how long each pack / load ran on the device (CUDA events
+    in its own process). Wraps the channel of one end and, on the sender, layout.pack, while active."""
+
+    def __init__(self, channel, device: str) -> None:
+        self._channel, self._cuda = channel, torch.device(device).type == "cuda"
+        self._host: list[tuple[str, int, float]] = []  # (what, bucket, time)
+        self._gpu: list[tuple[str, object, object]] = []  # (what, start event, end event)
+
+    def __enter__(self):
+        from rollout.transfer import wire
+
+        recv, send, pack = self._channel.recv, self._channel.send, layout.pack
+
+        def traced_recv(*args):
+            msg = recv(*args)
+            if isinstance(msg, (wire.Ack, wire.BucketMeta)):
+                self._host.append((f"got {type(msg).__name__}", msg.bucket_index, time.monotonic()))
+            return msg
+
+        def traced_send(msg, what):
+            if isinstance(msg, (wire.Ack, wire.BucketMeta)):
+                self._host.append((f"sent {type(msg).__name__}", msg.bucket_index, time.monotonic()))
+            send(msg, what)
+
+        self._restore = (recv, send, pack)
+        self._channel.recv, self._channel.send = traced_recv, traced_send
+        layout.pack = self.timed("pack", pack)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._channel.recv, self._channel.send, layout.pack = self._restore
+
+    def timed(self, what: str, fn):
+        def wrapper(*args):
+            self._host.append((f"{what} start", -1, time.monotonic()))
+            if self._cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            fn(*args)
+            self._host.append((f"{what} launched", -1, time.monotonic()))
+            if self._cuda:
+                end.record()
+                self._gpu.append((what, start, end))
+
+        return wrapper
+
+    def records(self) -> dict:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return {"host": self._host, "gpu_ms": [(what, s.elapsed_time(e)) for what, s, e in self._gpu]}
+
+
+def trace_table(sender: dict, receiver: dict) -> list[tuple[str, float]]:
+    """Median over buckets 1.. of each step of the sender -> receiver -> sender cycle, in ms. Steps with no
+    bucket index (pack/load start, launched) take the index of the message that follows them."""
+
+    def by_bucket(host):
+        out, pending = {}, []
+        for what, index, t in host:
+            if index < 0:
+                pending.append((what, t))
+                continue
+            for w, tp in pending:
+                out.setdefault(index, {})[w] = tp
+            pending = []
+            out.setdefault(index, {})[what] = t
+        return out
+
+    s, r = by_bucket(sender["host"]), by_bucket(receiver["host"])
+    steps = [  # (label, from (end, key, bucket offset), to (end, key, bucket offset))
+        ("sender: Ack in -> pack starts", (s, "got Ack", -1), (s, "pack start", 0)),
+        ("sender: pack launch loop", (s, "pack start", 0), (s, "pack launched", 0)),
+        ("sender: launched -> BucketMeta out", (s, "pack launched", 0), (s, "sent BucketMeta", 0)),
+        ("BucketMeta on the wire", (s, "sent BucketMeta", 0), (r, "got BucketMeta", 0)),
+        ("receiver: views + wait for the packed event", (r, "got BucketMeta", 0), (r, "load start", 0)),
+        ("receiver: load launch loop", (r, "load start", 0), (r, "load launched", 0)),
+        ("receiver: device sync after the loads", (r, "load launched", 0), (r, "sent Ack", 0)),
+        ("Ack on the wire (incl. the sender's wake-up)", (r, "sent Ack", 0), (s, "got Ack", 0)),
+    ]
+    n = len(s)
+    rows = []
+    for label, (a, ka, da), (b, kb, db) in steps:
+        spans = [(b[k + db][kb] - a[k + da][ka]) * 1e3 for k in range(1, n)
+                 if ka in a.get(k + da, {}) and kb in b.get(k + db, {})]
+        rows.append((label, statistics.median(spans) if spans else float("nan")))
+    cycles = [(s[k]["got Ack"] - s[k - 1]["got Ack"]) * 1e3 for k in range(1, n) if "got Ack" in s.get(k, {}) and "got Ack" in s.get(k - 1, {})]
+    # on a CPU the copies run inside the launch loops
+    pack = statistics.median(ms for w, ms in sender["gpu_ms"]) if sender["gpu_ms"] else rows[1][1]
+    load = statistics.median(ms for w, ms in receiver["gpu_ms"]) if receiver["gpu_ms"] else rows[5][1]
+    cycle = statistics.median(cycles) if cycles else float("nan")
+    rows += [("= one bucket, Ack to Ack", cycle), ("device time: pack", pack), ("device time: load", load),
+             ("device idle per bucket (cycle - pack - load)", cycle - pack - load)]
+    return rows
 
 
 def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
@@ -166,12 +273,14 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     endpoint = new_endpoint()
-    receiver = ctx.Process(target=_receiver_main, args=(cfg, bench, endpoint, shapes), daemon=True)
+    receiver = ctx.Process(target=_receiver_main, args=(cfg, bench, endpoint, shapes, results), daemon=True)
     sender = ctx.Process(target=_sender_main, args=(cfg, bench, endpoint, shapes, results), daemon=True)
     receiver.start()
     sender.start()
     try:
-        out = results.get(timeout=cfg.timeout_s * (bench.num_repeats + 2) + 120)
+        out = {}
+        for _ in range(2 if bench.trace else 1):  # the receiver reports its trace separately
+            out.update(results.get(timeout=cfg.timeout_s * (bench.num_repeats + 3) + 120))
     finally:
         for p in (sender, receiver):
             p.join(30)
@@ -188,6 +297,7 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
         "floor_gbps": gb / floor_s, "refit_gbps": gb / refit_s, "ratio": refit_s / floor_s,
         "overhead_per_bucket_ms": (refit_s - floor_s) / out["num_buckets"] * 1e3,
         "floor_all_s": out["floor_s"], "refit_all_s": out["refit_s"],
+        **({"trace_ms": trace_table(out["sender_trace"], out["receiver_trace"])} if bench.trace else {}),
     }
 
 
@@ -267,6 +377,8 @@ def _hydra_main() -> None:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print_table([result], f"refit vs two-copy floor -> {path}")
+        for label, ms in result.get("trace_ms", []):
+            print(f"{label:>48}: {ms:8.3f} ms")
 
     main()
 

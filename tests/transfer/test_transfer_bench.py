@@ -62,3 +62,15 @@ def test_multirun_sweep_and_summary(tmp_path):
     rows = json.loads((sweep / "summary.json").read_text())
     assert sorted(r["sync"] for r in rows) == ["double_buffer", "fenced"]
     assert (sweep / "summary.png").stat().st_size > 0
+
+
+def test_trace_breaks_one_bucket_into_steps_that_add_up():
+    cfg = TransferConfig(transport="shm", bucket_mb=1, sync="fenced", timeout_s=30.0)
+    result = bench.run(cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=1, trace=True))
+    steps = dict(result["trace_ms"])
+    assert len(result["refit_all_s"]) == 1  # the traced refit is not one of the timed repeats
+    cycle = steps.pop("= one bucket, Ack to Ack")
+    parts = [ms for label, ms in result["trace_ms"][:8]]
+    assert all(ms >= 0 for ms in parts) and cycle > 0
+    # the eight steps are consecutive, so their medians add up to about one cycle
+    assert sum(parts) == pytest.approx(cycle, rel=0.5)
