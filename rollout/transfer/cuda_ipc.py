@@ -105,7 +105,7 @@ class CudaIpcTransport:
 
     def mark_packed(self, index: int) -> None:
         """Record the buffer's event behind the packing copies instead of blocking the host until they end:
-        the sender sends the BucketMeta at once and the receiver decodes it while the GPU still packs."""
+        the sender sends Packed at once and the receiver starts polling the event while the GPU still packs."""
         self._events[index].record(torch.cuda.current_stream(self.device))
 
     def wait_packed(self, index: int, deadline: float, what: str) -> None:

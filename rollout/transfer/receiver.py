@@ -153,16 +153,19 @@ class WeightReceiver(End):
         hello = self._hello
         if not 0 <= meta.buffer_index < hello.num_buffers or not 0 <= meta.nbytes <= hello.bucket_bytes:
             raise wire.ProtocolError(f"bucket {meta.bucket_index} does not fit the handshake's buffers")
+        # The BucketMeta comes ahead of the bytes: validate it and build the views (they read nothing)
+        # while the sender still waits for the buffer or packs it.
+        weights, chunk_copy = self._views(meta)
+        packed = self._next(meta.refit_id, wire.Packed, f"Packed {meta.bucket_index}")
+        if packed.bucket_index != meta.bucket_index:
+            raise wire.ProtocolError(f"expected Packed {meta.bucket_index}, got Packed {packed.bucket_index}")
         what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
         if isinstance(self._transport, transports.CopyingTransport):
             self._transport.pull(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
-        # Views read no bytes: build them while the sender's GPU may still be packing (cuda_ipc), so
-        # the consumer's first copy is launched as soon as the packed event fires.
-        weights, chunk_copy = self._views(meta)
         self._transport.wait_packed(meta.buffer_index, self._channel.deadline(), what)
-        if meta.checksum != -1:
+        if packed.checksum != -1:
             digest = layout.checksum(self._transport.region(meta.buffer_index, 0, meta.nbytes))
-            if digest != meta.checksum:
+            if digest != packed.checksum:
                 names = sorted({e.name for e in meta.entries})
                 raise IntegrityError(f"checksum mismatch in bucket {meta.bucket_index}, tensors: {', '.join(names)}")
         elif self.cfg.verify:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections import deque
 from typing import Iterable, Iterator
 
 import torch
@@ -95,13 +94,16 @@ class WeightSender(End):
         transport, bucket_bytes = self._transport, self.cfg.bucket_bytes
         copying = isinstance(transport, transports.CopyingTransport)
         num_buffers = self._policy.num_buffers
-        free = deque(range(num_buffers))
         num_buckets = num_tensors = num_bytes = 0
         for bucket in buckets:
-            if not free:
-                free.append(self._wait_ack(refit_id, free, f"Ack of bucket {num_buckets - num_buffers}"))
-            index = free.popleft()
-            what = f"{self.endpoint}: bucket {num_buckets} of refit {refit_id}"
+            k, index = num_buckets, num_buckets % num_buffers  # Acks come in order, so buffers go round
+            entries = [p.entry for p in bucket.placements]
+            # The layout goes out before buffer `index` is free: the receiver decodes it and builds its
+            # views while we wait for the Ack and pack, and only the short Packed is left on the critical path.
+            self._channel.send(wire.BucketMeta(refit_id, k, index, bucket.nbytes, bucket.is_last, entries), f"BucketMeta {k}")
+            if k >= num_buffers:
+                self._wait_ack(refit_id, k - num_buffers, index)
+            what = f"{self.endpoint}: bucket {k} of refit {refit_id}"
             if copying:  # acked, so its broadcast is done; this orders our packing after it
                 transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
             buffer = transport.buffer(index)
@@ -109,16 +111,14 @@ class WeightSender(End):
             transport.mark_packed(index)  # on a GPU, the receiver must not read half-finished copies
             digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
             self._after_pack(buffer, bucket)
-            entries = [p.entry for p in bucket.placements]
-            meta = wire.BucketMeta(refit_id, num_buckets, index, bucket.nbytes, bucket.is_last, digest, entries)
-            self._channel.send(meta, f"BucketMeta {num_buckets}")
+            self._channel.send(wire.Packed(refit_id, k, digest), f"Packed {k}")
             if copying:
                 transport.push(index, bucket.nbytes, what)
             num_buckets += 1
             num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
             num_bytes += sum(e.nbytes for e in entries)
-        while len(free) < num_buffers:
-            free.append(self._wait_ack(refit_id, free, "the last Acks"))
+        for k in range(max(0, num_buckets - num_buffers), num_buckets):
+            self._wait_ack(refit_id, k, k % num_buffers)
         self._channel.send(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")
         self._wait(refit_id, wire.Done, "Done")
         return TransferStats(version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
@@ -126,11 +126,13 @@ class WeightSender(End):
     def _after_pack(self, buffer: torch.Tensor, bucket: layout.PlannedBucket) -> None:
         """Test hook (corrupt a byte after the checksum); does nothing in production."""
 
-    def _wait_ack(self, refit_id: int, free: deque, what: str) -> int:
-        ack = self._wait(refit_id, wire.Ack, what)
-        if not 0 <= ack.buffer_index < self._policy.num_buffers or ack.buffer_index in free:
-            raise wire.ProtocolError(f"{self.endpoint}: Ack names buffer {ack.buffer_index}, which is not in use")
-        return ack.buffer_index
+    def _wait_ack(self, refit_id: int, bucket_index: int, buffer_index: int) -> None:
+        ack = self._wait(refit_id, wire.Ack, f"Ack of bucket {bucket_index}")
+        if (ack.bucket_index, ack.buffer_index) != (bucket_index, buffer_index):
+            raise wire.ProtocolError(
+                f"{self.endpoint}: expected the Ack of bucket {bucket_index} (buffer {buffer_index}), "
+                f"got one of bucket {ack.bucket_index} (buffer {ack.buffer_index})"
+            )
 
     def _wait(self, refit_id: int, expected: type, what: str):
         deadline = self._channel.deadline()

@@ -97,7 +97,7 @@ class ShmTransport:
         """CPU copies are complete when copy_ returns."""
 
     def wait_packed(self, index: int, deadline: float, what: str) -> None:
-        """The BucketMeta was sent after the copies returned."""
+        """Packed was sent after the copies returned."""
 
     def unlink(self) -> None:
         """Remove the names; the mappings stay valid. Idempotent."""

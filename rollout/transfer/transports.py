@@ -32,7 +32,7 @@ class CopyingTransport(BucketTransport, Protocol):
     failed refit may leave a transfer in flight, so both ends rebuild the transport after one."""
 
     def reclaim(self, index: int, deadline: float, what: str) -> None: ...  # sender, before packing `index`
-    def push(self, index: int, nbytes: int, what: str) -> None: ...  # sender, after the BucketMeta
+    def push(self, index: int, nbytes: int, what: str) -> None: ...  # sender, after Packed
     def pull(self, index: int, nbytes: int, deadline: float, what: str) -> None: ...  # receiver, before the views
 
 

@@ -8,7 +8,11 @@ code. No pickle anywhere. Tensor dtypes travel as names mapped through an explic
 One refit, in order (S = sender, R = receiver):
     S->R BeginRefit (carries the Hello: transport, sync, buffer descriptors)
     R->S Ready (attached=False asks the sender for fresh buffers)
-    S->R BucketMeta ... R->S Ack (names the freed buffer) ... (as the sync policy allows)
+    per bucket k, with buffer k % num_buffers:
+      S->R BucketMeta k (the layout; sent as soon as it is planned, before buffer k is free, so the
+           receiver decodes it and builds its views while the sender still waits or packs)
+      S->R Packed k (the bytes are, or on a GPU will be once the sender's packed event fires, in the buffer)
+      R->S Ack k (after consume and the device fence: the buffer may be overwritten)
     S->R EndOfRefit
     R->S Done
 Either side may send Error instead; it aborts that refit on both ends.
@@ -22,7 +26,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 3  # 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event
+PROTOCOL_VERSION = 4  # 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event; 4: Packed split from BucketMeta
 
 
 class ProtocolError(ValueError):
@@ -153,14 +157,24 @@ class Ready:
 
 @dataclass(frozen=True)
 class BucketMeta:
+    """Where each tensor of bucket k lies; its bytes may not be there yet (see Packed)."""
+
     refit_id: int
     bucket_index: int
     buffer_index: int
     nbytes: int  # extent used in the buffer, padding included
     is_last: bool
-    checksum: int  # xxh3_64 of the extent, or -1 when verification is off
     entries: list[TensorEntry]
     _lists: ClassVar[dict[str, type]] = {"entries": TensorEntry}
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Bucket k's bytes are in its buffer (cuda_ipc: once the buffer's packed event fires)."""
+
+    refit_id: int
+    bucket_index: int
+    checksum: int  # xxh3_64 of the extent, or -1 when verification is off
 
 
 @dataclass(frozen=True)
@@ -189,9 +203,9 @@ class Error:
     message: str
 
 
-_TAGS: dict[int, type] = {1: BeginRefit, 2: Ready, 3: BucketMeta, 4: Ack, 5: EndOfRefit, 6: Done, 7: Error}
+_TAGS: dict[int, type] = {1: BeginRefit, 2: Ready, 3: BucketMeta, 4: Ack, 5: EndOfRefit, 6: Done, 7: Error, 8: Packed}
 _TAG_OF: dict[type, int] = {cls: tag for tag, cls in _TAGS.items()}
-Message = BeginRefit | Ready | BucketMeta | Ack | EndOfRefit | Done | Error
+Message = BeginRefit | Ready | BucketMeta | Packed | Ack | EndOfRefit | Done | Error
 
 
 # Plain-value checks per annotation, so a malformed peer fails here and not deep inside a refit.

@@ -60,7 +60,7 @@ def test_bad_bucket_meta_fails_the_refit_naming_the_entry(case):
         channel.send(wire.BeginRefit(7, 1, 1, hello), "BeginRefit")
         deadline = channel.deadline()
         assert isinstance(channel.recv("Ready", deadline), wire.Ready)
-        channel.send(wire.BucketMeta(1, 0, 0, extent, True, -1, entries), "BucketMeta")
+        channel.send(wire.BucketMeta(1, 0, 0, extent, True, entries), "BucketMeta")
         error = channel.recv("the receiver's Error", deadline)
         worker.join(10)
     finally:
@@ -91,7 +91,8 @@ def test_well_formed_meta_from_the_same_hand_driven_sender_is_delivered():
         channel.send(wire.BeginRefit(7, 1, 1, hello), "BeginRefit")
         deadline = channel.deadline()
         assert isinstance(channel.recv("Ready", deadline), wire.Ready)
-        channel.send(wire.BucketMeta(1, 0, 0, 64, True, -1, [_entry("w.ok", 0, 64)]), "BucketMeta")
+        channel.send(wire.BucketMeta(1, 0, 0, 64, True, [_entry("w.ok", 0, 64)]), "BucketMeta")
+        channel.send(wire.Packed(1, 0, -1), "Packed")
         assert isinstance(channel.recv("Ack", deadline), wire.Ack)
         channel.send(wire.EndOfRefit(1, 1, 64, 1), "EndOfRefit")
         assert isinstance(channel.recv("Done", deadline), wire.Done)

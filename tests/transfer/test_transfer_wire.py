@@ -20,8 +20,10 @@ def _samples() -> list:
         wire.BeginRefit(123, 5, 8, wire.Hello(1, "cuda_ipc", "double_buffer", 4096, 2, [], [cuda, cuda])),
         wire.BeginRefit(123, 6, 9, wire.Hello(2, "nccl", "double_buffer", 4096, 3, [], [], [wire.NcclBuffer("127.0.0.1", 29500, "nccl", 4096)] * 2)),
         wire.Ready(4, False, "gone"),
-        wire.BucketMeta(4, 0, 1, 280, True, 2**64 - 1, [entry, entry]),
-        wire.BucketMeta(4, 1, 0, 0, False, -1, []),
+        wire.BucketMeta(4, 0, 1, 280, True, [entry, entry]),
+        wire.BucketMeta(4, 1, 0, 0, False, []),
+        wire.Packed(4, 0, 2**64 - 1),
+        wire.Packed(4, 1, -1),
         wire.Ack(4, 0, 1),
         wire.EndOfRefit(4, 2, 48, 1),
         wire.Done(4),
@@ -42,7 +44,8 @@ def test_messages_round_trip(msg):
         msgpack.packb({"tag": 1}),
         msgpack.packb([4, 1, 2]),  # Ack with a field missing
         msgpack.packb([4, "1", 2, 3]),  # a str where an int belongs
-        msgpack.packb([3, 1, 0, 0, 0, True, -1, [["w", "float32", [1], 0, 4, 0, 1]]]),  # short entry
+        msgpack.packb([3, 1, 0, 0, 0, True, [["w", "float32", [1], 0, 4, 0, 1]]]),  # short entry
+        msgpack.packb([8, 1, 0]),  # Packed without its checksum
         msgpack.packb([1, 1, 2, 3, [2, "nccl", "fenced", 4096, 1, [], [], [["127.0.0.1", "29500", "nccl", 4096]]]]),  # str port
         b"\xc1",
     ],
