@@ -247,22 +247,23 @@ def trace_table(sender: dict, receiver: dict) -> list[tuple[str, float]]:
         ("receiver: device sync after the loads", (r, "load launched", 0), (r, "sent Ack", 0)),
         ("Ack on the wire (incl. the sender's wake-up)", (r, "sent Ack", 0), (s, "got Ack", 0)),
     ]
-    n = len(s)
-    rows = []
-    for label, (a, ka, da), (b, kb, db) in steps:
-        spans = [(b[k + db][kb] - a[k + da][ka]) * 1e3 for k in range(1, n)
+
+    def median_span(a: dict, ka: str, da: int, b: dict, kb: str, db: int) -> float:
+        """Median over buckets k >= 1 of b[k + db][kb] - a[k + da][ka], in ms."""
+        spans = [(b[k + db][kb] - a[k + da][ka]) * 1e3 for k in range(1, len(s))
                  if ka in a.get(k + da, {}) and kb in b.get(k + db, {})]
-        rows.append((label, statistics.median(spans) if spans else float("nan")))
-    cycles = [(s[k]["got Ack"] - s[k - 1]["got Ack"]) * 1e3 for k in range(1, n) if "got Ack" in s.get(k, {}) and "got Ack" in s.get(k - 1, {})]
+        return statistics.median(spans) if spans else float("nan")
+
+    rows = [(label, median_span(*start, *end)) for label, start, end in steps]
     # on a CPU the copies run inside the launch loops
     pack = statistics.median(ms for w, ms in sender["gpu_ms"]) if sender["gpu_ms"] else rows[1][1]
     load = statistics.median(ms for w, ms in receiver["gpu_ms"]) if receiver["gpu_ms"] else rows[5][1]
-    cycle = statistics.median(cycles) if cycles else float("nan")
-    ahead = [(r[k]["got Packed"] - r[k]["got BucketMeta"]) * 1e3 for k in range(1, n) if {"got Packed", "got BucketMeta"} <= r.get(k, {}).keys()]
-    rows += [("= one bucket, Ack to Ack", cycle), ("device time: pack", pack), ("device time: load", load),
-             ("device idle per bucket (cycle - pack - load)", cycle - pack - load),
-             ("(off the path) BucketMeta in -> Packed in", statistics.median(ahead) if ahead else float("nan"))]
-    return rows
+    cycle = median_span(s, "got Ack", -1, s, "got Ack", 0)
+    return rows + [
+        ("= one bucket, Ack to Ack", cycle), ("device time: pack", pack), ("device time: load", load),
+        ("device idle per bucket (cycle - pack - load)", cycle - pack - load),
+        ("(off the path) BucketMeta in -> Packed in", median_span(r, "got BucketMeta", 0, r, "got Packed", 0)),
+    ]
 
 
 def run(cfg: TransferConfig, bench: BenchConfig) -> dict:

@@ -4,6 +4,7 @@ hand over a real channel and real shared memory, since WeightSender never produc
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -37,68 +38,58 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-def test_bad_bucket_meta_fails_the_refit_naming_the_entry(case):
-    entries, extent, message = BAD[case]
+@contextlib.contextmanager
+def _hand_driven_refit(consume):
+    """A WeightReceiver in a thread, handshaken by hand: yields the sender's channel, its shm buffer and the
+    list that collects what receive() raised; on exit the thread has ended and everything is closed."""
     cfg = TransferConfig(transport=Transport.shm, bucket_mb=1, timeout_s=10.0)
     endpoint = new_endpoint()
     transport = ShmTransport.allocate(1, BUCKET)
     channel = Channel(endpoint, bind=True, timeout_s=10.0)
-    outcome: list[BaseException] = []
+    raised: list[BaseException] = []
     receiver = WeightReceiver(cfg, endpoint)
 
     def receive() -> None:
         try:
-            receiver.receive(lambda weights, is_last: None)
-        except BaseException as exc:  # noqa: BLE001 - the assertion below says what was expected
-            outcome.append(exc)
+            receiver.receive(consume)
+        except BaseException as exc:  # noqa: BLE001 - the tests assert what was expected
+            raised.append(exc)
 
     worker = threading.Thread(target=receive)
     worker.start()
     try:
         hello = wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", BUCKET, 1, **transport.describe())
         channel.send(wire.BeginRefit(7, 1, 1, hello), "BeginRefit")
-        deadline = channel.deadline()
-        assert isinstance(channel.recv("Ready", deadline), wire.Ready)
-        channel.send(wire.BucketMeta(1, 0, 0, extent, True, entries), "BucketMeta")
-        error = channel.recv("the receiver's Error", deadline)
+        assert isinstance(channel.recv("Ready", channel.deadline()), wire.Ready)
+        yield channel, transport.buffer(0), raised
         worker.join(10)
     finally:
         receiver.close()
         channel.close()
         transport.close()
     assert not worker.is_alive()
-    assert len(outcome) == 1 and isinstance(outcome[0], wire.ProtocolError), outcome
-    assert message in str(outcome[0])
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_bucket_meta_fails_the_refit_naming_the_entry(case):
+    entries, extent, message = BAD[case]
+    with _hand_driven_refit(lambda weights, is_last: None) as (channel, _, raised):
+        channel.send(wire.BucketMeta(1, 0, 0, extent, True, entries), "BucketMeta")
+        error = channel.recv("the receiver's Error", channel.deadline())
+    assert len(raised) == 1 and isinstance(raised[0], wire.ProtocolError), raised
+    assert message in str(raised[0])
     assert isinstance(error, wire.Error) and message in error.message
 
 
 def test_well_formed_meta_from_the_same_hand_driven_sender_is_delivered():
     """The control for the cases above: the same hand-built refit, with entries that fit, arrives."""
-    cfg = TransferConfig(transport=Transport.shm, bucket_mb=1, timeout_s=10.0)
-    endpoint = new_endpoint()
-    transport = ShmTransport.allocate(1, BUCKET)
-    transport.buffer(0)[:64].view(torch.float32).copy_(torch.arange(16, dtype=torch.float32))
-    channel = Channel(endpoint, bind=True, timeout_s=10.0)
     got: dict[str, torch.Tensor] = {}
-    receiver = WeightReceiver(cfg, endpoint)
-    worker = threading.Thread(
-        target=lambda: receiver.receive(lambda weights, is_last: got.update((n, t.clone()) for n, t in weights))
-    )
-    worker.start()
-    try:
-        hello = wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", BUCKET, 1, **transport.describe())
-        channel.send(wire.BeginRefit(7, 1, 1, hello), "BeginRefit")
-        deadline = channel.deadline()
-        assert isinstance(channel.recv("Ready", deadline), wire.Ready)
+    with _hand_driven_refit(lambda weights, is_last: got.update((n, t.clone()) for n, t in weights)) as (channel, buffer, raised):
+        buffer[:64].view(torch.float32).copy_(torch.arange(16, dtype=torch.float32))
         channel.send(wire.BucketMeta(1, 0, 0, 64, True, [_entry("w.ok", 0, 64)]), "BucketMeta")
         channel.send(wire.Packed(1, 0, -1), "Packed")
-        assert isinstance(channel.recv("Ack", deadline), wire.Ack)
+        assert isinstance(channel.recv("Ack", channel.deadline()), wire.Ack)
         channel.send(wire.EndOfRefit(1, 1, 64, 1), "EndOfRefit")
-        assert isinstance(channel.recv("Done", deadline), wire.Done)
-        worker.join(10)
-    finally:
-        receiver.close()
-        channel.close()
-        transport.close()
+        assert isinstance(channel.recv("Done", channel.deadline()), wire.Done)
+    assert not raised
     torch.testing.assert_close(got["w.ok"], torch.arange(16, dtype=torch.float32))
