@@ -62,3 +62,7 @@ class TransferConfig:
     @property
     def bucket_bytes(self) -> int:
         return self.bucket_mb << 20
+
+    @property
+    def spin_s(self) -> float:
+        return self.spin_us * 1e-6

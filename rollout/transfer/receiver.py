@@ -45,7 +45,7 @@ class WeightReceiver(End):
         self._pending: wire.BeginRefit | None = None  # a BeginRefit that cut the previous refit short
         self._assembly: torch.Tensor | None = None
         self._chunked: tuple[str, int] | None = None  # (name, next chunk) of the tensor being reassembled
-        self._own(Channel(endpoint, bind=False, timeout_s=cfg.timeout_s, spin_s=cfg.spin_us * 1e-6))
+        self._own(Channel(endpoint, bind=False, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
 
     def receive(self, consume: Consume) -> TransferStats:
         """One refit. Raises whatever consume raised (after telling the sender), PeerError if the

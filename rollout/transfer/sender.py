@@ -41,7 +41,7 @@ class WeightSender(End):
         self._generation = 0
         self._session = secrets.randbits(62)  # distinguishes us from a previous sender on this endpoint
         self._next_refit_id = 1
-        self._own(Channel(endpoint, bind=True, timeout_s=cfg.timeout_s, spin_s=cfg.spin_us * 1e-6))
+        self._own(Channel(endpoint, bind=True, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> TransferStats:
         """One refit: returns once the receiver has consumed every bucket. Raises PeerError with the

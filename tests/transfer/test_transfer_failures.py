@@ -4,6 +4,7 @@ shared-memory segment or socket file of ours survives any exit."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -17,7 +18,7 @@ from rollout.transfer import (
     WeightSender,
     new_endpoint,
 )
-from transfer_procs import CTX, our_segments, race_tensors, receiver_process, receiver_that_dies, sender_then_hang
+from transfer_procs import CTX, our_segments, race_tensors, receiver_process, receiver_that_dies, receiving_from_a_killed_sender
 
 SHORT = {"transport": "shm", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
 
@@ -57,21 +58,9 @@ def test_receiver_without_sender_times_out_naming_endpoint():
 
 def test_receiver_survives_sigkilled_sender_and_cleans_up():
     endpoint = new_endpoint()
-    sender = CTX.Process(target=sender_then_hang, args=(SHORT, endpoint, 12))
-    sender.start()
-    seen = []
-
-    def consume(weights, is_last):
-        if not seen:  # first bucket: the sender dies while we hold views of its buffer
-            os.kill(sender.pid, signal.SIGKILL)
-            sender.join()
-            receiver._channel.timeout_s = 1.5  # short only now: the first wait includes the child's start-up
-        seen.append(len(weights))
-
-    with WeightReceiver(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint) as receiver:
-        with pytest.raises(TransferTimeout, match="Packed 1|bucket 1") as err:
-            receiver.receive(consume)
-        assert endpoint in str(err.value)
+    with receiving_from_a_killed_sender(SHORT, endpoint) as (receiver, error, seen):
+        assert isinstance(error, TransferTimeout) and re.search("Packed 1|bucket 1", str(error)), error
+        assert endpoint in str(error)
         names = [b.name for b in receiver._hello.shm_buffers]
     assert seen and not our_segments(names)
     assert not os.path.exists(_socket_path(endpoint))

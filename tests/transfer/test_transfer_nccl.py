@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import threading
 
@@ -13,7 +14,7 @@ import torch
 
 from rollout.transfer import TransferConfig, TransferError, TransferTimeout, WeightReceiver, WeightSender, new_endpoint, transports, wire
 from rollout.transfer.nccl import NcclTransport
-from transfer_procs import CTX, listening, race_tensors, receiver_process, receiver_that_dies, sender_then_hang, store_ports
+from transfer_procs import CTX, listening, race_tensors, receiver_process, receiver_that_dies, receiving_from_a_killed_sender, store_ports
 
 SHORT = {"transport": "nccl", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
 
@@ -36,21 +37,9 @@ def _port(transport) -> int:
 
 def test_receiver_survives_sigkilled_sender_and_drops_the_group():
     endpoint = new_endpoint()
-    sender = CTX.Process(target=sender_then_hang, args=(SHORT, endpoint, 12))
-    sender.start()
-    seen = []
-
-    def consume(weights, is_last):
-        if not seen:  # first bucket: the sender dies while we hold views of our buffer
-            os.kill(sender.pid, signal.SIGKILL)
-            sender.join()
-            receiver._channel.timeout_s = 1.5  # short only now: the first wait includes the child's start-up
-        seen.append(len(weights))
-
-    with WeightReceiver(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint) as receiver:
-        with pytest.raises(TransferError, match="Packed 1|bucket 1") as err:
-            receiver.receive(consume)
-        assert endpoint in str(err.value)
+    with receiving_from_a_killed_sender(SHORT, endpoint) as (receiver, error, seen):
+        assert isinstance(error, TransferError) and re.search("Packed 1|bucket 1", str(error)), error
+        assert endpoint in str(error)
         assert receiver._transport is None  # the group is aborted and released at once, not at close()
     assert seen
     assert not os.path.exists(os.path.dirname(endpoint[len("ipc://"):]))

@@ -5,6 +5,7 @@ Everything a child process runs lives here at module level, so the spawn start m
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -175,6 +176,33 @@ def sender_then_hang(cfg_kwargs: dict, endpoint: str, num_tensors: int, device: 
     sender = WeightSender(TransferConfig(**cfg_kwargs), endpoint, device=device)
     sender.send([(n, t.to(device)) for n, t in race_tensors(1, num_tensors=num_tensors)], version=1)
     time.sleep(3600)
+
+
+@contextlib.contextmanager
+def receiving_from_a_killed_sender(cfg_kwargs: dict, endpoint: str):
+    """Receive one refit from a sender_then_hang process that is SIGKILLed inside our first consume, while
+    we hold views of its buffer. Yields (receiver, what receive() raised, tensors per consume call) with
+    the receiver still open. The first wait may take 20 s (the child starts up); the later ones get
+    cfg_kwargs["timeout_s"]."""
+    sender = CTX.Process(target=sender_then_hang, args=(cfg_kwargs, endpoint, 12))
+    sender.start()
+    seen: list[int] = []
+
+    def consume(weights, is_last):
+        if not seen:
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.join()
+            receiver._channel.timeout_s = cfg_kwargs["timeout_s"]
+        seen.append(len(weights))
+
+    with WeightReceiver(TransferConfig(**{**cfg_kwargs, "timeout_s": 20.0}), endpoint) as receiver:
+        try:
+            receiver.receive(consume)
+        except Exception as exc:  # noqa: BLE001 - the callers assert its type and message
+            error = exc
+        else:
+            raise AssertionError("receive() returned although its sender was killed mid-refit")
+        yield receiver, error, seen
 
 
 def receiver_that_dies(cfg_kwargs: dict, endpoint: str, device: str = "cpu") -> None:
