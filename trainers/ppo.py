@@ -15,24 +15,24 @@ refit the engine with `update_weights` (every `trainer.refit_every` steps) -> ne
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from trainers.algorithms import gae, grpo_advantages, masked_mean, masked_whiten, terminal_rewards
+from trainers.algorithms import gae, grpo_advantages, masked_whiten, terminal_rewards
 from trainers.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from trainers.config import Algorithm, PPOConfig, register_configs, to_typed
+from trainers.config import Algorithm, AlgorithmConfig, PPOConfig, TrainerConfig, register_configs, to_typed
+from trainers.learner import Learner, build_learner
 from trainers.loggers import build_loggers
-from trainers.policy import ValueModel, collate, load_policy, token_logprobs
-from trainers.tasks import Task, build_task
-from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
+from trainers.policy import collate
+from trainers.tasks import Example, Task, build_task
 
 register_configs()
 
@@ -56,42 +56,112 @@ def score(samples, answers: list[str], reward_fn: RewardFn) -> torch.Tensor:
     return torch.tensor([float(reward_fn(s.text, answers[s.prompt_index])) for s in samples])
 
 
+def sample_seed(seed: int, step: int) -> int:
+    """vLLM's sampling seed of a training step: distinct per (run seed, step), the same on resume."""
+    return seed * 1_000_003 + step * 100_003
+
+
+def shuffle_seed(seed: int, step: int) -> int:
+    """The minibatch order of a step: a resumed run replays the same order."""
+    return seed * 1_000_003 + step
+
+
+EVAL_SEED_OFFSET = 10_000_000  # the eval's sampling seed sits far from every training step's
+
+
+@dataclass
+class RunState:
+    """What a run carries from step to step and through a checkpoint, besides the learner's tensors."""
+
+    step: int = 0  # the last finished step
+    history: list[dict] = field(default_factory=list)  # every finished step's metrics
+    baseline: Optional[float] = None  # the pre-RL eval reward
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built (and validated) before the engine starts."""
+
+    out_dir: Path
+    model_path: str
+    task: Task
+    reward_fn: RewardFn
+    tokenizer: Any
+    learner: Learner
+    state: RunState
+    log: Any  # trainers.loggers.Loggers
+    warmup_loss: Optional[float] = None  # None: resumed, or no warm-start
+
+
+@dataclass
+class Rollouts:
+    """One step's sampled responses and the prompts they answer."""
+
+    examples: list[Example]
+    samples: list[Any]  # rollout.Sample, in prompt order, n per prompt
+    gen_s: float
+
+
 def evaluate(ro, task: Task, reward_fn: RewardFn, cfg: PPOConfig) -> float:
     """Mean reward on the fixed eval prompts (same sampling settings and seed every time)."""
     samples = ro.generate(
         [e.prompt for e in task.eval], n=cfg.trainer.eval_samples, max_tokens=cfg.task.max_tokens,
-        temperature=cfg.algorithm.temperature, seed=10_000_000 + cfg.trainer.seed,
+        temperature=cfg.algorithm.temperature, seed=EVAL_SEED_OFFSET + cfg.trainer.seed,
     )
     return float(score(samples, [e.answer for e in task.eval], reward_fn).mean())
 
 
-def warm_start(policy, tokenizer, task: Task, cfg: PPOConfig, log) -> Optional[float]:
-    """A short supervised warm-start on the task's reference completions; returns the last loss."""
+def resolve_model(cfg: PPOConfig) -> str:
+    if cfg.model.path is not None:
+        return cfg.model.path
+    from rollout.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(cache_dir=cfg.model.cache_dir))
+
+
+def setup(cfg: PPOConfig) -> Setup:
+    """Build task, reward, model and learner, resume or warm-start: all before the engine starts."""
     t = cfg.trainer
-    if t.warmup_steps == 0:
-        return None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.warmup_lr, weight_decay=0.0)
-    loss = torch.tensor(float("nan"))
-    for step in range(1, t.warmup_steps + 1):
-        examples = task.batch(-step, t.warmup_batch_size)  # negative steps: disjoint from the RL batches
-        batch = collate(
-            [tokenizer(e.prompt).input_ids for e in examples],
-            [tokenizer(e.completion).input_ids + [tokenizer.eos_token_id] for e in examples],
-            pad_id=tokenizer.pad_token_id or 0,
-        ).to(next(policy.parameters()).device)
-        logp, _ = token_logprobs(policy, batch)
-        loss = -masked_mean(logp, batch.mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    log.message(f"warm-start: {t.warmup_steps} supervised steps, final loss {loss.item():.3f}")
-    return loss.item()
+    out_dir = Path(t.out_dir or "outputs/ppo").expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)
+    reward_fn = build_reward(cfg.task.reward)
+    task = build_task(cfg.task, seed=t.seed)
+    ckpt = load_checkpoint(t.resume) if t.resume else None
+    model_path = resolve_model(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    learner = build_learner(model_path, cfg.algorithm, t, cfg.rollout.backend.name.value)
+    state = resume(learner, ckpt, t) if ckpt is not None else RunState()
+    log = build_loggers(cfg.logger, out_dir, t.total_steps, state.step, run_config=asdict(cfg))
+    for record in state.history:  # a resumed run's files hold the whole run, not only its second half
+        log.replay({k: v for k, v in record.items() if k != "step"}, record["step"])
+    log.message(f"{cfg.algorithm.name.value} on task {cfg.task.name.value}: {model_path} -> {out_dir}")
+    loss = learner.warm_start(tokenizer, task) if ckpt is None else None
+    if loss is not None:
+        log.message(f"warm-start: {t.warmup_steps} supervised steps, final loss {loss:.3f}")
+    # The frozen reference is the policy RL starts from (after the warm-start), or the checkpoint's.
+    learner.freeze_reference(ckpt.get("reference") if ckpt is not None else None)
+    return Setup(out_dir, model_path, task, reward_fn, tokenizer, learner, state, log, loss)
 
 
-def resolve_device(device: str, backend: str) -> torch.device:
-    if device == "auto":
-        device = {"vllm_cpu": "cpu", "vllm_gpu": "cuda", "vllm_ascend": "npu"}[backend]
-    return torch.device(device)
+def resume(learner: Learner, ckpt: dict, t: TrainerConfig) -> RunState:
+    learner.load_state_dict(ckpt, source=t.resume)
+    if ckpt["step"] > t.total_steps:
+        raise ValueError(f"trainer.resume is at step {ckpt['step']}, past trainer.total_steps={t.total_steps}")
+    return RunState(ckpt["step"], ckpt["history"], ckpt["baseline"])
+
+
+def open_engine(cfg: PPOConfig, model_path: str, rollout=None):
+    """A new engine on `model_path`, or the caller's running one (left open at the end)."""
+    if rollout is not None:
+        return contextlib.nullcontext(rollout)
+    from rollout import build_rollout
+
+    return build_rollout(cfg.rollout, model_path)
 
 
 def run(cfg: PPOConfig, rollout=None) -> dict:
@@ -100,176 +170,115 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     `rollout`: an already running engine on the same model to use (and leave open) instead of
     building one from `cfg.rollout`; tests share one engine this way.
     """
-    t, alg = cfg.trainer, cfg.algorithm
-    out_dir = Path(t.out_dir or "outputs/ppo").expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    torch.manual_seed(t.seed)
     wall_start = time.perf_counter()
-
-    # Everything a bad config can break is built before the engine starts.
-    reward_fn = build_reward(cfg.task.reward)
-    task = build_task(cfg.task, seed=t.seed)
-    ckpt = load_checkpoint(t.resume) if t.resume else None
-    if cfg.model.path is None:
-        from rollout.tiny_model import ensure_tiny_model
-
-        model_path = str(ensure_tiny_model(cache_dir=cfg.model.cache_dir))
-    else:
-        model_path = cfg.model.path
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    device = resolve_device(t.device, cfg.rollout.backend.name.value)
-    policy = load_policy(model_path).to(device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay)
-    critic = ValueModel(model_path).to(device) if alg.name is Algorithm.ppo else None
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr) if critic is not None else None
-
-    start_step, history, baseline, reference = 0, [], None, None
-    if ckpt is not None:
-        policy.load_state_dict(ckpt["policy"])  # load_state_dict copies into the live device tensors
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if critic is not None:
-            if ckpt.get("critic") is None:
-                raise ValueError(f"trainer.resume={t.resume!r} holds no critic: it was not an algorithm=ppo run")
-            critic.load_state_dict(ckpt["critic"])
-            critic_opt.load_state_dict(ckpt["critic_optimizer"])
-        start_step, history, baseline = ckpt["step"], ckpt["history"], ckpt["baseline"]
-    if start_step > t.total_steps:
-        raise ValueError(f"trainer.resume is at step {start_step}, past trainer.total_steps={t.total_steps}")
-
-    log = build_loggers(cfg.logger, out_dir, t.total_steps, start_step, run_config=asdict(cfg))
-    for record in history:  # a resumed run's files hold the whole run, not only its second half
-        log.replay({k: v for k, v in record.items() if k != "step"}, record["step"])
-    log.message(f"{alg.name.value} on task {cfg.task.name.value}: {model_path} -> {out_dir}")
-    warmup_loss = None
-    if ckpt is None:
-        warmup_loss = warm_start(policy, tokenizer, task, cfg, log)
-    if alg.kl_coef > 0:  # the frozen reference is the policy RL starts from (after the warm-start)
-        reference = copy.deepcopy(policy).requires_grad_(False)
-        if ckpt is not None and ckpt["reference"] is not None:
-            reference.load_state_dict(ckpt["reference"])
-
-    if rollout is None:
-        from rollout import build_rollout
-
-        engine = build_rollout(cfg.rollout, model_path)
-    else:
-        engine = contextlib.nullcontext(rollout)
-    with contextlib.closing(log), engine as ro:
-        # The engine starts from the trainer's weights: warm-started, resumed, or whatever a shared
-        # engine held before.
-        ro.update_weights(policy.named_parameters(), version=start_step)
-        if baseline is None:
-            baseline = evaluate(ro, task, reward_fn, cfg)
-            log.message(f"pre-RL baseline: eval reward {baseline:.3f}")
-            log.log_eval({"eval/reward": baseline, "warmup/loss": warmup_loss}, step=start_step)
-
-        for step in range(start_step + 1, t.total_steps + 1):
+    s = setup(cfg)
+    with contextlib.closing(s.log), open_engine(cfg, s.model_path, rollout) as ro:
+        start_engine(ro, s, cfg)
+        next_rollouts = functools.partial(generate, ro, s.task, cfg)  # step -> Rollouts: a producer plugs in here
+        for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
             step_start = time.perf_counter()
-            # 1. generate with the engine's current weights
-            ro.wake_up()  # no-op unless it slept through a step without a refit (trainer.refit_every > 1)
-            examples = task.batch(step, t.prompts_per_step)
-            samples = ro.generate(
-                [e.prompt for e in examples], n=alg.num_samples, max_tokens=cfg.task.max_tokens,
-                temperature=alg.temperature, seed=t.seed * 1_000_003 + step * 100_003,
-            )
-            gen_s = time.perf_counter() - step_start
-            ro.sleep()  # colocate: the engine's device memory goes to training; update_weights wakes it up
-            version_lag = (step - 1) - min(s.version for s in samples)  # the policy has step-1 updates
+            rollouts = next_rollouts(step)
+            metrics = train(s, rollouts, cfg, step)
+            metrics.update(refit(ro, s.learner, cfg.trainer, step))
+            metrics["timing/step_s"] = time.perf_counter() - step_start
+            record(s, cfg, step, metrics)
+        final_eval = evaluate(ro, s.task, s.reward_fn, cfg)
+        s.log.log_eval({"eval/reward": final_eval}, step=cfg.trainer.total_steps)
+        s.log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {s.state.baseline:.3f})")
+    return finish(s, cfg, final_eval, time.perf_counter() - wall_start)
 
-            # 2. reward
-            rewards = score(samples, [e.answer for e in examples], reward_fn)
-            train_start = time.perf_counter()
-            batch = collate(
-                [s.prompt_token_ids for s in samples], [s.token_ids for s in samples],
-                pad_id=tokenizer.pad_token_id or 0, sampler_logprobs=[s.logprobs for s in samples],
-            ).to(device)
-            rewards = rewards.to(device)
-            mask = batch.mask
 
-            # 3. old log-probs, reference, critic: recomputed by the trainer on the sampled tokens
-            micro = t.micro_batch_size
-            old_logp = logprobs_no_grad(policy, batch, alg.temperature, micro)
-            raw_logp = old_logp if alg.temperature == 1.0 else logprobs_no_grad(policy, batch, 1.0, micro)
-            gap = ((raw_logp - batch.sampler_logprobs).abs() * mask).sum() / mask.sum()
-            ref_logp = logprobs_no_grad(reference, batch, alg.temperature, micro) if reference else None
-            old_values = values_no_grad(critic, batch, micro) if critic is not None else None
+def start_engine(ro, s: Setup, cfg: PPOConfig) -> None:
+    """The engine starts from the trainer's weights (warm-started, resumed, or whatever a shared
+    engine held before); a fresh run measures its pre-RL baseline."""
+    ro.update_weights(s.learner.named_parameters_for_refit(), version=s.state.step)
+    if s.state.baseline is None:
+        s.state.baseline = evaluate(ro, s.task, s.reward_fn, cfg)
+        s.log.message(f"pre-RL baseline: eval reward {s.state.baseline:.3f}")
+        s.log.log_eval({"eval/reward": s.state.baseline, "warmup/loss": s.warmup_loss}, step=s.state.step)
 
-            # 4. advantages
-            if alg.name is Algorithm.grpo:
-                advantages = grpo_advantages(rewards, alg.num_samples, alg.scale_adv_by_std)[:, None] * mask
-                returns = None
-            else:
-                advantages, returns = gae(terminal_rewards(rewards, mask), old_values, mask, alg.gamma, alg.lam)
-                advantages = masked_whiten(advantages, mask)
 
-            # 5. update: num_epochs passes of num_minibatches clipped policy-gradient steps
-            acc = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0,
-                   "value_loss": 0.0}
-            num_updates = 0
-            shuffle = torch.Generator().manual_seed(t.seed * 1_000_003 + step)  # resume replays the same order
-            for _ in range(alg.num_epochs):
-                for idx in torch.randperm(len(samples), generator=shuffle).to(device).chunk(alg.num_minibatches):
-                    mb = batch.select(idx)
-                    optimizer.zero_grad(set_to_none=True)
-                    ref_mb = ref_logp[idx] if ref_logp is not None else None
-                    for key, value in policy_backward(policy, mb, old_logp[idx], advantages[idx], ref_mb, alg, micro).items():
-                        acc[key] += value
-                    acc["grad_norm"] += torch.nn.utils.clip_grad_norm_(policy.parameters(), alg.max_grad_norm).item()
-                    optimizer.step()
-                    if critic is not None:
-                        critic_opt.zero_grad(set_to_none=True)
-                        acc["value_loss"] += value_backward(critic, mb, old_values[idx], returns[idx], alg.value_clip, micro)
-                        torch.nn.utils.clip_grad_norm_(critic.parameters(), alg.max_grad_norm)
-                        critic_opt.step()
-                    num_updates += 1
-            train_s = time.perf_counter() - train_start
+def generate(ro, task: Task, cfg: PPOConfig, step: int) -> Rollouts:
+    """Sample `num_samples` responses per prompt of this step's batch with the engine's current weights."""
+    start = time.perf_counter()
+    ro.wake_up()  # no-op unless it slept through a step without a refit (trainer.refit_every > 1)
+    examples = task.batch(step, cfg.trainer.prompts_per_step)
+    alg = cfg.algorithm
+    samples = ro.generate(
+        [e.prompt for e in examples], n=alg.num_samples, max_tokens=cfg.task.max_tokens,
+        temperature=alg.temperature, seed=sample_seed(cfg.trainer.seed, step),
+    )
+    gen_s = time.perf_counter() - start
+    ro.sleep()  # colocate: the engine's device memory goes to training; update_weights wakes it up
+    return Rollouts(examples, samples, gen_s)
 
-            # 6. refit: the engine samples the next step with these weights
-            refit_s, gbps = 0.0, None
-            if step % t.refit_every == 0 or step == t.total_steps:
-                stats = ro.update_weights(policy.named_parameters(), version=step)
-                refit_s, gbps = stats.seconds, stats.num_bytes / stats.seconds / 1e9
 
-            metrics = {
-                "reward/mean": rewards.mean().item(),
-                "reward/std": rewards.std(unbiased=False).item(),
-                "response_len": mask.sum(1).mean().item(),
-                **{k: v / num_updates for k, v in acc.items()},
-                "kl": acc["kl"] / num_updates if reference is not None else None,
-                "value_loss": acc["value_loss"] / num_updates if critic is not None else None,
-                "logprob_gap": gap.item(),
-                "version_lag": version_lag,
-                "refit/gbps": gbps,
-                "timing/gen_s": gen_s,
-                "timing/train_s": train_s,
-                "timing/refit_s": refit_s,
-                "timing/step_s": time.perf_counter() - step_start,
-            }
-            history.append({"step": step, **metrics})
-            log.log(metrics, step)
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.total_steps:
-                save_checkpoint(checkpoint_path(out_dir, step), {
-                    "step": step, "history": history, "baseline": baseline, "config": asdict(cfg),
-                    "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                    "critic": critic.state_dict() if critic is not None else None,
-                    "critic_optimizer": critic_opt.state_dict() if critic is not None else None,
-                    "reference": reference.state_dict() if reference is not None else None,
-                })
-        final_eval = evaluate(ro, task, reward_fn, cfg)
-        log.log_eval({"eval/reward": final_eval}, step=t.total_steps)
-        log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {baseline:.3f})")
+def advantages(alg: AlgorithmConfig, rewards: torch.Tensor, mask: torch.Tensor, values: Optional[torch.Tensor]):
+    """GRPO: group-relative per sequence; PPO: whitened GAE over the critic. Returns (advantages, returns)."""
+    if alg.name is Algorithm.grpo:
+        return grpo_advantages(rewards, alg.num_samples, alg.scale_adv_by_std)[:, None] * mask, None
+    adv, returns = gae(terminal_rewards(rewards, mask), values, mask, alg.gamma, alg.lam)
+    return masked_whiten(adv, mask), returns
 
-    summary = summarize(history, baseline, final_eval, time.perf_counter() - wall_start)
-    summary["algorithm"] = alg.name.value
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+def train(s: Setup, rollouts: Rollouts, cfg: PPOConfig, step: int) -> dict:
+    """Score, recompute old log-probs, advantages, update: one step's learning and its metrics."""
+    samples, learner = rollouts.samples, s.learner
+    rewards = score(samples, [e.answer for e in rollouts.examples], s.reward_fn)
+    train_start = time.perf_counter()
+    batch = collate(
+        [x.prompt_token_ids for x in samples], [x.token_ids for x in samples],
+        pad_id=s.tokenizer.pad_token_id or 0, sampler_logprobs=[x.logprobs for x in samples],
+    ).to(learner.device)
+    rewards, mask = rewards.to(learner.device), batch.mask
+    old = learner.logprobs(batch)
+    gap = ((old.raw_logp - batch.sampler_logprobs).abs() * mask).sum() / mask.sum()
+    adv, returns = advantages(cfg.algorithm, rewards, mask, old.values)
+    update = learner.update(batch, old, adv, returns, seed=shuffle_seed(cfg.trainer.seed, step))
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std(unbiased=False).item(),
+        "response_len": mask.sum(1).mean().item(),
+        **update,
+        "logprob_gap": gap.item(),
+        "version_lag": (step - 1) - min(x.version for x in samples),  # the policy has had step-1 updates
+        "timing/gen_s": rollouts.gen_s,
+        "timing/train_s": time.perf_counter() - train_start,
+    }
+
+
+def refit(ro, learner: Learner, t: TrainerConfig, step: int) -> dict:
+    """Every `refit_every` steps (and at the last): the engine samples the next step with these weights."""
+    refit_s, gbps = 0.0, None
+    if step % t.refit_every == 0 or step == t.total_steps:
+        stats = ro.update_weights(learner.named_parameters_for_refit(), version=step)
+        refit_s, gbps = stats.seconds, stats.num_bytes / stats.seconds / 1e9
+    return {"refit/gbps": gbps, "timing/refit_s": refit_s}
+
+
+def record(s: Setup, cfg: PPOConfig, step: int, metrics: dict) -> None:
+    """Log the step, and checkpoint every `checkpoint_every` steps and at the last."""
+    t = cfg.trainer
+    s.state.step = step
+    s.state.history.append({"step": step, **metrics})
+    s.log.log(metrics, step)
+    if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.total_steps:
+        save_checkpoint(checkpoint_path(s.out_dir, step), {
+            "step": step, "history": s.state.history, "baseline": s.state.baseline, "config": asdict(cfg),
+            **s.learner.state_dict(),
+        })
+
+
+def finish(s: Setup, cfg: PPOConfig, final_eval: float, wall_s: float) -> dict:
+    """Write summary.json and the reward curve; returns the summary."""
+    history, name = s.state.history, cfg.algorithm.name.value
+    summary = summarize(history, s.state.baseline, final_eval, wall_s)
+    summary["algorithm"] = name
+    (s.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if history:
         from trainers.plots import reward_curve
 
-        reward_curve(history, out_dir / "reward_curve.png", baseline, title=f"{alg.name.value} on {cfg.task.name.value}")
+        reward_curve(history, s.out_dir / "reward_curve.png", s.state.baseline, title=f"{name} on {cfg.task.name.value}")
     return summary
 
 
