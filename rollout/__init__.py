@@ -33,11 +33,12 @@ __all__ = [
 ]
 
 
-def build_rollout(cfg: RolloutConfig, model_path: str | os.PathLike) -> "VllmRollout":
-    """Start a vLLM engine for `cfg.backend` on the Hugging Face model at `model_path`."""
+def build_rollout(cfg: RolloutConfig, model_path: str | os.PathLike, worker_extension: str | None = None) -> "VllmRollout":
+    """Start a vLLM engine for `cfg.backend` on the Hugging Face model at `model_path` (`worker_extension`:
+    see VllmRollout)."""
     from rollout.engine import VllmRollout
 
-    return VllmRollout(cfg, str(model_path))
+    return VllmRollout(cfg, str(model_path), worker_extension=worker_extension)
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ from rollout.vllm_compat import fully_awake, has_layerwise_reload, installed_vll
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "rollout.worker_extension.RefitWorkerExtension"
+WORKER_EXTENSION = "rollout.worker_extension.RefitWorkerExtension"  # vLLM imports it by name in its workers
 
 
 @dataclass
@@ -64,7 +64,11 @@ class VllmRollout:
             samples = ro.generate(["1+1="], n=4, max_tokens=8)               # version == 1
     """
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None) -> None:
+    def __init__(
+        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None, worker_extension: str | None = None
+    ) -> None:
+        """`worker_extension`: the qualified name of a RefitWorkerExtension subclass for the workers (benchmarks
+        and tests add their RPCs this way); None = RefitWorkerExtension."""
         from vllm import LLM
 
         self.cfg = cfg
@@ -95,7 +99,7 @@ class VllmRollout:
             seed=b.seed,
             load_format=b.load_format,  # "dummy": random weights until the first refit brings real ones
             enable_sleep_mode=self._can_sleep,
-            worker_extension_cls=WORKER_EXTENSION,
+            worker_extension_cls=worker_extension or WORKER_EXTENSION,
         )
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
         self._endpoint: str | None = None  # created with the sender, on the first refit

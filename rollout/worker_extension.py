@@ -45,50 +45,6 @@ class RefitWorkerExtension:
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
-    def refit_worker_info(self) -> dict[str, Any]:
-        """Plain facts about the worker process, for benchmarks and logs."""
-        return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device())}
-
-    def refit_bench_reload_from_memory(
-        self, safetensors_path: str | None = None, specs: list[tuple[str, list[int], str]] | None = None, seed: int = 0
-    ) -> float:
-        """Benchmark helper: seconds of vLLM's in-place reload alone, fed from tensors already in this
-        worker's device memory - the part of a refit that no transfer can remove. The tensors are read
-        from `safetensors_path`, or made random from `specs` [(name, shape, dtype name)] (no file for a
-        7B model), onto the worker's device first, untimed."""
-        device = self._refit_device()
-        if safetensors_path is not None:
-            from safetensors.torch import load_file
-
-            state = load_file(safetensors_path, device=str(device))
-        else:
-            gen = torch.Generator(device=device).manual_seed(seed)
-            state = {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs or []}
-        self._refit_prepare()
-        self._refit_sync()
-        start = time.perf_counter()
-        self._refit_reload(weights_iterator=iter(state.items()))
-        self._refit_sync()
-        seconds = time.perf_counter() - start
-        del state
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the bench's extra copy must not stay reserved in this process
-        return seconds
-
-    def refit_bench_reload_from_disk(self, weights_dir: str) -> float:
-        """Benchmark helper: seconds of vLLM's reload from a checkpoint directory (device work included)."""
-        self._refit_prepare()
-        start = time.perf_counter()
-        self._refit_reload(weights_path=weights_dir)
-        self._refit_sync()
-        return time.perf_counter() - start
-
-    def refit_debug_skip_detach(self, skip: bool) -> None:
-        """Diagnostics only: `True` stops copying the reload's buffered tensors out of a bucket before its
-        release - the race this project exists to prevent. The engine tests use it to show that the
-        copy is what keeps refits exact."""
-        self._refit_skip_detach = bool(skip)
-
     def refit_close(self) -> None:
         """Close the receiver (unmaps the buffers, closes the socket). Called before the engine shuts down."""
         receiver = getattr(self, "_refit_receiver", None)
@@ -124,6 +80,10 @@ class RefitWorkerExtension:
         _quiet_benign_reload_logs(tied_head=bool(self._refit_tied_heads))
         self._refit_prepared = True
 
+    def _refit_detach(self, bucket: Any) -> int:
+        """Copy the reload's buffered views of `bucket` out of it before it is released (bucket_stream.py)."""
+        return detach_layerwise_pending(bucket)
+
     def _refit_reload(self, **source: Any) -> None:
         """vLLM's in-place layerwise reload from `weights_iterator=` or `weights_path=`, then what it leaves
         stale: the packed copy of a tied output head's weight (rollout/tied_heads.py)."""
@@ -134,8 +94,7 @@ class RefitWorkerExtension:
         self._refit_prepare()
         receiver = self._refit_get_receiver(endpoint, transfer)
         timeout_s = receiver.cfg.timeout_s
-        detach = (lambda bucket: 0) if getattr(self, "_refit_skip_detach", False) else detach_layerwise_pending
-        stream = BucketStream(timeout_s, detach)
+        stream = BucketStream(timeout_s, self._refit_detach)
         outcome: dict[str, Any] = {}
         device = self._refit_device()
 
@@ -186,15 +145,6 @@ class RefitWorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             finalize_failed_reload(self.model_runner.get_model(), self.model_runner.model_config)
-
-
-def random_weight(name: str, shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
-    """A plausible random weight: norms 1, biases 0, the rest N(0, 0.02) (finite activations in bf16)."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=dtype, device=device)
-    if name.endswith(".bias"):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)  # no fp32 temporary
 
 
 class _DropBenignNoWeights(logging.Filter):

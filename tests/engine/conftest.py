@@ -10,6 +10,7 @@ import psutil
 import pytest
 import torch
 
+from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
 from rollout import BackendConfig, RolloutConfig, build_rollout
 from rollout.tiny_model import ensure_tiny_model
 from rollout.transfer import TransferConfig
@@ -61,8 +62,10 @@ def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
 
 @pytest.fixture(scope="session")
 def engine(tiny_path):
+    """The shared engine. Its workers run the benchmarks' extension (RefitWorkerExtension plus test-only RPCs,
+    e.g. the race switch `refit_debug_skip_detach`), so one engine serves every test."""
     before = child_pids()
-    ro = build_rollout(ENGINE_CFG, tiny_path)
+    ro = build_rollout(ENGINE_CFG, tiny_path, worker_extension=BENCH_WORKER_EXTENSION)
     spawned = child_pids() - before
     yield ro
     endpoint = ro._endpoint

@@ -244,8 +244,9 @@ def test_dummy_start_then_first_refit_brings_the_weights(hf_model, base_state, t
     """load_format="dummy" (as for a 7B engine): a config-only model directory, random weights until the
     first refit (generation refused), then exactly the reference model; close() honours the configured
     shutdown timeout. Also the bench's worker-side reload from (name, shape, dtype) specs."""
+    from benchmarks.refit import checkpoint_specs
+    from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
     from rollout import BackendConfig, RolloutConfig, build_rollout
-    from rollout.refit_bench import checkpoint_specs
     from rollout.tiny_model import TinyModelSpec, ensure_tiny_model
     from rollout.transfer import TransferConfig
 
@@ -256,7 +257,7 @@ def test_dummy_start_then_first_refit_brings_the_weights(hf_model, base_state, t
                               shutdown_timeout_s=30.0),
         transfer=TransferConfig(bucket_mb=1, timeout_s=30.0),
     )
-    with build_rollout(cfg, path) as ro:
+    with build_rollout(cfg, path, worker_extension=BENCH_WORKER_EXTENSION) as ro:
         with pytest.raises(RuntimeError, match="dummy"):
             greedy(ro)
         specs = checkpoint_specs(str(path))

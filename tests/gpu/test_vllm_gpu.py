@@ -28,6 +28,7 @@ def _vllm_cuda() -> bool:
 if not _vllm_cuda():
     pytest.skip("needs vLLM's CUDA build and a CUDA device", allow_module_level=True)
 
+from benchmarks.worker_ext import BENCH_WORKER_EXTENSION  # noqa: E402
 from rollout import BackendConfig, CacheReset, Mode, RolloutConfig, build_rollout  # noqa: E402
 from rollout.tiny_model import TinyModelSpec, build_tokenizer, ensure_tiny_model  # noqa: E402
 from rollout.transfer import Sync, TransferConfig, Transport  # noqa: E402
@@ -101,7 +102,7 @@ def fresh_expected(base, tmp_path_factory):
 def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_format):
     path, _ = base
     new, expected = fresh_expected
-    with build_rollout(gpu_cfg(sync=sync, load_format=load_format), path) as ro:
+    with build_rollout(gpu_cfg(sync=sync, load_format=load_format), path, worker_extension=BENCH_WORKER_EXTENSION) as ro:
         assert ro.transfer.transport is Transport.cuda_ipc  # auto on cuda
         assert ro.llm.collective_rpc("refit_worker_info")[0]["device"].startswith("cuda")  # receiver on the GPU
         if load_format == "dummy":  # random weights until the first refit: generating first is refused

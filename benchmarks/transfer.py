@@ -1,9 +1,9 @@
 """Benchmark one refit through rollout.transfer against the two-copy floor on the same device.
 
-Run (config: conf/bench.yaml):
-    python -m rollout.bench                                   # one configuration, prints a table
-    python -m rollout.bench -m rollout.transfer.bucket_mb=16,64,256 rollout.transfer.sync=fenced,double_buffer
-    python -m rollout.bench --summary multirun/<date>/<time>  # sweep table + summary.png + summary.json
+Run from the repo root (config: benchmarks/conf/transfer.yaml):
+    python -m benchmarks.transfer                                   # one configuration, prints a table
+    python -m benchmarks.transfer -m rollout.transfer.bucket_mb=16,64,256 rollout.transfer.sync=fenced,double_buffer
+    python -m benchmarks.transfer --summary multirun/<date>/<time>  # sweep table + summary.png + summary.json
 
 A synthetic state dict with Qwen2-like shapes (embedding, q/k/v with biases, o, gate/up/down, norms;
 `bench.hidden_size` sets the width, layers are added up to `bench.total_gb`) lives in a sender
@@ -17,7 +17,7 @@ measures, alternately:
 With `rollout.transfer.transport=nccl bench.device=cuda` the case is standalone mode: sender on cuda:0,
 receiver on cuda:1, and the floor has three copies — pack on cuda:0, the cuda:0 -> cuda:1 peer copy,
 load on cuda:1:
-    python -m rollout.bench rollout.transfer.transport=nccl bench.device=cuda bench.total_gb=15
+    python -m benchmarks.transfer rollout.transfer.transport=nccl bench.device=cuda bench.total_gb=15
 Both run with `bench.num_threads` torch threads per process (1 by default: on a 2-core machine the
 two processes otherwise fight for the cores). The JSON (`bench.out` in Hydra's output directory)
 holds medians, GB/s, the ratio refit/floor and the overhead per bucket.
@@ -55,7 +55,8 @@ class BenchConfig:
 
 @dataclass
 class BenchRollout:
-    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(transport=Transport.shm))
+    # shm between two CPU processes unless told otherwise; a long timeout for GB-sized sweeps on a busy host
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(transport=Transport.shm, timeout_s=120.0))
 
 
 @dataclass
@@ -362,7 +363,7 @@ def summarize(sweep_dir: str) -> list[dict]:
 def _register() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="bench_schema", node=BenchRoot)
+    ConfigStore.instance().store(name="transfer_bench_schema", node=BenchRoot)
 
 
 def _hydra_main() -> None:
@@ -372,7 +373,7 @@ def _hydra_main() -> None:
 
     _register()
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+    @hydra.main(version_base="1.3", config_path="conf", config_name="transfer")
     def main(dcfg) -> None:
         root: BenchRoot = OmegaConf.to_object(dcfg)  # DictConfig stops here; __post_init__ validates
         result = run(root.rollout.transfer, root.bench)

@@ -1,4 +1,5 @@
-"""The transfer benchmark: its config composes, its shapes add up, and a tiny run measures both sides."""
+"""The transfer benchmark (benchmarks/transfer.py): its config composes, its shapes add up, and a tiny run
+measures both sides."""
 
 from __future__ import annotations
 
@@ -12,21 +13,24 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rollout import bench
+from benchmarks import transfer as bench
 from rollout.transfer import TransferConfig
 
-CONF_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "conf")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CONF_DIR = os.path.join(ROOT, "benchmarks", "conf")
+# benchmarks/ is not installed: a subprocess outside the repo root finds it through PYTHONPATH
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
 
 
 def test_bench_config_composes_into_typed_dataclasses():
     bench._register()
     with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base="1.3"):
-        cfg = compose("bench", overrides=["rollout.transfer.sync=double_buffer", "rollout.transfer.bucket_mb=16"])
+        cfg = compose("transfer", overrides=["rollout.transfer.sync=double_buffer", "rollout.transfer.bucket_mb=16"])
         root = OmegaConf.to_object(cfg)
         assert isinstance(root.rollout.transfer, TransferConfig) and root.rollout.transfer.bucket_bytes == 16 << 20
         assert root.rollout.transfer.sync.value == "double_buffer" and root.bench.total_gb == 2.0
         with pytest.raises(Exception, match="bucket_mbb"):
-            compose("bench", overrides=["rollout.transfer.bucket_mbb=16"])
+            compose("transfer", overrides=["rollout.transfer.bucket_mbb=16"])
 
 
 def test_qwen2_like_shapes_fill_the_budget():
@@ -56,9 +60,9 @@ def test_tiny_run_measures_floor_and_refit():
 def test_multirun_sweep_and_summary(tmp_path):
     sweep = tmp_path / "sweep"
     small = ["bench.total_gb=0.01", "bench.hidden_size=256", "bench.num_repeats=1", "rollout.transfer.bucket_mb=1"]
-    cmd = [sys.executable, "-m", "rollout.bench", "-m", "rollout.transfer.sync=fenced,double_buffer", *small, f"hydra.sweep.dir={sweep}"]
-    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300)
-    subprocess.run([sys.executable, "-m", "rollout.bench", "--summary", str(sweep)], check=True, timeout=120)
+    cmd = [sys.executable, "-m", "benchmarks.transfer", "-m", "rollout.transfer.sync=fenced,double_buffer", *small, f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300, env=ENV)
+    subprocess.run([sys.executable, "-m", "benchmarks.transfer", "--summary", str(sweep)], check=True, timeout=120, env=ENV)
     rows = json.loads((sweep / "summary.json").read_text())
     assert sorted(r["sync"] for r in rows) == ["double_buffer", "fenced"]
     assert (sweep / "summary.png").stat().st_size > 0

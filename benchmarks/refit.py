@@ -1,0 +1,384 @@
+"""End-to-end refit time into a live vLLM engine, against the two-copy floor and the save-to-disk-and-reload path.
+
+Run from the repo root (config: benchmarks/conf/refit.yaml; schema: RefitBenchRoot below):
+    python -m benchmarks.refit                                     # the tiny model
+    python -m benchmarks.refit bench.model=qwen2_0_5b rollout.transfer.bucket_mb=256 bench.num_repeats=5
+    # GPU (vLLM's CUDA build, bf16, transport auto -> cuda_ipc, trainer-side state on cuda:0):
+    python -m benchmarks.refit bench.backend=vllm_gpu bench.model=qwen2_0_5b rollout.transfer.bucket_mb=1024
+    python -m benchmarks.refit bench.backend=vllm_gpu bench.model=qwen2_7b rollout.transfer.bucket_mb=1024 \
+        bench.num_repeats=3 bench.disk=false
+
+For one locally built model (the embedded tiny model, a random Qwen2-0.5B-shaped bf16 model, or on a GPU
+a Qwen2.5-7B-shaped one: 15.2 GB bf16, built config-only and started with load_format="dummy", the
+trainer-side state made random directly on the GPU) and one engine, it measures (medians over
+bench.num_repeats, after one warm-up of each):
+  floor:  the two unavoidable copies in this process, tensor by tensor with torch copy_ (pack each
+          bucket of the same layout and size, then copy its views into destination tensors) — the
+          same definition as `python -m benchmarks.transfer`. On a GPU everything is on cuda:0, the timing
+          is fenced by torch.cuda.synchronize, and tensors of one shape share one destination (a
+          second 15 GB copy does not fit beside the engine; the write bandwidth is the same);
+  refit:  `ro.update_weights(state, version)`: transfer + in-place reload + cache reset, end to end;
+  disk:   what users otherwise do without restarting: save the state as safetensors, then reload it
+          in the live engine (`reload_weights(weights_path=...)` on the worker) + prefix-cache reset
+          (skipped with bench.disk=false, always for 7B);
+  reload: vLLM's in-place reload alone, from tensors already in the worker's (device) memory (timed
+          inside the worker): what a refit costs even with a free transfer;
+  start:  a fresh engine (once; the restart alternative).
+They are interleaved per repeat (floor, refit, disk, reload, floor, ...) so that load from other jobs
+on a shared machine hits them alike.
+It also checks that the refit and the disk reload give the same greedy tokens. Prints the JSON and writes it
+to `bench.out` in Hydra's output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rollout.config import Backend, BackendConfig, Mode, RolloutConfig
+from rollout.transfer import TransferConfig
+from rollout.transfer.config import _coerce
+
+
+class BenchModel(str, Enum):
+    tiny = "tiny"  # the embedded tiny model (fp32 on the CPU, bf16 on a GPU)
+    qwen2_0_5b = "qwen2_0_5b"  # Qwen2.5-0.5B's shapes, random bf16 weights
+    qwen2_7b = "qwen2_7b"  # Qwen2.5-7B's shapes, 15.2 GB bf16, dummy engine start (GPU only)
+
+
+@dataclass
+class RefitBenchConfig:
+    """The `bench` node of `python -m benchmarks.refit`."""
+
+    backend: Backend = Backend.vllm_cpu  # vllm_cpu | vllm_gpu
+    model: BenchModel = BenchModel.tiny
+    num_repeats: int = 5
+    num_threads: int = 1  # torch threads in this (trainer) process
+    max_model_len: int = 512
+    # The engine's share of device memory; null: 0.4 on a GPU (7B = 15.2 GB trainer state + 15.2 GB engine
+    # weights + KV cache + the reload measurement's 15.2 GB on an 80 GB card), BackendConfig's on the CPU.
+    gpu_memory_utilization: Optional[float] = None
+    disk: bool = True  # also time the save-to-disk-and-reload path (never for 7B: no room for a copy)
+    out: str = "refit.json"  # in Hydra's output directory
+
+    def __post_init__(self) -> None:
+        self.backend = _coerce(Backend, self.backend, "bench.backend")
+        self.model = _coerce(BenchModel, self.model, "bench.model")
+        if self.backend is Backend.vllm_ascend:
+            raise ValueError("bench.backend=vllm_ascend is not supported: vllm_cpu or vllm_gpu")
+        if self.model is BenchModel.qwen2_7b and self.backend is not Backend.vllm_gpu:
+            raise ValueError("bench.model=qwen2_7b needs bench.backend=vllm_gpu (15 GB of bf16 weights on each side)")
+        if self.num_repeats < 1:
+            raise ValueError(f"bench.num_repeats must be >= 1, got {self.num_repeats!r}")
+
+
+@dataclass
+class RefitBenchRollout:
+    """The parts of `rollout` this benchmark lets you set; the backend node is built from `bench`."""
+
+    mode: Mode = Mode.colocate
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))  # auto: shm / cuda_ipc
+
+    def __post_init__(self) -> None:
+        self.mode = _coerce(Mode, self.mode, "rollout.mode")
+
+
+@dataclass
+class RefitBenchRoot:
+    rollout: RefitBenchRollout = field(default_factory=RefitBenchRollout)
+    bench: RefitBenchConfig = field(default_factory=RefitBenchConfig)
+
+
+@dataclass
+class Subject:
+    """The model under test: where it lives and the trainer-side state that refits send."""
+
+    spec: Any  # rollout.tiny_model.TinyModelSpec
+    path: Path
+    state: dict[str, torch.Tensor]
+    specs: Optional[list]  # (name, shape, dtype) for a dummy start (7B), else None
+    weights_file: Optional[str]  # its safetensors file, else None
+
+    @property
+    def dummy(self) -> bool:
+        return self.weights_file is None
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+
+def floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int) -> float:
+    from rollout.transfer import layout
+
+    cuda = bucket.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(bucket.device)
+    start = time.perf_counter()
+    for planned in layout.plan_buckets(state.items(), bucket_bytes):
+        layout.pack(planned, bucket, bucket_bytes)
+        layout.unpack_into(planned, bucket, dests, bucket_bytes)
+    if cuda:
+        torch.cuda.synchronize(bucket.device)
+    return time.perf_counter() - start
+
+
+def shared_dests(state: dict) -> dict:
+    """One zeroed destination per (shape, dtype), shared by the tensors of that shape (GPU floor)."""
+    by_shape: dict = {}
+    for t in state.values():
+        key = (tuple(t.shape), t.dtype)
+        if key not in by_shape:
+            by_shape[key] = torch.zeros_like(t)
+    return {name: by_shape[(tuple(t.shape), t.dtype)] for name, t in state.items()}
+
+
+def checkpoint_specs(model_dir: str) -> list[tuple[str, list[int], str]]:
+    """(name, shape, dtype) of every tensor of the model's Hugging Face checkpoint, from its config alone
+    (built on the meta device: no memory), in state-dict order; a tied lm_head is left out as on disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = config.__dict__.get("dtype") or config.__dict__.get("torch_dtype") or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    specs = [(name, list(t.shape), str(dtype).removeprefix("torch.")) for name, t in model.state_dict().items()]
+    if getattr(config, "tie_word_embeddings", False):
+        specs = [s for s in specs if s[0] != "lm_head.weight"]
+    return specs
+
+
+def random_state(specs: list[tuple[str, list[int], str]], device: torch.device, seed: int = 0) -> dict:
+    """The same tensors, by the same rule and seed, as the worker's `refit_bench_reload_from_memory(specs=...)`."""
+    from benchmarks.worker_ext import random_weight
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs}
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """One warm-up of each (first-touch page faults, shm allocation, handshake), then `repeats` rounds
+    that run each once in turn, so a burst of load on this shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def build_subject(bench: RefitBenchConfig, device: torch.device) -> Subject:
+    from safetensors.torch import load_file
+
+    from rollout.tiny_model import TinyModelSpec, ensure_tiny_model
+
+    gpu = bench.backend is Backend.vllm_gpu
+    # FlashAttention 3 (vLLM's GPU attention on Hopper) has no fp32 path: the tiny model runs in bf16 there.
+    spec = {
+        BenchModel.tiny: TinyModelSpec(dtype="bfloat16") if gpu else TinyModelSpec(),
+        BenchModel.qwen2_0_5b: TinyModelSpec.qwen2_0_5b(),
+        BenchModel.qwen2_7b: TinyModelSpec.qwen2_7b(),
+    }[bench.model]
+    dummy = bench.model is BenchModel.qwen2_7b  # random engine weights; the real (random) ones come by refit
+    path = ensure_tiny_model(spec, with_weights=not dummy)
+    if dummy:
+        specs = checkpoint_specs(str(path))
+        return Subject(spec, path, random_state(specs, device), specs, None)
+    weights_file = os.path.join(path, "model.safetensors")
+    return Subject(spec, path, {k: v.to(device) for k, v in load_file(weights_file).items()}, None, weights_file)
+
+
+def rollout_config(root: RefitBenchRoot, subject: Subject) -> RolloutConfig:
+    bench = root.bench
+    backend = dict(name=bench.backend, dtype=subject.spec.dtype, max_model_len=bench.max_model_len, max_num_seqs=16,
+                   load_format="dummy" if subject.dummy else "auto")
+    utilization = bench.gpu_memory_utilization or (0.4 if bench.backend is Backend.vllm_gpu else None)
+    if utilization is not None:
+        backend["gpu_memory_utilization"] = utilization
+    return RolloutConfig(backend=BackendConfig(**backend), mode=root.rollout.mode, transfer=root.rollout.transfer)
+
+
+def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, tmp: str, device) -> dict:
+    """The interleaved timings (floor, refit, disk, reload) and the refits' stats."""
+    from safetensors.torch import save_file
+
+    state, bucket_bytes = subject.state, cfg.transfer.bucket_bytes
+    gpu = device.type == "cuda"
+    dests = shared_dests(state) if gpu else {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
+    bucket = torch.zeros(bucket_bytes, dtype=torch.uint8, device=device)
+    version = iter(range(1, 10_000))
+    stats: list = []
+    reload_only: list[float] = []
+    reload_error: list[str] = []
+
+    def disk_reload() -> None:
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        ro.llm.collective_rpc("refit_bench_reload_from_disk", args=(tmp,))
+        ro.llm.reset_prefix_cache()
+
+    def vllm_reload() -> None:
+        if reload_error:
+            return
+        try:
+            kwargs = {"safetensors_path": subject.weights_file} if subject.weights_file else {"specs": subject.specs}
+            reload_only.append(ro.llm.collective_rpc("refit_bench_reload_from_memory", kwargs=kwargs)[0])
+        except Exception as exc:  # e.g. no room for a second copy in the worker: the rest still counts
+            reload_error.append(f"{type(exc).__name__}: {exc}")
+
+    fns = {
+        "floor": lambda: floor_once(state, dests, bucket, bucket_bytes),
+        "refit": lambda: stats.append(ro.update_weights(state.items(), version=next(version))),
+        "disk": disk_reload,
+        "reload": vllm_reload,
+    }
+    if not bench.disk or subject.dummy:
+        del fns["disk"]
+    times = interleaved(fns, bench.num_repeats)
+    return {"times": times, "stats": stats, "reload_only": reload_only, "reload_error": reload_error,
+            "next_version": next(version)}
+
+
+def greedy_checks(ro, subject: Subject, use_disk: bool, tmp: str, version: int) -> dict:
+    """Greedy tokens after a refit to scaled weights, after the same weights through disk, and before."""
+    from safetensors.torch import save_file
+
+    prompts = ["The quick brown fox", "12+7="]
+    state = subject.state
+    greedy = lambda: [s.token_ids for s in ro.generate(prompts, max_tokens=16, temperature=0.0)]  # noqa: E731
+    ro.update_weights(state.items(), version=version)
+    original = greedy()
+    after_disk = None
+    if not use_disk:  # no room for a second copy of a 7B state: scale in place
+        scaled = state
+        for v in scaled.values():
+            v.mul_(1.25)
+    else:
+        scaled = {k: v * 1.25 for k, v in state.items()}
+        save_file(scaled, os.path.join(tmp, "model.safetensors"))
+        ro.llm.collective_rpc("refit_bench_reload_from_disk", args=(tmp,))
+        ro.llm.reset_prefix_cache()
+        after_disk = greedy()
+        ro.update_weights(state.items(), version=version + 1)
+        assert greedy() == original
+    ro.update_weights(scaled.items(), version=version + 2)
+    return {"original": original, "after_disk": after_disk, "after_refit": greedy()}
+
+
+def run(root: RefitBenchRoot) -> dict:
+    """Start an engine, measure, check tokens, close; returns the result dict (also the JSON)."""
+    from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
+    from rollout import build_rollout
+
+    bench = root.bench
+    torch.set_num_threads(bench.num_threads)
+    gpu = bench.backend is Backend.vllm_gpu
+    if gpu:
+        torch.cuda.set_device(0)
+    device = torch.device("cuda:0" if gpu else "cpu")
+    subject = build_subject(bench, device)
+    cfg = rollout_config(root, subject)
+    start = time.perf_counter()
+    ro = build_rollout(cfg, subject.path, worker_extension=BENCH_WORKER_EXTENSION)
+    start_s = time.perf_counter() - start
+    try:
+        worker_info = ro.llm.collective_rpc("refit_worker_info")[0]
+        with tempfile.TemporaryDirectory(prefix="refit-bench-") as tmp:
+            measured = measure(ro, subject, cfg, bench, tmp, device)
+            use_disk = bench.disk and not subject.dummy
+            tokens = greedy_checks(ro, subject, use_disk, tmp, measured["next_version"])
+    finally:
+        ro.close()
+    return result(ro, root, cfg, subject, measured, tokens, worker_info, start_s, device)
+
+
+def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measured: dict, tokens: dict,
+           worker_info: dict, start_s: float, device) -> dict:
+    bench, med = root.bench, statistics.median
+    times, stats, reload_only = measured["times"], measured["stats"], measured["reload_only"]
+    floor, refit, disk = times["floor"], times["refit"], times.get("disk")
+    timed_stats = stats[1 : bench.num_repeats + 1]
+    last = timed_stats[-1]
+    reload_s = med(reload_only[1:]) if len(reload_only) > 1 else None
+    num_bytes = subject.num_bytes
+    return {
+        "backend": bench.backend.value,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "vllm_version": ro.vllm_version,
+        "model": bench.model.value,
+        "dtype": subject.spec.dtype,
+        "load_format": cfg.backend.load_format,
+        "mode": cfg.mode.value,
+        "transport": ro.transfer.transport.value,
+        "gpu_memory_utilization": cfg.backend.gpu_memory_utilization,
+        "num_bytes": num_bytes,
+        "num_tensors": len(subject.state),
+        "bucket_mb": cfg.transfer.bucket_mb,
+        "sync": cfg.transfer.sync.value,
+        "trainer_torch_threads": bench.num_threads,
+        "worker_torch_threads": worker_info["torch_threads"],
+        "worker_device": worker_info["device"],
+        "floor_s": med(floor),
+        "refit_s": med(refit),
+        "refit_first_s": stats[0].seconds,
+        "refit_send_s": med(s.send_s for s in timed_stats),
+        "refit_worker_load_s": med(s.load_s for s in timed_stats),
+        "num_buckets": last.num_buckets,
+        "detached_bytes": last.detached_bytes,
+        "disk_reload_s": med(disk) if disk else None,
+        "vllm_reload_from_memory_s": reload_s,
+        "vllm_reload_error": measured["reload_error"][0] if measured["reload_error"] else None,
+        "engine_start_s": start_s,
+        "floor_gbps": num_bytes / med(floor) / 1e9,
+        "refit_gbps": num_bytes / med(refit) / 1e9,
+        "refit_over_floor": med(refit) / med(floor),
+        "disk_over_refit": med(disk) / med(refit) if disk else None,
+        "refit_over_vllm_reload": med(refit) / reload_s if reload_s else None,
+        "same_greedy_tokens_refit_vs_disk": (
+            tokens["after_refit"] == tokens["after_disk"] if tokens["after_disk"] is not None else None
+        ),
+        "scaled_weights_changed_tokens": tokens["after_refit"] != tokens["original"],
+        "all_floor_s": floor,
+        "all_refit_s": refit,
+        "all_disk_s": disk,
+    }
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="refit_bench_schema", node=RefitBenchRoot)
+
+
+def _hydra_main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    _register()
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="refit")
+    def main(dcfg) -> None:
+        root: RefitBenchRoot = OmegaConf.to_object(dcfg)  # DictConfig stops here; __post_init__ validates
+        text = json.dumps(run(root), indent=2)
+        print(text)
+        with open(os.path.join(HydraConfig.get().runtime.output_dir, root.bench.out), "w") as f:
+            f.write(text + "\n")
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
