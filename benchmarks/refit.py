@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 import torch
 
-from rollout.config import Backend, BackendConfig, Mode, RolloutConfig
+from rollout.config import Backend, BackendConfig, Mode, RefitTimeouts, RolloutConfig
 from rollout.transfer import TransferConfig
 from rollout.transfer.config import _coerce
 
@@ -86,7 +86,11 @@ class RefitBenchRollout:
     """The parts of `rollout` this benchmark lets you set; the backend node is built from `bench`."""
 
     mode: Mode = Mode.colocate
-    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))  # auto: shm / cuda_ipc
+    # transport auto: shm on the CPU, cuda_ipc on a GPU; long waits: a 15 GB refit on a busy host
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))
+    timeouts: RefitTimeouts = field(
+        default_factory=lambda: RefitTimeouts(next_bucket_s=600.0, receiver_exit_s=600.0, worker_reply_s=900.0)
+    )
 
     def __post_init__(self) -> None:
         self.mode = _coerce(Mode, self.mode, "rollout.mode")
@@ -208,7 +212,8 @@ def rollout_config(root: RefitBenchRoot, subject: Subject) -> RolloutConfig:
     utilization = bench.gpu_memory_utilization or (0.4 if bench.backend is Backend.vllm_gpu else None)
     if utilization is not None:
         backend["gpu_memory_utilization"] = utilization
-    return RolloutConfig(backend=BackendConfig(**backend), mode=root.rollout.mode, transfer=root.rollout.transfer)
+    r = root.rollout
+    return RolloutConfig(backend=BackendConfig(**backend), mode=r.mode, transfer=r.transfer, timeouts=r.timeouts)
 
 
 def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, tmp: str, device) -> dict:

@@ -51,6 +51,7 @@ class BenchConfig:
     num_threads: int = 1
     out: str = "bench.json"
     trace: bool = False  # after the timed repeats, one more refit with a per-bucket timeline (see _Trace)
+    timeout_s: float = 1800.0  # the whole run: both processes' results must be in by then
 
 
 @dataclass
@@ -284,7 +285,7 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
     try:
         out = {}
         for _ in range(2 if bench.trace else 1):  # the receiver reports its trace separately
-            out.update(results.get(timeout=cfg.timeout_s * (bench.num_repeats + 3) + 120))
+            out.update(results.get(timeout=bench.timeout_s))
     finally:
         for p in (sender, receiver):
             p.join(30)

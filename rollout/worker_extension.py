@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rollout.bucket_stream import BucketStream
+from rollout.config import RefitTimeouts
 from rollout.tied_heads import find_tied_heads, reprocess_tied_heads
 from rollout.transfer import TransferConfig, WeightReceiver
 from rollout.vllm_compat import (
@@ -37,11 +38,14 @@ class RefitWorkerExtension:
         caller: sender.send(named_tensors, version); join the thread; check its result
     """
 
-    def refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
-        """One refit. Never raises through vLLM's RPC (that could take the engine down): errors come
-        back as {"ok": False, "error": ...} and the trainer side raises them."""
+    def refit_receive(
+        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: dict[str, float]
+    ) -> dict[str, Any]:
+        """One refit (`timeouts`: the fields of rollout.config.RefitTimeouts). Never raises through vLLM's RPC
+        (that could take the engine down): errors come back as {"ok": False, "error": ...} and the trainer
+        side raises them."""
         try:
-            return {"ok": True, **self._refit_receive(endpoint, transfer, version)}
+            return {"ok": True, **self._refit_receive(endpoint, transfer, version, RefitTimeouts(**timeouts))}
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
@@ -90,11 +94,13 @@ class RefitWorkerExtension:
         self.reload_weights(**source, is_checkpoint_format=True)
         reprocess_tied_heads(self._refit_tied_heads)
 
-    def _refit_receive(self, endpoint: str, transfer: dict[str, Any], version: int) -> dict[str, Any]:
+    def _refit_receive(
+        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: RefitTimeouts
+    ) -> dict[str, Any]:
         self._refit_prepare()
         receiver = self._refit_get_receiver(endpoint, transfer)
-        timeout_s = receiver.cfg.timeout_s
-        stream = BucketStream(timeout_s, self._refit_detach)
+        stream = BucketStream(receiver.cfg.timeout_s, self._refit_detach, timeouts.next_bucket_s)
+        exit_s = timeouts.receiver_exit_s
         outcome: dict[str, Any] = {}
         device = self._refit_device()
 
@@ -119,12 +125,13 @@ class RefitWorkerExtension:
         except BaseException as exc:
             self._refit_cleanup_failed_reload()
             stream.fail(exc)  # the held bucket's consume raises: the sender learns why
-            thread.join(2 * timeout_s)
+            thread.join(exit_s)
             raise RuntimeError(f"refit version {version}: loading failed near {stream.last_name!r}: {exc}") from exc
         load_s = time.perf_counter() - start
-        thread.join(2 * timeout_s)
+        thread.join(exit_s)
         if thread.is_alive():
-            raise TimeoutError(f"refit version {version}: the receiver did not finish within {2 * timeout_s} s")
+            raise TimeoutError(f"refit version {version}: the receiver did not finish within "
+                               f"rollout.timeouts.receiver_exit_s={exit_s}")
         if "error" in outcome:
             raise outcome["error"]
         stats = outcome["stats"]

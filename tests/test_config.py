@@ -8,9 +8,22 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from rollout.config import Backend, BackendConfig, CacheReset, Mode
+from omegaconf import OmegaConf
+
+from rollout.config import Backend, BackendConfig, CacheReset, Mode, RefitTimeouts
 from rollout.transfer.config import Sync, TransferConfig, Transport
-from trainers.config import PPOConfig, register_configs, to_typed
+from trainers.config import (
+    AlgorithmConfig,
+    ConsoleLoggerConfig,
+    JsonlLoggerConfig,
+    ModelConfig,
+    PPOConfig,
+    TaskConfig,
+    TensorboardLoggerConfig,
+    WandbLoggerConfig,
+    register_configs,
+    to_typed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -79,6 +92,9 @@ def test_documented_overrides(override, check):
         ("rollout.transfer.timeout_s=0", ValueError, ["rollout.transfer.timeout_s"]),
         ("rollout.transfer.spin_us=-1", ValueError, ["rollout.transfer.spin_us", ">= 0"]),
         ("algorithm=reinforce", ConfigCompositionException, ["reinforce", "grpo", "ppo"]),
+        ("rollout.transfer.timeout_s=500", ValueError, ["rollout.timeouts.next_bucket_s", "rollout.transfer.timeout_s"]),
+        ("rollout.timeouts.worker_reply_s=60", ValueError, ["rollout.timeouts.worker_reply_s", "next_bucket_s"]),
+        ("rollout.timeouts.receiver_exit_s=0", ValueError, ["rollout.timeouts.receiver_exit_s"]),
     ],
 )
 def test_bad_overrides_fail_naming_the_key(override, exc, words):
@@ -95,3 +111,47 @@ def test_dataclasses_validate_without_hydra():
     with pytest.raises(ValueError, match="rollout.backend.name"):
         BackendConfig(name="tpu")
     assert TransferConfig(transport="shm", bucket_mb=64, sync="fenced", timeout_s=30.0).bucket_bytes == 64 << 20
+
+
+GROUP_SCHEMAS = {"algorithm": AlgorithmConfig, "task": TaskConfig, "model": ModelConfig, "rollout/backend": BackendConfig}
+LOGGER_SCHEMAS = {"console": ConsoleLoggerConfig, "jsonl": JsonlLoggerConfig, "tensorboard": TensorboardLoggerConfig,
+                  "wandb": WandbLoggerConfig}
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict) and "_target_" not in value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _option_files():
+    for group, schema in GROUP_SCHEMAS.items():
+        for path in sorted((CONF / group).glob("*.yaml")):
+            yield path, OmegaConf.to_container(OmegaConf.structured(schema))
+    for path in sorted((CONF / "logger").glob("*.yaml")):
+        yield path, OmegaConf.to_container(OmegaConf.structured(LOGGER_SCHEMAS[path.stem]))
+
+
+@pytest.mark.parametrize("path, defaults", list(_option_files()), ids=lambda v: str(v).rsplit("conf/", 1)[-1] if isinstance(v, Path) else "")
+def test_group_options_hold_deltas_only(path, defaults):
+    """A default is written once, in its dataclass: a group option sets only what differs (and its name)."""
+    body, defaults = OmegaConf.to_container(OmegaConf.load(path)) or {}, dict(_leaves(defaults))
+    restated = [key for key, value in _leaves(body) if key != "name" and key in defaults and defaults[key] == value]
+    assert not restated, f"{path.relative_to(ROOT)} restates defaults: {restated}"
+
+
+def test_debug_tiny_is_the_small_run():
+    cfg = _compose(["debug=tiny"])
+    assert (cfg.trainer.total_steps, cfg.trainer.prompts_per_step, cfg.algorithm.num_samples) == (3, 4, 4)
+    assert cfg.logger.console is None and cfg.logger.jsonl is not None
+    assert _compose(["debug=tiny", "algorithm=ppo"]).algorithm.num_samples == 4  # it applies over any tree
+
+
+def test_timeouts_nest_and_default_to_valid():
+    assert RefitTimeouts().next_bucket_s > TransferConfig().timeout_s
+    with pytest.raises(ValueError, match="rollout.timeouts.next_bucket_s=120.0 must exceed rollout.transfer.timeout_s=300"):
+        from rollout.config import RolloutConfig
+
+        RolloutConfig(transfer=TransferConfig(timeout_s=300.0))

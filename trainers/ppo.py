@@ -15,6 +15,7 @@ refit the engine with `update_weights` (every `trainer.refit_every` steps) -> ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -155,13 +156,17 @@ def resume(learner: Learner, ckpt: dict, t: TrainerConfig) -> RunState:
     return RunState(ckpt["step"], ckpt["history"], ckpt["baseline"])
 
 
-def open_engine(cfg: PPOConfig, model_path: str, rollout=None):
-    """A new engine on `model_path`, or the caller's running one (left open at the end)."""
+def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, rollout=None):
+    """A new engine on `model_path` (its transfer endpoint in the run directory), or the caller's running one
+    (left open at the end)."""
     if rollout is not None:
         return contextlib.nullcontext(rollout)
     from rollout import build_rollout
 
-    return build_rollout(cfg.rollout, model_path)
+    rollout_cfg = cfg.rollout
+    if rollout_cfg.endpoint_dir is None:
+        rollout_cfg = dataclasses.replace(rollout_cfg, endpoint_dir=str(out_dir.resolve()))
+    return build_rollout(rollout_cfg, model_path)
 
 
 def run(cfg: PPOConfig, rollout=None) -> dict:
@@ -172,7 +177,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     """
     wall_start = time.perf_counter()
     s = setup(cfg)
-    with contextlib.closing(s.log), open_engine(cfg, s.model_path, rollout) as ro:
+    with contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout) as ro:
         start_engine(ro, s, cfg)
         next_rollouts = functools.partial(generate, ro, s.task, cfg)  # step -> Rollouts: a producer plugs in here
         for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):

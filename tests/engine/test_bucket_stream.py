@@ -67,7 +67,7 @@ class LayerBufferingLoader:
 
 
 def refit(loader_fn, detach_pending) -> tuple[BucketStream, list, BaseException | None]:
-    stream = BucketStream(timeout_s=10.0, detach_pending=detach_pending)
+    stream = BucketStream(timeout_s=10.0, detach_pending=detach_pending, next_bucket_s=20.0)
     errors: list = []
     sender = threading.Thread(target=run_sender, args=(stream, errors))
     sender.start()
@@ -125,7 +125,7 @@ def test_loader_stopping_early_fails_the_refit():
 
 
 def test_receiver_failure_reaches_the_loader():
-    stream = BucketStream(timeout_s=5.0, detach_pending=lambda bucket: 0)
+    stream = BucketStream(timeout_s=5.0, detach_pending=lambda bucket: 0, next_bucket_s=10.0)
     stream.receiver_failed(TimeoutError("sender went silent"))
     with pytest.raises(TimeoutError, match="sender went silent"):
         list(stream.weights())

@@ -52,6 +52,27 @@ def test_every_recipe_composes_and_converts(recipe):
     assert isinstance(cfg, PPOConfig) and cfg.trainer.total_steps > 0
 
 
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict) and "_target_" not in value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_holds_deltas_only(recipe):
+    """Each value a recipe sets differs from what its defaults list alone composes to."""
+    from omegaconf import OmegaConf
+
+    body = OmegaConf.to_container(OmegaConf.load(recipe))
+    groups = [f"{k.removeprefix('override ')}={v}" for entry in body.pop("defaults") if isinstance(entry, dict)
+              for k, v in entry.items()]
+    base = dict(_leaves(OmegaConf.to_container(OmegaConf.structured(compose_typed(groups)))))
+    restated = [key for key, value in _leaves(body) if base.get(key, object()) == value]
+    assert not restated, f"{recipe.name} restates what its defaults already give: {restated}"
+
+
 def test_recipes_set_what_their_names_say():
     by_name = {
         r.stem: compose_typed([f"hydra.searchpath=[file://{ROOT / 'conf'}]"], config_name=r.stem, config_dir=ROOT / "recipes")

@@ -20,10 +20,5 @@ def compose_typed(overrides: list[str] = (), config_name: str = "ppo", config_di
 
 
 def small_run_config(out_dir: Path, *overrides: str) -> PPOConfig:
-    """A few small steps on the default tree: 4 prompts x 4 samples, 2 warm-start steps."""
-    base = [
-        "trainer.total_steps=3", "trainer.prompts_per_step=4", "trainer.warmup_steps=2", "trainer.warmup_batch_size=8",
-        "trainer.eval_samples=1", "task.num_eval_prompts=4", "algorithm.num_samples=4", "algorithm.num_minibatches=2",
-        f"trainer.out_dir={out_dir}", "logger=[jsonl,tensorboard]",
-    ]
-    return compose_typed(base + list(overrides))
+    """A few small steps on the default tree (conf/debug/tiny.yaml), written to `out_dir`."""
+    return compose_typed(["debug=tiny", f"trainer.out_dir={out_dir}", *overrides])
