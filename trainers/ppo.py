@@ -173,7 +173,9 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     """Train; returns the summary also written to <out_dir>/summary.json.
 
     `rollout`: an already running engine on the same model to use (and leave open) instead of
-    building one from `cfg.rollout`; tests share one engine this way.
+    building one from `cfg.rollout`; tests share one engine this way. The loop's two seams: batches come
+    from `next_rollouts(step)` (a producer can stand in for the direct generate) and every tensor of the
+    trainer sits behind `s.learner` (trainers/learner.py).
     """
     wall_start = time.perf_counter()
     s = setup(cfg)
