@@ -23,6 +23,20 @@ class Sync(str, Enum):
     clone = "clone"  # pre-fix baseline: receiver copies out, acks early
 
 
+class TransferMode(str, Enum):
+    """Whether the tensors travel through bucket buffers or the engine reads them where they live."""
+
+    bucketed = "bucketed"  # pack into bucket buffers, the receiver loads from them: two copies
+    direct = "direct"  # the receiver maps the trainer's own storages once: one copy (rollout/transfer/direct.py)
+
+
+class DirectFallback(str, Enum):
+    """What mode=direct does with a refit holding a tensor it cannot map (sharded, on another device, strided)."""
+
+    error = "error"  # raise ValueError naming the tensor
+    bucketed = "bucketed"  # send that refit through buckets instead, with a warning naming the tensor
+
+
 def _coerce(enum_cls: type[Enum], value: object, key: str) -> Enum:
     try:
         return enum_cls(value.value if isinstance(value, Enum) else value)
@@ -37,6 +51,7 @@ class TransferConfig:
 
     Example:
         cfg = TransferConfig(transport="shm", bucket_mb=64, sync="fenced", timeout_s=30.0)
+        one_copy = TransferConfig(transport="shm", mode="direct")   # bucket_mb unused
     """
 
     transport: Transport = Transport.auto
@@ -48,10 +63,17 @@ class TransferConfig:
     # wakes tens to hundreds of microseconds after the message lands (CPU idle states), which a GPU
     # refit pays on every bucket. 0 always sleeps. Costs at most this much CPU per message.
     spin_us: int = 2000
+    mode: TransferMode = TransferMode.bucketed
+    direct_fallback: DirectFallback = DirectFallback.error
 
     def __post_init__(self) -> None:
         self.transport = _coerce(Transport, self.transport, "rollout.transfer.transport")
         self.sync = _coerce(Sync, self.sync, "rollout.transfer.sync")
+        self.mode = _coerce(TransferMode, self.mode, "rollout.transfer.mode")
+        self.direct_fallback = _coerce(DirectFallback, self.direct_fallback, "rollout.transfer.direct_fallback")
+        if self.mode is TransferMode.direct and self.transport is Transport.nccl:
+            raise ValueError("rollout.transfer.mode=direct maps the trainer's memory on its own device: it needs "
+                             "transport shm, cuda_ipc or auto, not nccl")
         if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, int) or self.bucket_mb < 1:
             raise ValueError(f"rollout.transfer.bucket_mb must be an integer >= 1 (MB), got {self.bucket_mb!r}")
         if isinstance(self.spin_us, bool) or not isinstance(self.spin_us, int) or self.spin_us < 0:

@@ -12,7 +12,8 @@ import torch
 
 from rollout.transfer import layout, transports, wire
 from rollout.transfer.channel import Channel, End
-from rollout.transfer.config import TransferConfig, Transport
+from rollout.transfer.config import TransferConfig, TransferMode, Transport
+from rollout.transfer.direct import DirectReceiver, check_mode
 from rollout.transfer.errors import IntegrityError, PeerError, TransferError
 from rollout.transfer.stats import TransferStats
 from rollout.transfer.sync import Consume, make_sync_policy
@@ -45,6 +46,7 @@ class WeightReceiver(End):
         self._pending: wire.BeginRefit | None = None  # a BeginRefit that cut the previous refit short
         self._assembly: torch.Tensor | None = None
         self._chunked: tuple[str, int] | None = None  # (name, next chunk) of the tensor being reassembled
+        self._direct = DirectReceiver(self.device) if cfg.mode is TransferMode.direct else None
         self._own(Channel(endpoint, bind=False, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
 
     def receive(self, consume: Consume) -> TransferStats:
@@ -55,6 +57,9 @@ class WeightReceiver(End):
         begin, self._pending = self._pending or self._wait_begin(), None
         start = time.perf_counter()
         try:
+            if begin.hello.mode == TransferMode.direct.value:  # rollout/transfer/direct.py
+                self._check_compatible(begin.hello)
+                return self._direct.receive(begin, consume, self._next, self._channel, self._policy)
             self._handshake(begin)
             return self._stream(begin, consume, start)
         except BaseException as exc:
@@ -100,6 +105,7 @@ class WeightReceiver(End):
     def _check_compatible(self, hello: wire.Hello) -> None:
         if hello.protocol != wire.PROTOCOL_VERSION:
             raise TransferError(f"sender speaks protocol {hello.protocol}, this receiver {wire.PROTOCOL_VERSION}")
+        check_mode(self.cfg, hello)
         if hello.sync != self.cfg.sync.value:
             raise TransferError(f"sync mismatch: sender uses {hello.sync!r}, receiver is configured {self.cfg.sync.value!r}")
         wanted = self.cfg.transport
@@ -218,5 +224,7 @@ class WeightReceiver(End):
         """Idempotent: unmaps the buffers, closes the socket; removes the socket file and the endpoint
         directory if the sender died without doing so."""
         self._detach()
+        if self._direct is not None:
+            self._direct.close()
         self._assembly = None
         self._finalizer()

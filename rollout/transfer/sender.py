@@ -11,7 +11,8 @@ import torch
 
 from rollout.transfer import layout, transports, wire
 from rollout.transfer.channel import Channel, End
-from rollout.transfer.config import TransferConfig
+from rollout.transfer.config import TransferConfig, TransferMode
+from rollout.transfer.direct import DirectSender
 from rollout.transfer.errors import PeerError, TransferError
 from rollout.transfer.stats import TransferStats
 from rollout.transfer.sync import make_sync_policy
@@ -24,6 +25,11 @@ class WeightSender(End):
     Buffers are allocated on the first send() (on `device`: the GPU for cuda_ipc, host shared memory
     for shm) and freed by close(). A tensor on another device than the buffers is moved by the
     packing copy itself (e.g. a CUDA tensor into shm); meta and sparse tensors raise ValueError.
+
+    With `mode=direct` there are no buffers: the first send() moves the tensors' storages into shared
+    memory in place (cuda: exports their IPC handles) and the receiver reads them where they live (see
+    rollout/transfer/direct.py). Either way the trainer must not write the sent tensors (no optimizer
+    step) until send() returns: the receiver reads them, or their packed copies, until its final ack.
 
     Example:
         with WeightSender(cfg, endpoint) as sender:
@@ -41,6 +47,7 @@ class WeightSender(End):
         self._generation = 0
         self._session = secrets.randbits(62)  # distinguishes us from a previous sender on this endpoint
         self._next_refit_id = 1
+        self._direct = DirectSender(cfg, self.transport_kind, self.device) if cfg.mode is TransferMode.direct else None
         self._own(Channel(endpoint, bind=True, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> TransferStats:
@@ -51,6 +58,10 @@ class WeightSender(End):
         refit_id = self._next_refit_id
         self._next_refit_id += 1
         start = time.perf_counter()
+        if self._direct is not None:  # mode=direct (rollout/transfer/direct.py); None: this refit falls back
+            named_tensors, direct = self._direct.prepare(named_tensors)
+            if direct is not None:
+                return self._direct.send(self._channel, self._session, refit_id, version, direct, self._wait, start)
         buckets = layout.plan_buckets(named_tensors, self.cfg.bucket_bytes)
         # Plan the first bucket before talking to the receiver: bad leading inputs (a meta tensor,
         # an unsupported dtype) fail here without starting a refit.

@@ -16,6 +16,11 @@ One refit, in order (S = sender, R = receiver):
     S->R EndOfRefit
     R->S Done
 Either side may send Error instead; it aborts that refit on both ends.
+
+A refit of mode=direct (rollout/transfer/direct.py) has no buckets:
+    S->R BeginRefit (Hello.mode == "direct", no buffers)
+    S->R DirectLayout (every segment the refit uses and where each tensor lies in one)
+    R->S Done (after consume and the device fence: the trainer may write its tensors again)
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 4  # 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event; 4: Packed split from BucketMeta
+PROTOCOL_VERSION = 5  # 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event; 4: Packed split from BucketMeta; 5: Hello.mode, DirectLayout
 
 
 class ProtocolError(ValueError):
@@ -118,6 +123,7 @@ class Hello:
     shm_buffers: list[ShmBuffer]
     cuda_buffers: list[CudaIpcBuffer]
     nccl_buffers: list[NcclBuffer] = field(default_factory=list)
+    mode: str = "bucketed"  # or "direct": a DirectLayout follows instead of buckets
     _lists: ClassVar[dict[str, type]] = {"shm_buffers": ShmBuffer, "cuda_buffers": CudaIpcBuffer, "nccl_buffers": NcclBuffer}
 
     @property
@@ -203,9 +209,56 @@ class Error:
     message: str
 
 
-_TAGS: dict[int, type] = {1: BeginRefit, 2: Ready, 3: BucketMeta, 4: Ack, 5: EndOfRefit, 6: Done, 7: Error, 8: Packed}
+@dataclass(frozen=True)
+class ShmSegment:
+    """One storage of the trainer in (unlinked) shared memory, opened as /proc/<pid>/fd/<fd>; the inode
+    tells the receiver that the descriptor still names that file (a closed descriptor's number is reused)."""
+
+    segment_id: int
+    pid: int
+    fd: int
+    inode: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CudaSegment:
+    """One storage of the trainer on its GPU, exported through CUDA IPC (packed_event unused)."""
+
+    segment_id: int
+    ipc: CudaIpcBuffer
+    _nested: ClassVar[dict[str, type]] = {"ipc": CudaIpcBuffer}
+
+
+@dataclass(frozen=True)
+class DirectEntry:
+    """Where one tensor lies in a segment; segment_id 0 is an empty tensor, which has no storage."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    segment_id: int
+    offset: int  # bytes from the segment's start
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class DirectLayout:
+    """A direct refit: every segment it uses (the receiver maps those it has not mapped yet and drops the
+    rest) and where each tensor lies."""
+
+    refit_id: int
+    shm_segments: list[ShmSegment]
+    cuda_segments: list[CudaSegment]
+    entries: list[DirectEntry]
+    _lists: ClassVar[dict[str, type]] = {"shm_segments": ShmSegment, "cuda_segments": CudaSegment, "entries": DirectEntry}
+
+
+_TAGS: dict[int, type] = {
+    1: BeginRefit, 2: Ready, 3: BucketMeta, 4: Ack, 5: EndOfRefit, 6: Done, 7: Error, 8: Packed, 9: DirectLayout,
+}
 _TAG_OF: dict[type, int] = {cls: tag for tag, cls in _TAGS.items()}
-Message = BeginRefit | Ready | BucketMeta | Packed | Ack | EndOfRefit | Done | Error
+Message = BeginRefit | Ready | BucketMeta | Packed | Ack | EndOfRefit | Done | Error | DirectLayout
 
 
 # Plain-value checks per annotation, so a malformed peer fails here and not deep inside a refit.

@@ -1,0 +1,287 @@
+"""mode=direct: the engine reads the trainer's own tensors where they live, one copy per refit and no bucket.
+
+On the first refit each storage behind the sent tensors is exported once (shm: moved into shared memory in
+place, rollout/transfer/direct_shm.py; cuda: its CUDA IPC handle, direct_cuda.py) and cached on both ends.
+Every refit then sends only its layout (a DirectLayout: the segments and where each tensor lies); the
+receiver maps what it has not mapped yet, drops what is no longer named, hands out views of the trainer's
+memory in ONE consume call, fences its device and answers Done, and only then does send() return.
+A storage is recognised by its Python storage object (weakly held, so a dead one is dropped) together with
+its data pointer and size, never by a tensor's name: a parameter re-allocated between refits (`p.data = ...`,
+`.to()`, a resized storage) is exported again. A replaced storage stays mapped by the receiver until the
+next refit, which no longer names it.
+What cannot be mapped (a DTensor/sharded parameter, a tensor on another device than the transport's, a
+non-contiguous view) raises ValueError naming the tensor, or with `direct_fallback=bucketed` sends that
+refit through buckets with a warning; never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from rollout.transfer import wire
+from rollout.transfer.config import DirectFallback, TransferConfig, TransferMode, Transport
+from rollout.transfer.errors import PeerError, TransferError
+from rollout.transfer.stats import TransferStats
+from rollout.transfer.sync import Consume, SyncPolicy
+
+logger = logging.getLogger(__name__)
+
+Tensors = list[tuple[str, torch.Tensor]]
+
+
+def check_mode(cfg: TransferConfig, hello: wire.Hello) -> None:
+    """The receiver's side of the mode handshake: a direct refit needs mode=direct here (it maps the
+    trainer's memory); a bucketed one needs mode=bucketed or direct_fallback=bucketed."""
+    direct = cfg.mode is TransferMode.direct
+    if hello.mode == TransferMode.direct.value and not direct:
+        raise TransferError("mode mismatch: the sender sends mode=direct, this receiver is configured mode=bucketed")
+    if hello.mode != TransferMode.direct.value and direct and cfg.direct_fallback is not DirectFallback.bucketed:
+        raise TransferError(f"mode mismatch: the sender sends mode={hello.mode}, this receiver is configured mode=direct "
+                            "(accept bucketed refits with direct_fallback=bucketed)")
+
+
+def _device(kind: Transport, device: torch.device) -> torch.device:
+    if kind == Transport.cuda_ipc and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@dataclass
+class _Export:
+    storage: weakref.ref
+    data_ptr: int
+    nbytes: int
+    segment: wire.ShmSegment | wire.CudaSegment
+
+
+@dataclass(frozen=True)
+class DirectRefit:
+    """What one direct refit sends, planned (and its new storages exported) before anything goes out."""
+
+    layout: Callable[[int], wire.DirectLayout]
+    num_tensors: int
+    num_bytes: int
+
+
+class DirectSender:
+    """The trainer's half of mode=direct; WeightSender drives it.
+
+    Example:
+        direct = DirectSender(cfg, Transport.shm, torch.device("cpu"))
+        tensors, refit = direct.prepare(model.named_parameters())   # refit None: send `tensors` bucketed
+        stats = direct.send(channel, session, refit_id, version, refit, wait, time.perf_counter())
+    """
+
+    def __init__(self, cfg: TransferConfig, kind: Transport, device: torch.device) -> None:
+        if kind not in (Transport.shm, Transport.cuda_ipc):
+            raise ValueError(f"rollout.transfer.mode=direct needs transport shm or cuda_ipc, got {kind.value}")
+        self.cfg, self.kind, self.device = cfg, kind, _device(kind, device)
+        self._exports: dict[int, _Export] = {}  # by id() of the storage object, checked against the weakref
+        self._next_segment_id = 1
+        self._warned: set[str] = set()
+
+    def prepare(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[Tensors, DirectRefit | None]:
+        """Check every tensor and export the storages not exported yet. Raises ValueError naming a tensor
+        that cannot be mapped, or (direct_fallback=bucketed) returns no refit: send the tensors bucketed."""
+        tensors = _pairs(named_tensors)
+        for name, t in tensors:
+            reason = self._cannot_map(t)
+            if reason is None:
+                continue
+            if self.cfg.direct_fallback is not DirectFallback.bucketed:
+                raise ValueError(f"{name!r} {reason}: mode=direct cannot map it (gather it first, or set "
+                                 "rollout.transfer.direct_fallback=bucketed to send such refits through buckets)")
+            if reason not in self._warned:
+                self._warned.add(reason)
+                logger.warning("mode=direct: %r %s; this refit goes through buckets (direct_fallback=bucketed)", name, reason)
+            return tensors, None
+        if self.kind == Transport.cuda_ipc:
+            torch.cuda.ipc_collect()  # free what the receiver released of storages the trainer dropped
+        live: dict[int, _Export] = {}
+        entries = []
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            segment_id = 0
+            if nbytes:
+                export = self._export(t.untyped_storage(), name)
+                live[id(export.storage())] = export
+                segment_id = export.segment.segment_id
+            entries.append(wire.DirectEntry(name, wire.dtype_to_name(t.dtype), list(t.shape), segment_id,
+                                            t.storage_offset() * t.element_size(), nbytes))
+        self._exports = live  # storages this refit does not send are forgotten; the receiver drops them too
+        segments = [e.segment for e in live.values()]
+        shm = [s for s in segments if isinstance(s, wire.ShmSegment)]
+        cuda = [s for s in segments if isinstance(s, wire.CudaSegment)]
+        layout = lambda refit_id: wire.DirectLayout(refit_id, shm, cuda, entries)  # noqa: E731
+        return tensors, DirectRefit(layout, len(entries), sum(e.nbytes for e in entries))
+
+    def _cannot_map(self, t: torch.Tensor) -> str | None:
+        if _is_dtensor(t):
+            return "is a DTensor (a sharded parameter): its storage holds one shard"
+        if t.layout != torch.strided or t.device.type == "meta":
+            return f"has no dense storage (layout {t.layout}, device {t.device})"
+        wire.dtype_to_name(t.dtype)  # a dtype outside the whitelist is a ValueError whatever the mode
+        if t.device.type != self.device.type or (t.device.type == "cuda" and t.device.index != self.device.index):
+            return f"lives on {t.device}, the transport ({self.kind.value}) on {self.device}"
+        if not t.is_contiguous():
+            return f"is a non-contiguous view (shape {list(t.shape)}, stride {list(t.stride())})"
+        return None
+
+    def _export(self, storage: torch.UntypedStorage, name: str) -> _Export:
+        known = self._exports.get(id(storage))
+        if (known is not None and known.storage() is storage and known.data_ptr == storage.data_ptr()
+                and known.nbytes == storage.nbytes()):
+            return known
+        segment_id, self._next_segment_id = self._next_segment_id, self._next_segment_id + 1
+        if self.kind == Transport.shm:
+            from rollout.transfer import direct_shm
+
+            segment = direct_shm.export(storage, segment_id, name)  # moves it into shared memory in place
+        else:
+            from rollout.transfer import direct_cuda
+
+            segment = direct_cuda.export(storage, segment_id, self.device)
+        export = _Export(weakref.ref(storage), storage.data_ptr(), storage.nbytes(), segment)
+        self._exports[id(storage)] = export
+        return export
+
+    def send(self, channel, session: int, refit_id: int, version: int, refit: DirectRefit, wait, start: float) -> TransferStats:
+        """One direct refit: BeginRefit, DirectLayout, then wait for the receiver's Done (`wait` is the
+        sender's wait for a message of this refit, raising PeerError on the receiver's Error); `start`
+        is when send() began (the first refit's exports count)."""
+        if self.kind == Transport.cuda_ipc:
+            torch.cuda.synchronize(self.device)  # the trainer's last writes must land before the engine reads
+        hello = wire.Hello(wire.PROTOCOL_VERSION, self.kind.value, self.cfg.sync.value, 0, 0, [], [],
+                           mode=TransferMode.direct.value)
+        try:
+            channel.send(wire.BeginRefit(session, refit_id, version, hello), "BeginRefit")
+            channel.send(refit.layout(refit_id), "DirectLayout")
+            self._wait_done(wait, refit_id)
+        except BaseException as exc:
+            if not isinstance(exc, PeerError):
+                channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
+            raise
+        return TransferStats(version, refit.num_bytes, refit.num_tensors, 0, time.perf_counter() - start)
+
+    def _wait_done(self, wait, refit_id: int) -> None:
+        wait(refit_id, wire.Done, "Done")  # the receiver consumed and fenced: the trainer may write again
+
+
+class DirectReceiver:
+    """The engine's half of mode=direct: the segments it mapped, by the sender's session; WeightReceiver
+    drives it. Views are valid until the final ack (the Done), as a bucket's are until its Ack.
+
+    Example:
+        direct = DirectReceiver(torch.device("cpu"))
+        stats = direct.receive(begin, consume, next_msg, channel, policy)
+        direct.close()
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._session: int | None = None
+        self._segments: dict[int, tuple[object, torch.Tensor]] = {}  # id -> (descriptor, flat uint8 tensor)
+
+    def receive(self, begin: wire.BeginRefit, consume: Consume, next_msg, channel, policy: SyncPolicy) -> TransferStats:
+        """`next_msg(refit_id, type, what)` is the receiver's wait for a message of this refit. A failed
+        refit drops every mapping: a dead trainer's memory must not stay pinned by us."""
+        start = time.perf_counter()
+        try:
+            layout = next_msg(begin.refit_id, wire.DirectLayout, "DirectLayout")
+            self._map(begin, layout)
+            weights = self._views(layout)
+            fence = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+
+            def ack() -> None:
+                channel.send(wire.Done(begin.refit_id), "Done")
+
+            policy.deliver(weights, True, consume, fence, ack)
+        except BaseException:
+            self.close()
+            raise
+        num_bytes = sum(e.nbytes for e in layout.entries)
+        return TransferStats(begin.version, num_bytes, len(weights), 0, time.perf_counter() - start)
+
+    def _map(self, begin: wire.BeginRefit, layout: wire.DirectLayout) -> None:
+        if begin.session != self._session:
+            self.close()  # another sender: its segments are not ours to reuse
+            self._session = begin.session
+        shm, cuda = begin.hello.transport == Transport.shm.value, begin.hello.transport == Transport.cuda_ipc.value
+        if (layout.shm_segments and not shm) or (layout.cuda_segments and not cuda):
+            raise wire.ProtocolError(f"a {begin.hello.transport} refit named segments of the other transport")
+        wanted = {s.segment_id: s for s in [*layout.shm_segments, *layout.cuda_segments]}
+        if len(wanted) != len(layout.shm_segments) + len(layout.cuda_segments) or 0 in wanted:
+            raise wire.ProtocolError("DirectLayout: segment ids must be distinct and non-zero")
+        for segment_id in [i for i, (desc, _) in self._segments.items() if wanted.get(i) != desc]:
+            del self._segments[segment_id]  # replaced or no longer sent: our mapping goes
+        for segment_id, desc in wanted.items():
+            if segment_id not in self._segments:
+                self._segments[segment_id] = (desc, self._open(desc))
+
+    def _open(self, desc) -> torch.Tensor:
+        if isinstance(desc, wire.ShmSegment):
+            from rollout.transfer import direct_shm
+
+            if desc.nbytes <= 0:
+                raise wire.ProtocolError(f"segment {desc.segment_id} has {desc.nbytes} bytes")
+            return direct_shm.open_segment(desc)
+        from rollout.transfer import direct_cuda
+
+        return direct_cuda.open_segment(desc, self.device)
+
+    def _views(self, layout: wire.DirectLayout) -> Tensors:
+        weights, names = [], set()
+        for e in layout.entries:
+            dtype = wire.dtype_from_name(e.dtype)
+            if e.name in names or not isinstance(e.name, str):
+                raise wire.ProtocolError(f"DirectLayout names {e.name!r} twice")
+            names.add(e.name)
+            if any(not isinstance(d, int) or d < 0 for d in e.shape) or math.prod(e.shape) * dtype.itemsize != e.nbytes:
+                raise wire.ProtocolError(f"entry {e.name!r}: shape {e.shape} x {e.dtype} is not {e.nbytes} bytes")
+            if e.segment_id == 0 and e.nbytes == 0:
+                weights.append((e.name, torch.empty(e.shape, dtype=dtype, device=self.device)))
+                continue
+            segment = self._segments.get(e.segment_id)
+            if segment is None or e.offset < 0 or e.offset % dtype.itemsize or e.offset + e.nbytes > segment[1].numel():
+                raise wire.ProtocolError(f"entry {e.name!r} lies outside segment {e.segment_id}")
+            region = segment[1][e.offset : e.offset + e.nbytes]
+            weights.append((e.name, region.view(dtype).view(torch.Size(e.shape))))
+        return weights
+
+    def close(self) -> None:
+        """Idempotent: drops every mapping (the memory goes once the consumer's views are gone too)."""
+        self._segments = {}
+        self._session = None
+        if self.device.type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()
+
+
+def _pairs(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Tensors:
+    tensors, seen = [], set()
+    for item in named_tensors:
+        try:
+            name, t = item
+        except (TypeError, ValueError):
+            raise ValueError(f"expected (name, tensor) pairs, got {item!r:.100}") from None
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise ValueError(f"expected a (str, torch.Tensor) pair, got ({name!r:.100}, {type(t).__name__})")
+        if name in seen:
+            raise ValueError(f"duplicate tensor name {name!r} in one refit")
+        seen.add(name)
+        tensors.append((name, t))
+    return tensors
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed has no DTensor
+        return False
+    return isinstance(t, DTensor)
