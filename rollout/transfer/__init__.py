@@ -1,7 +1,8 @@
 """Zero-copy bucketed weight transfer from a trainer process to a rollout (vLLM worker) process.
 
 Tensors are packed into bucket buffers shared by both processes (POSIX shared memory or CUDA IPC),
-or broadcast bucket by bucket over a private torch.distributed group (nccl: an engine on other GPUs);
+or broadcast bucket by bucket over a private torch.distributed group (nccl: an engine on other GPUs),
+or with mode=direct read by the receiver where they live, the trainer's storages mapped once (direct.py);
 typed metadata travels over a ZMQ socket (msgpack, no pickle); a sync policy decides when a buffer
 may be reused. Either side may start first; one connection serves many refits.
 
@@ -15,7 +16,7 @@ Example:
 """
 
 from rollout.transfer.channel import new_endpoint
-from rollout.transfer.config import Sync, TransferConfig, Transport
+from rollout.transfer.config import DirectFallback, Sync, TransferConfig, TransferMode, Transport
 from rollout.transfer.errors import IntegrityError, PeerError, TransferError, TransferTimeout
 from rollout.transfer.receiver import WeightReceiver
 from rollout.transfer.sender import WeightSender
@@ -24,12 +25,14 @@ from rollout.transfer.transports import resolve_transport
 from rollout.transfer.wire import ProtocolError
 
 __all__ = [
+    "DirectFallback",
     "IntegrityError",
     "PeerError",
     "ProtocolError",
     "Sync",
     "TransferConfig",
     "TransferError",
+    "TransferMode",
     "TransferStats",
     "TransferTimeout",
     "Transport",

@@ -156,8 +156,7 @@ class DirectSender:
         """One direct refit: BeginRefit, DirectLayout, then wait for the receiver's Done (`wait` is the
         sender's wait for a message of this refit, raising PeerError on the receiver's Error); `start`
         is when send() began (the first refit's exports count)."""
-        if self.kind == Transport.cuda_ipc:
-            torch.cuda.synchronize(self.device)  # the trainer's last writes must land before the engine reads
+        self._fence_trainer_writes()
         hello = wire.Hello(wire.PROTOCOL_VERSION, self.kind.value, self.cfg.sync.value, 0, 0, [], [],
                            mode=TransferMode.direct.value)
         try:
@@ -169,6 +168,10 @@ class DirectSender:
                 channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
             raise
         return TransferStats(version, refit.num_bytes, refit.num_tensors, 0, time.perf_counter() - start)
+
+    def _fence_trainer_writes(self) -> None:
+        if self.kind == Transport.cuda_ipc:
+            torch.cuda.synchronize(self.device)  # the trainer's last writes must land before the engine reads
 
     def _wait_done(self, wait, refit_id: int) -> None:
         wait(refit_id, wire.Done, "Done")  # the receiver consumed and fenced: the trainer may write again

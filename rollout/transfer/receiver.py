@@ -54,7 +54,12 @@ class WeightReceiver(End):
         sender aborted, TransferTimeout if the sender went silent for `timeout_s`."""
         if self._channel is None:
             raise TransferError(f"{self.endpoint}: receive() on a closed WeightReceiver")
-        begin, self._pending = self._pending or self._wait_begin(), None
+        try:
+            begin, self._pending = self._pending or self._wait_begin(), None
+        except TransferError:
+            if self._direct is not None:
+                self._direct.close()  # no refit came: the trainer may be dead, do not keep its memory mapped
+            raise
         start = time.perf_counter()
         try:
             if begin.hello.mode == TransferMode.direct.value:  # rollout/transfer/direct.py
