@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from rollout.config import Backend, BackendConfig, CacheReset, Mode, RefitTimeouts
-from rollout.transfer.config import Sync, TransferConfig, Transport
+from rollout.transfer.config import DirectFallback, Sync, TransferConfig, TransferMode, Transport
 from trainers.config import (
     AlgorithmConfig,
     ConsoleLoggerConfig,
@@ -71,6 +71,8 @@ def test_every_group_option_composes(group):
         ("rollout.transfer.sync=clone", lambda c: c.rollout.transfer.sync is Sync.clone),
         ("rollout.transfer.timeout_s=5", lambda c: c.rollout.transfer.timeout_s == 5.0),
         ("rollout.transfer.spin_us=0", lambda c: c.rollout.transfer.spin_us == 0),
+        ("rollout.transfer.mode=direct", lambda c: c.rollout.transfer.mode is TransferMode.direct),
+        ("rollout.transfer.direct_fallback=bucketed", lambda c: c.rollout.transfer.direct_fallback is DirectFallback.bucketed),
         ("rollout.cache_reset=none", lambda c: c.rollout.cache_reset is CacheReset.none),
         ("model.path=/models/qwen", lambda c: c.model.path == "/models/qwen"),
         ("trainer.total_steps=3", lambda c: c.trainer.total_steps == 3),
@@ -91,6 +93,8 @@ def test_documented_overrides(override, check):
         ("rollout.mode=shared", ConfigCompositionException, ["rollout.mode", "colocate", "standalone"]),
         ("rollout.transfer.timeout_s=0", ValueError, ["rollout.transfer.timeout_s"]),
         ("rollout.transfer.spin_us=-1", ValueError, ["rollout.transfer.spin_us", ">= 0"]),
+        ("rollout.transfer.mode=zerocopy", ConfigCompositionException, ["rollout.transfer.mode", "bucketed", "direct"]),
+        ("rollout.transfer.direct_fallback=silent", ConfigCompositionException, ["direct_fallback", "error", "bucketed"]),
         ("algorithm=reinforce", ConfigCompositionException, ["reinforce", "grpo", "ppo"]),
         ("rollout.transfer.timeout_s=500", ValueError, ["rollout.timeouts.next_bucket_s", "rollout.transfer.timeout_s"]),
         ("rollout.timeouts.worker_reply_s=60", ValueError, ["rollout.timeouts.worker_reply_s", "next_bucket_s"]),
@@ -111,6 +115,9 @@ def test_dataclasses_validate_without_hydra():
     with pytest.raises(ValueError, match="rollout.backend.name"):
         BackendConfig(name="tpu")
     assert TransferConfig(transport="shm", bucket_mb=64, sync="fenced", timeout_s=30.0).bucket_bytes == 64 << 20
+    assert TransferConfig().mode is TransferMode.bucketed and TransferConfig().direct_fallback is DirectFallback.error
+    with pytest.raises(ValueError, match="rollout.transfer.mode=direct .* not nccl"):
+        TransferConfig(transport="nccl", mode="direct")
 
 
 GROUP_SCHEMAS = {"algorithm": AlgorithmConfig, "task": TaskConfig, "model": ModelConfig, "rollout/backend": BackendConfig}

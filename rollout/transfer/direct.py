@@ -21,7 +21,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -65,9 +65,12 @@ class _Export:
 class DirectRefit:
     """What one direct refit sends, planned (and its new storages exported) before anything goes out."""
 
-    layout: Callable[[int], wire.DirectLayout]
-    num_tensors: int
-    num_bytes: int
+    shm_segments: list[wire.ShmSegment]
+    cuda_segments: list[wire.CudaSegment]
+    entries: list[wire.DirectEntry]
+
+    def layout(self, refit_id: int) -> wire.DirectLayout:
+        return wire.DirectLayout(refit_id, self.shm_segments, self.cuda_segments, self.entries)
 
 
 class DirectSender:
@@ -118,9 +121,7 @@ class DirectSender:
         self._exports = live  # storages this refit does not send are forgotten; the receiver drops them too
         segments = [e.segment for e in live.values()]
         shm = [s for s in segments if isinstance(s, wire.ShmSegment)]
-        cuda = [s for s in segments if isinstance(s, wire.CudaSegment)]
-        layout = lambda refit_id: wire.DirectLayout(refit_id, shm, cuda, entries)  # noqa: E731
-        return tensors, DirectRefit(layout, len(entries), sum(e.nbytes for e in entries))
+        return tensors, DirectRefit(shm, [s for s in segments if isinstance(s, wire.CudaSegment)], entries)
 
     def _cannot_map(self, t: torch.Tensor) -> str | None:
         if _is_dtensor(t):
@@ -167,7 +168,8 @@ class DirectSender:
             if not isinstance(exc, PeerError):
                 channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
             raise
-        return TransferStats(version, refit.num_bytes, refit.num_tensors, 0, time.perf_counter() - start)
+        num_bytes = sum(e.nbytes for e in refit.entries)
+        return TransferStats(version, num_bytes, len(refit.entries), 0, time.perf_counter() - start)
 
     def _fence_trainer_writes(self) -> None:
         if self.kind == Transport.cuda_ipc:

@@ -10,7 +10,7 @@ import traceback
 
 import torch
 
-from rollout.transfer import TransferConfig, WeightReceiver, WeightSender
+from rollout.transfer import PeerError, TransferConfig, WeightReceiver, WeightSender
 from rollout.transfer.direct import DirectSender
 from transfer_procs import CTX, as_bytes, race_value
 
@@ -84,7 +84,11 @@ def _refits(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, devic
             if v == 4:
                 model[1].bias = torch.nn.Parameter(model[1].bias.detach() + 1)  # a new Parameter object
             named = tensors(model, use_state_dict=v == 5)
-            stats = sender.send(named, version=v)
+            try:
+                stats = sender.send(named, version=v)
+            except PeerError as exc:  # the receiver's consume failed: report it and go on, as a trainer would
+                queue.put(("peer_error", v, str(exc)))
+                continue
             queue.put(("sent", v, stats.num_tensors, stats.num_buckets, snapshot(named),
                        sorted(n for n, t in named if t.numel() and not t.untyped_storage().is_shared())))
             train_step(model, opt, v)

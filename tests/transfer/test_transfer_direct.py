@@ -155,6 +155,26 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one():
     assert not shm_entries_of(os.getpid())
 
 
+def test_consume_error_reaches_the_sender_and_the_next_refit_maps_afresh():
+    endpoint = new_endpoint()
+    proc, queue = start_sender("refits", DIRECT, endpoint, 2)
+    with WeightReceiver(TransferConfig(**DIRECT), endpoint) as receiver:
+
+        def explode(weights, is_last):
+            raise RuntimeError("load_weights exploded on purpose")
+
+        with pytest.raises(RuntimeError, match="exploded on purpose"):
+            receiver.receive(explode)
+        assert receiver._direct._segments == {}  # a failed refit drops its mappings
+        peer_error = queue.get(timeout=30)
+        assert peer_error[:2] == ("peer_error", 1) and "exploded on purpose" in peer_error[2]
+        got, calls = {}, []
+        assert receiver.receive(_collect(got, calls)).version == 2
+        sent = queue.get(timeout=30)
+        assert sent[:2] == ("sent", 2) and got == sent[4] and len(receiver._direct._segments) == 7
+    proc.join(30)
+
+
 def test_a_tensor_direct_cannot_map_is_a_value_error_naming_it():
     model, _ = tiny_trainer()
     strided = [("ok", torch.zeros(4)), ("w.t", model[2].weight.t())]

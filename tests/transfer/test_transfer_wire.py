@@ -28,6 +28,10 @@ def _samples() -> list:
         wire.EndOfRefit(4, 2, 48, 1),
         wire.Done(4),
         wire.Error(4, "boom"),
+        wire.BeginRefit(123, 7, 10, wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", 0, 0, [], [], mode="direct")),
+        wire.DirectLayout(7, [wire.ShmSegment(1, 4242, 17, 99, 4096)], [], [wire.DirectEntry("w", "bfloat16", [3, 4], 1, 256, 24),
+                                                                          wire.DirectEntry("e", "float32", [0], 0, 0, 0)]),
+        wire.DirectLayout(8, [], [wire.CudaSegment(2, cuda)], []),
     ]
 
 
@@ -46,7 +50,9 @@ def test_messages_round_trip(msg):
         msgpack.packb([4, "1", 2, 3]),  # a str where an int belongs
         msgpack.packb([3, 1, 0, 0, 0, True, [["w", "float32", [1], 0, 4, 0, 1]]]),  # short entry
         msgpack.packb([8, 1, 0]),  # Packed without its checksum
-        msgpack.packb([1, 1, 2, 3, [2, "nccl", "fenced", 4096, 1, [], [], [["127.0.0.1", "29500", "nccl", 4096]]]]),  # str port
+        msgpack.packb([1, 1, 2, 3, [2, "nccl", "fenced", 4096, 1, [], [], [["127.0.0.1", "29500", "nccl", 4096]], "bucketed"]]),  # str port
+        msgpack.packb([9, 1, [[1, 4242, "17", 99, 4096]], [], []]),  # DirectLayout: a str fd
+        msgpack.packb([9, 1, [], [[2, "not a CudaIpcBuffer"]], []]),
         b"\xc1",
     ],
 )
