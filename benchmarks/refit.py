@@ -26,12 +26,20 @@ bench.num_repeats, after one warm-up of each):
   start:  a fresh engine (once; the restart alternative).
 They are interleaved per repeat (floor, refit, disk, reload, floor, ...) so that load from other jobs
 on a shared machine hits them alike.
+With `rollout.transfer.mode=direct` the floor is ONE copy (each tensor copy_'d once into a destination).
+`bench.compare_modes=true` also times direct against bucketed fenced on the same engine, end to end
+(`update_weights`): alternating blocks of bench.num_repeats refits per mode, twice, each block after one
+untimed refit (a switch opens a new connection), the one-copy floor timed beside each refit, and the
+trainer process's memory (Pss of anonymous + shared memory) after each block minus before it:
+    python -m benchmarks.refit bench.model=qwen2_0_5b bench.compare_modes=true bench.disk=false
 It also checks that the refit and the disk reload give the same greedy tokens. Prints the JSON and writes it
 to `bench.out` in Hydra's output directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -45,7 +53,7 @@ from typing import Any, Optional
 import torch
 
 from rollout.config import Backend, BackendConfig, Mode, RefitTimeouts, RolloutConfig
-from rollout.transfer import TransferConfig
+from rollout.transfer import Sync, TransferConfig, TransferMode
 from rollout.transfer.config import _coerce
 
 
@@ -68,6 +76,7 @@ class RefitBenchConfig:
     # weights + KV cache + the reload measurement's 15.2 GB on an 80 GB card), BackendConfig's on the CPU.
     gpu_memory_utilization: Optional[float] = None
     disk: bool = True  # also time the save-to-disk-and-reload path (never for 7B: no room for a copy)
+    compare_modes: bool = False  # also time mode=direct against bucketed fenced on the same engine
     out: str = "refit.json"  # in Hydra's output directory
 
     def __post_init__(self) -> None:
@@ -119,6 +128,64 @@ class Subject:
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
+
+
+def one_copy_floor(state: dict, dests: dict) -> float:
+    """The least a refit's transfer can cost: each tensor copied once into its destination."""
+    device = next(iter(state.values())).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for name, t in state.items():
+        dests[name].copy_(t)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def trainer_memory_bytes() -> int:
+    """Pss of this process's anonymous + shared memory (shared pages count by their share)."""
+    with open("/proc/self/smaps_rollup") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f.readlines()[1:])}
+    return (kb["Pss_Anon"] + kb["Pss_Shmem"]) << 10
+
+
+def compare_modes(ro, subject: "Subject", bench: "RefitBenchConfig", device, version: int) -> dict:
+    """Direct against bucketed fenced on this engine, end to end; see the module docstring."""
+    state = subject.state
+    dests = shared_dests(state) if device.type == "cuda" else {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
+    modes = {
+        "direct": dataclasses.replace(ro.transfer, mode=TransferMode.direct),
+        "bucketed_fenced": dataclasses.replace(ro.transfer, mode=TransferMode.bucketed, sync=Sync.fenced),
+    }
+    stats: dict[str, list] = {name: [] for name in modes}
+    memory: dict[str, list[float]] = {name: [] for name in modes}
+    floor: list[float] = []
+    versions, original = itertools.count(version), ro.transfer
+    try:
+        for _ in range(2):
+            for name, transfer in modes.items():
+                ro.transfer = transfer
+                before = trainer_memory_bytes()
+                ro.update_weights(state.items(), version=next(versions))  # untimed: the new connection
+                for _ in range(bench.num_repeats):
+                    floor.append(one_copy_floor(state, dests))
+                    stats[name].append(ro.update_weights(state.items(), version=next(versions)))
+                memory[name].append((trainer_memory_bytes() - before) / 2**20)
+    finally:
+        ro.transfer = original
+    med = statistics.median
+    out = {"one_copy_floor_s": med(floor), "all_one_copy_floor_s": floor}
+    for name, runs in stats.items():
+        out[name] = {
+            "refit_s": med(r.seconds for r in runs), "send_s": med(r.send_s for r in runs),
+            "worker_load_s": med(r.load_s for r in runs), "num_buckets": runs[-1].num_buckets,
+            "refit_over_one_copy_floor": med(r.seconds for r in runs) / med(floor),
+            "trainer_memory_mb_per_block": memory[name], "all_refit_s": [r.seconds for r in runs],
+        }
+    out["direct_over_bucketed_fenced"] = out["direct"]["refit_s"] / out["bucketed_fenced"]["refit_s"]
+    return out
 
 
 def floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int) -> float:
@@ -244,7 +311,8 @@ def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, t
             reload_error.append(f"{type(exc).__name__}: {exc}")
 
     fns = {
-        "floor": lambda: floor_once(state, dests, bucket, bucket_bytes),
+        "floor": (lambda: one_copy_floor(state, dests)) if cfg.transfer.mode is TransferMode.direct
+        else (lambda: floor_once(state, dests, bucket, bucket_bytes)),
         "refit": lambda: stats.append(ro.update_weights(state.items(), version=next(version))),
         "disk": disk_reload,
         "reload": vllm_reload,
@@ -304,6 +372,8 @@ def run(root: RefitBenchRoot) -> dict:
             measured = measure(ro, subject, cfg, bench, tmp, device)
             use_disk = bench.disk and not subject.dummy
             tokens = greedy_checks(ro, subject, use_disk, tmp, measured["next_version"])
+            if bench.compare_modes:
+                measured["modes"] = compare_modes(ro, subject, bench, device, measured["next_version"] + 10)
     finally:
         ro.close()
     return result(ro, root, cfg, subject, measured, tokens, worker_info, start_s, device)
@@ -358,6 +428,9 @@ def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measu
         "all_floor_s": floor,
         "all_refit_s": refit,
         "all_disk_s": disk,
+        "transfer_mode": cfg.transfer.mode.value,
+        "floor": "one-copy" if cfg.transfer.mode is TransferMode.direct else "two-copy",
+        "modes": measured.get("modes"),
     }
 
 

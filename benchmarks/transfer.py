@@ -18,6 +18,13 @@ With `rollout.transfer.transport=nccl bench.device=cuda` the case is standalone 
 receiver on cuda:1, and the floor has three copies — pack on cuda:0, the cuda:0 -> cuda:1 peer copy,
 load on cuda:1:
     python -m benchmarks.transfer rollout.transfer.transport=nccl bench.device=cuda bench.total_gb=15
+With `rollout.transfer.mode=direct` there is no bucket: the receiver reads the sender's own tensors, so the
+floor is ONE copy — every tensor copy_'d once into its destination tensor, in the sender process:
+    python -m benchmarks.transfer rollout.transfer.mode=direct
+Memory of the transfer, measured in both modes: the proportional set size (anonymous + shared memory, from
+/proc/<pid>/smaps_rollup) of sender and receiver together, after the refits minus before the first one
+(shared pages count once between the two), and the sender's resident peak above its start (VmHWM after
+clear_refs); on a GPU the sender's torch.cuda allocation.
 Both run with `bench.num_threads` torch threads per process (1 by default: on a 2-core machine the
 two processes otherwise fight for the cores). The JSON (`bench.out` in Hydra's output directory)
 holds medians, GB/s, the ratio refit/floor and the overhead per bucket.
@@ -36,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rollout.transfer import TransferConfig, WeightReceiver, WeightSender, layout, new_endpoint
-from rollout.transfer.config import Transport
+from rollout.transfer.config import TransferMode, Transport
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -125,28 +132,65 @@ def _floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: in
     return time.perf_counter() - start
 
 
+def _one_copy_floor(state: dict, dests: dict, device: str) -> float:
+    """The least any refit can cost: each tensor copied once into its destination, tensor by tensor."""
+    start = time.perf_counter()
+    for name, t in state.items():
+        dests[name].copy_(t)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _memory(device: str) -> dict[str, int]:
+    """This process's memory in bytes: Pss of anonymous + shared memory, resident peak and now; CUDA allocations."""
+    with open("/proc/self/smaps_rollup") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f.readlines()[1:])}
+    with open("/proc/self/status") as f:
+        status = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))}
+    out = {"pss": (kb["Pss_Anon"] + kb["Pss_Shmem"]) << 10, "rss": status["VmRSS"] << 10, "rss_peak": status["VmHWM"] << 10}
+    if torch.device(device).type == "cuda":
+        out.update(cuda=torch.cuda.memory_allocated(device), cuda_peak=torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def _reset_peaks(device: str) -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes, results) -> None:
     torch.set_num_threads(bench.num_threads)
     dtype = _DTYPES[bench.dtype]
     device, receiver_device = _devices(cfg, bench)
     state = _tensors(shapes, dtype, device, 1.0)
     dests = _tensors(shapes, dtype, receiver_device, 0.0)
-    bucket = torch.zeros(cfg.bucket_bytes, dtype=torch.uint8, device=device)
-    peer = None if receiver_device == device else torch.zeros_like(bucket, device=receiver_device)
+    direct = cfg.mode is TransferMode.direct
+    if not direct:  # the two-copy floor's bucket, allocated before the memory baseline like the tensors
+        bucket = torch.zeros(cfg.bucket_bytes, dtype=torch.uint8, device=device)
+        peer = None if receiver_device == device else torch.zeros_like(bucket, device=receiver_device)
     floors, refits, num_buckets = [], [], 0
+    memory = {"before": _memory(device)}
+    _reset_peaks(device)
     with WeightSender(cfg, endpoint, device=device) as sender:
         for repeat in range(bench.num_repeats + 1):  # repeat 0 warms up buffers, caches, page tables
-            floor = _floor_once(state, dests, bucket, cfg.bucket_bytes, device, peer)
+            if direct:
+                floor = _one_copy_floor(state, dests, device)
+            else:
+                floor = _floor_once(state, dests, bucket, cfg.bucket_bytes, device, peer)
             stats = sender.send(state.items(), version=repeat)
             if repeat:
                 floors.append(floor)
                 refits.append(stats.seconds)
             num_buckets, num_bytes = stats.num_buckets, stats.num_bytes
+        memory["after"] = _memory(device)
         trace = None
         if bench.trace:
             with _Trace(sender._channel, device) as trace:
                 sender.send(state.items(), version=bench.num_repeats + 1)
     results.put({"floor_s": floors, "refit_s": refits, "num_buckets": num_buckets, "num_bytes": num_bytes,
+                 "sender_memory": memory,
                  "sender_trace": trace and trace.records()})
 
 
@@ -159,13 +203,16 @@ def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shape
         for name, view in weights:
             dests[name].copy_(view)
 
+    memory = {"before": _memory(device)}
     with WeightReceiver(cfg, endpoint, device=device) as receiver:
         for _ in range(bench.num_repeats + 1):
             receiver.receive(consume)
+        memory["after"] = _memory(device)
+        trace = None
         if bench.trace:
             with _Trace(receiver._channel, device) as trace:
                 receiver.receive(trace.timed("load", consume))
-            results.put({"receiver_trace": trace.records()})
+        results.put({"receiver_memory": memory, "receiver_trace": trace and trace.records()})
 
 
 class _Trace:
@@ -284,7 +331,7 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
     sender.start()
     try:
         out = {}
-        for _ in range(2 if bench.trace else 1):  # the receiver reports its trace separately
+        for _ in range(2):  # each process reports its own part
             out.update(results.get(timeout=bench.timeout_s))
     finally:
         for p in (sender, receiver):
@@ -293,24 +340,44 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
                 p.kill()
     floor_s, refit_s = statistics.median(out["floor_s"]), statistics.median(out["refit_s"])
     gb = out["num_bytes"] / 1e9
+    direct = cfg.mode is TransferMode.direct
     return {
-        "transport": cfg.transport.value, "sync": cfg.sync.value, "bucket_mb": cfg.bucket_mb,
+        "mode": cfg.mode.value, "floor": "one-copy" if direct else "two-copy",
+        "transport": cfg.transport.value, "sync": "-" if direct else cfg.sync.value,
+        "bucket_mb": "-" if direct else cfg.bucket_mb,
         "device": bench.device, "sender_device": _devices(cfg, bench)[0], "receiver_device": _devices(cfg, bench)[1],
         "dtype": bench.dtype, "num_threads": bench.num_threads,
         "total_gb": round(gb, 4), "num_tensors": len(shapes), "num_buckets": out["num_buckets"],
         "num_repeats": bench.num_repeats, "floor_s": floor_s, "refit_s": refit_s,
         "floor_gbps": gb / floor_s, "refit_gbps": gb / refit_s, "ratio": refit_s / floor_s,
-        "overhead_per_bucket_ms": (refit_s - floor_s) / out["num_buckets"] * 1e3,
+        "overhead_per_bucket_ms": (refit_s - floor_s) / out["num_buckets"] * 1e3 if out["num_buckets"] else None,
+        **_memory_figures(out["sender_memory"], out["receiver_memory"]),
         "floor_all_s": out["floor_s"], "refit_all_s": out["refit_s"],
         **({"trace_ms": trace_table(out["sender_trace"], out["receiver_trace"])} if bench.trace else {}),
     }
 
 
+def _memory_figures(sender: dict, receiver: dict) -> dict:
+    """MB the transfer holds: both processes' Pss after the refits minus before; the sender's resident peak."""
+    mb = lambda n: n / 2**20  # noqa: E731
+    figures = {
+        "transfer_memory_mb": mb(sender["after"]["pss"] + receiver["after"]["pss"]
+                                 - sender["before"]["pss"] - receiver["before"]["pss"]),
+        "sender_memory_mb": mb(sender["after"]["pss"] - sender["before"]["pss"]),
+        "sender_peak_over_start_mb": mb(sender["after"]["rss_peak"] - sender["before"]["rss"]),
+    }
+    if "cuda" in sender["before"]:
+        figures["sender_cuda_mb"] = mb(sender["after"]["cuda"] - sender["before"]["cuda"])
+        figures["sender_cuda_peak_over_start_mb"] = mb(sender["after"]["cuda_peak"] - sender["before"]["cuda"])
+    return figures
+
+
 _COLUMNS = [  # (result key, header, format)
-    ("transport", "transport", "{}"), ("sync", "sync", "{}"), ("bucket_mb", "bucket MB", "{}"),
+    ("mode", "mode", "{}"), ("transport", "transport", "{}"), ("sync", "sync", "{}"), ("bucket_mb", "bucket MB", "{}"),
     ("num_buckets", "buckets", "{}"), ("floor_s", "floor s", "{:.3f}"), ("refit_s", "refit s", "{:.3f}"),
     ("floor_gbps", "floor GB/s", "{:.2f}"), ("refit_gbps", "refit GB/s", "{:.2f}"), ("ratio", "refit/floor", "{:.2f}"),
-    ("overhead_per_bucket_ms", "ms/bucket", "{:.2f}"),
+    ("overhead_per_bucket_ms", "ms/bucket", "{:.2f}"), ("floor", "floor", "{}"),
+    ("transfer_memory_mb", "transfer MB", "{:.0f}"), ("sender_peak_over_start_mb", "sender peak MB", "{:.0f}"),
 ]
 
 
@@ -322,7 +389,7 @@ def print_table(rows: list[dict], title: str) -> None:
     for _, header, _ in _COLUMNS:
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*(fmt.format(row[key]) for key, _, fmt in _COLUMNS))
+        table.add_row(*(fmt.format(row[key]) if row.get(key) not in (None, "-") else "-" for key, _, fmt in _COLUMNS))
     Console(width=max(150, Console().width)).print(table)
 
 
@@ -341,11 +408,16 @@ def summarize(sweep_dir: str) -> list[dict]:
             rows.append(row)
     if not rows:
         raise SystemExit(f"no benchmark results under {sweep_dir}")
-    rows.sort(key=lambda r: (r["transport"], r["sync"], r["bucket_mb"]))
-    print_table(rows, f"refit vs two-copy floor ({rows[0]['total_gb']} GB {rows[0]['dtype']}, {rows[0]['device']})")
+    rows.sort(key=lambda r: (r.get("mode", "bucketed"), r["transport"], r["sync"], str(r["bucket_mb"]).zfill(6)))
+    print_table(rows, f"refit vs floor: two-copy (bucketed), one-copy (direct) ({rows[0]['total_gb']} GB "
+                      f"{rows[0]['dtype']}, {rows[0]['device']})")
     with open(os.path.join(sweep_dir, "summary.json"), "w") as f:
         json.dump(rows, f, indent=1)
     fig, (ax_gbps, ax_ratio) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in [r for r in rows if r.get("mode") == "direct"]:  # no bucket: one line across the sizes
+        ax_gbps.axhline(r["refit_gbps"], ls="--", color="C9", label=f"{r['transport']} direct")
+        ax_ratio.axhline(r["ratio"], ls="--", color="C9", label=f"{r['transport']} direct (vs one-copy floor)")
+    rows = [r for r in rows if r.get("mode", "bucketed") == "bucketed"]
     for key in sorted({(r["transport"], r["sync"]) for r in rows}):
         sel = [r for r in rows if (r["transport"], r["sync"]) == key]
         mbs = [r["bucket_mb"] for r in sel]
@@ -381,7 +453,7 @@ def _hydra_main() -> None:
         path = os.path.join(HydraConfig.get().runtime.output_dir, root.bench.out)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print_table([result], f"refit vs two-copy floor -> {path}")
+        print_table([result], f"refit vs {result['floor']} floor -> {path}")
         for label, ms in result.get("trace_ms", []):
             print(f"{label:>48}: {ms:8.3f} ms")
 

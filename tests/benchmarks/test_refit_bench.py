@@ -38,9 +38,13 @@ def test_refit_bench_config_rejects_what_cannot_run():
 
 
 def test_tiny_refit_bench_measures_every_path_and_the_tokens_agree(tmp_path):
-    result = refit.run(compose_root("bench.num_repeats=1", "rollout.transfer.bucket_mb=1"))
+    result = refit.run(compose_root("bench.num_repeats=1", "rollout.transfer.bucket_mb=1", "bench.compare_modes=true"))
     for key in ("floor_s", "refit_s", "disk_reload_s", "vllm_reload_from_memory_s", "engine_start_s"):
         assert result[key] > 0, key
     assert result["vllm_reload_error"] is None and result["num_buckets"] >= 2
     assert result["worker_device"] == "cpu" and result["transport"] == "shm"
     assert result["same_greedy_tokens_refit_vs_disk"] is True and result["scaled_weights_changed_tokens"] is True
+    modes = result["modes"]  # bench.compare_modes: direct against bucketed fenced on the same engine
+    assert modes["direct"]["num_buckets"] == 0 and modes["bucketed_fenced"]["num_buckets"] >= 2
+    assert modes["one_copy_floor_s"] > 0 and modes["direct_over_bucketed_fenced"] > 0
+    assert len(modes["direct"]["all_refit_s"]) == 2 and len(modes["direct"]["trainer_memory_mb_per_block"]) == 2

@@ -56,6 +56,16 @@ def test_tiny_run_measures_floor_and_refit():
     assert result["floor_s"] > 0 and result["refit_s"] > 0 and result["ratio"] == result["refit_s"] / result["floor_s"]
 
 
+def test_tiny_direct_run_measures_against_the_one_copy_floor_and_the_memory():
+    cfg = TransferConfig(transport="shm", mode="direct", timeout_s=30.0)
+    result = bench.run(cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=2))
+    assert result["mode"] == "direct" and result["floor"] == "one-copy" and result["num_buckets"] == 0
+    assert result["overhead_per_bucket_ms"] is None and result["ratio"] == result["refit_s"] / result["floor_s"]
+    for key in ("transfer_memory_mb", "sender_memory_mb", "sender_peak_over_start_mb"):
+        assert isinstance(result[key], float), key
+    bench.print_table([result], "direct")  # a row without buckets prints
+
+
 @pytest.mark.slow
 def test_multirun_sweep_and_summary(tmp_path):
     sweep = tmp_path / "sweep"
