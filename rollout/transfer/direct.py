@@ -221,6 +221,8 @@ class DirectReceiver:
         shm, cuda = begin.hello.transport == Transport.shm.value, begin.hello.transport == Transport.cuda_ipc.value
         if (layout.shm_segments and not shm) or (layout.cuda_segments and not cuda):
             raise wire.ProtocolError(f"a {begin.hello.transport} refit named segments of the other transport")
+        if cuda and self.device.type != "cuda":
+            raise TransferError(f"the sender's tensors live on a GPU (cuda_ipc), but this receiver's device is {self.device}")
         wanted = {s.segment_id: s for s in [*layout.shm_segments, *layout.cuda_segments]}
         if len(wanted) != len(layout.shm_segments) + len(layout.cuda_segments) or 0 in wanted:
             raise wire.ProtocolError("DirectLayout: segment ids must be distinct and non-zero")
