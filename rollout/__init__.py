@@ -14,16 +14,20 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from rollout.config import Backend, BackendConfig, CacheReset, Mode, RolloutConfig
+from rollout.config import Backend, BackendConfig, CacheReset, EngineKind, Mode, PauseMode, RolloutConfig
 
 if TYPE_CHECKING:
+    from rollout.async_engine import AsyncVllmRollout
     from rollout.engine import RefitError, RefitStats, Sample, VllmRollout
 
 __all__ = [
+    "AsyncVllmRollout",
     "Backend",
     "BackendConfig",
     "CacheReset",
+    "EngineKind",
     "Mode",
+    "PauseMode",
     "RefitError",
     "RefitStats",
     "RolloutConfig",
@@ -33,9 +37,15 @@ __all__ = [
 ]
 
 
-def build_rollout(cfg: RolloutConfig, model_path: str | os.PathLike, worker_extension: str | None = None) -> "VllmRollout":
-    """Start a vLLM engine for `cfg.backend` on the Hugging Face model at `model_path` (`worker_extension`:
-    see VllmRollout)."""
+def build_rollout(
+    cfg: RolloutConfig, model_path: str | os.PathLike, worker_extension: str | None = None
+) -> "VllmRollout | AsyncVllmRollout":
+    """Start a vLLM engine for `cfg.backend` on the Hugging Face model at `model_path` (`cfg.engine`: vLLM's
+    LLM, or its AsyncLLM behind the same API plus submit/collect; `worker_extension`: see VllmRollout)."""
+    if cfg.engine is EngineKind("async"):
+        from rollout.async_engine import AsyncVllmRollout
+
+        return AsyncVllmRollout(cfg, str(model_path), worker_extension=worker_extension)
     from rollout.engine import VllmRollout
 
     return VllmRollout(cfg, str(model_path), worker_extension=worker_extension)
@@ -46,4 +56,8 @@ def __getattr__(name: str):
         from rollout import engine
 
         return getattr(engine, name)
+    if name == "AsyncVllmRollout":
+        from rollout import async_engine
+
+        return async_engine.AsyncVllmRollout
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from rollout.config import CacheReset, Mode
 from rollout.vllm_compat import has_encoder_cache_reset, resolve_call
@@ -42,25 +42,31 @@ def caches_to_reset(
     return tuple(caches)
 
 
-_CALLS = {
-    Cache.prefix: ("reset_prefix_cache", "prefix-cache reset"),
-    Cache.encoder: ("llm_engine.reset_encoder_cache", "encoder-cache reset"),
-    Cache.mm: ("reset_mm_cache", "multimodal-cache reset"),
-}
+_WHAT = {Cache.prefix: "prefix-cache reset", Cache.encoder: "encoder-cache reset", Cache.mm: "multimodal-cache reset"}
+# Where each reset lives: on the sync `LLM` the encoder reset sits on its LLMEngine; the AsyncLLM has all
+# three itself, as coroutines (its `run` awaits them).
+LLM_CALLS = {Cache.prefix: "reset_prefix_cache", Cache.encoder: "llm_engine.reset_encoder_cache", Cache.mm: "reset_mm_cache"}
+ASYNC_LLM_CALLS = {Cache.prefix: "reset_prefix_cache", Cache.encoder: "reset_encoder_cache", Cache.mm: "reset_mm_cache"}
 
 
-def reset_caches(llm: Any, caches: tuple[Cache, ...], vllm_version: str) -> tuple[Cache, ...]:
-    """Reset `caches` on a vLLM `LLM`; return those actually reset (a missing call logs once, never crashes)."""
+def reset_caches(
+    llm: Any, caches: tuple[Cache, ...], vllm_version: str, calls: Mapping[Cache, str] = LLM_CALLS,
+    run: Callable[[Any], Any] = lambda result: result, prefix_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Cache, ...]:
+    """Reset `caches` on a vLLM `LLM` (or, with ASYNC_LLM_CALLS and a `run` that awaits, an AsyncLLM);
+    return those actually reset (a missing call logs once, never crashes). `prefix_kwargs` go to
+    reset_prefix_cache (e.g. reset_running_requests=True: requests kept across a refit recompute their KV)."""
     done = []
     for cache in caches:
         if cache is Cache.encoder and not has_encoder_cache_reset(vllm_version):
             logger.warning("vLLM %s predates the encoder-cache reset (>= 0.17): encoder cache kept", vllm_version)
             continue
-        call = resolve_call(llm, *_CALLS[cache], version=vllm_version)
+        call = resolve_call(llm, calls[cache], _WHAT[cache], version=vllm_version)
         if call is None:
             continue
+        kwargs = dict(prefix_kwargs or {}) if cache is Cache.prefix else {}
         # reset_prefix_cache answers False when requests still run: their blocks would survive the refit.
-        if call() is False:
+        if run(call(**kwargs)) is False:
             raise RuntimeError(f"vLLM refused to reset the {cache.value} cache (requests still running?)")
         done.append(cache)
     return tuple(done)

@@ -20,6 +20,20 @@ class Mode(str, Enum):
     standalone = "standalone"  # the engine has its own device(s) and never sleeps
 
 
+# Which vLLM front end drives the engine. `sync`: vLLM's LLM, generate() blocks until the batch is done
+# (rollout/engine.py); `async`: vLLM's AsyncLLM on a background event loop, submit now and collect later
+# (rollout/async_engine.py). Built by name because `async` is a keyword and Hydra matches members by name.
+EngineKind = Enum("EngineKind", {"sync": "sync", "async": "async"}, type=str)
+
+
+class PauseMode(str, Enum):
+    """What a refit does with the async engine's requests still in flight (vLLM's pause modes)."""
+
+    wait = "wait"  # let them finish on the old weights, then refit
+    abort = "abort"  # abort them, refit, resubmit them from scratch: no sample spans two versions
+    keep = "keep"  # freeze them, refit, continue on the new weights: their tokens carry both versions
+
+
 class CacheReset(str, Enum):
     """Which engine caches a refit invalidates."""
 
@@ -101,6 +115,10 @@ class RolloutConfig:
     # trainer passes its run directory. A directory too long for a socket path (~107 bytes) falls back to
     # the temp dir, with a warning.
     endpoint_dir: Optional[str] = None
+    engine: EngineKind = EngineKind.sync
+    pause_mode: PauseMode = PauseMode.keep  # async engine only
+    # async engine only: the bound on every wait for its event loop (a batch's samples, a pause, a call).
+    generate_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         self.mode = _coerce(Mode, self.mode, "rollout.mode")
@@ -117,3 +135,7 @@ class RolloutConfig:
             )
         if not t.receiver_exit_s > 0:
             raise ValueError(f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}")
+        self.engine = _coerce(EngineKind, self.engine, "rollout.engine")
+        self.pause_mode = _coerce(PauseMode, self.pause_mode, "rollout.pause_mode")
+        if not self.generate_timeout_s > 0:
+            raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")

@@ -22,6 +22,20 @@ What the engine touches, read in both sources (0.24.0 CUDA build, 0.32.0 CPU bui
       every layer still holding meta tensors, so a failed refit ends in the same state on both.
     - 0.32 renamed layerwise's SKIP_TENSORS to SKIP_LOAD_TENSORS and added
       `kernel_non_persistent_buffers`; neither is used here.
+
+What the async engine (rollout/async_engine.py) touches on vLLM's AsyncLLM, read in both sources:
+  same in both: `AsyncLLM.from_engine_args(AsyncEngineArgs(...))`, `generate(prompt, params, request_id)`
+    (an async generator; FINAL_ONLY outputs; an abort ends it with finish_reason "abort"),
+    `pause_generation(mode="abort"|"wait"|"keep", clear_cache=)`, `resume_generation()`,
+    `sleep(level, mode)`, `collective_rpc(...)`, `reset_prefix_cache(reset_running_requests=)`,
+    `reset_encoder_cache()`, `reset_mm_cache()`, `shutdown(timeout=)`; the engine core resumes the
+    scheduler itself once a wake_up leaves nothing asleep.
+  different:
+    - 0.24's `pause_generation` also takes the deprecated `wait_for_inflight_requests` (gone in 0.32):
+      never passed here, so one call fits both (`pause_generation_kwargs`).
+    - `wake_up` returns None in 0.24 and "fully awake" in 0.32, as on the LLM: `fully_awake`.
+    - 0.32 labels every output token with the engine's weight version (`update_weight_version`,
+      `CompletionOutput.weight_versions`: spans of token indexes); 0.24 has neither: `has_weight_versions`.
 """
 
 from __future__ import annotations
@@ -42,6 +56,9 @@ LAYERWISE_RELOAD_SINCE = "0.24"
 # `LLM.wake_up` returns whether the engine is fully awake (0.24.0 returns None; 0.32.0 a bool). The
 # first release with the bool is not known here: the gate says "since 0.32", where it was read.
 WAKE_UP_REPORTS_STATE_SINCE = "0.32"
+# AsyncLLM.update_weight_version and per-token CompletionOutput.weight_versions: in 0.32.0, not in 0.24.0
+# (first release with them not known here: the gate says "since 0.32", where they were read).
+WEIGHT_VERSIONS_SINCE = "0.32"
 # The parts of vllm.model_executor.model_loader.reload.layerwise that detach_layerwise_pending and
 # finalize_failed_reload use (present in 0.24.0 and 0.32.0). Checked before the first refit.
 LAYERWISE_INTERNALS = ("LAYERWISE_INFO", "finalize_layerwise_reload", "_place_kernel_tensors")
@@ -70,6 +87,30 @@ def has_layerwise_reload(version: str) -> bool:
 
 def wake_up_reports_state(version: str) -> bool:
     return at_least(version, WAKE_UP_REPORTS_STATE_SINCE)
+
+
+def has_weight_versions(version: str) -> bool:
+    return at_least(version, WEIGHT_VERSIONS_SINCE)
+
+
+def pause_generation_kwargs(mode: str) -> dict[str, Any]:
+    """AsyncLLM.pause_generation's arguments on 0.24 and 0.32 alike: `mode` (both), caches kept (the
+    cache-reset policy runs after the refit instead); never 0.24's deprecated wait_for_inflight_requests."""
+    if mode not in ("abort", "wait", "keep"):
+        raise ValueError(f"pause mode must be abort, wait or keep, got {mode!r}")
+    return {"mode": mode, "clear_cache": False}
+
+
+def token_versions(completion: Any, version: str) -> list[int] | None:
+    """The weight version of each token of a finished CompletionOutput, from vLLM's spans where it
+    reports them (0.32; our versions are the ints we set), else None."""
+    spans = getattr(completion, "weight_versions", None) if has_weight_versions(version) else None
+    if not spans:
+        return None
+    tokens = [0] * len(completion.token_ids)
+    for span in spans:
+        tokens[span.start:span.end] = [int(span.version)] * (span.end - span.start)
+    return tokens
 
 
 def fully_awake(result: Any, version: str) -> bool | None:

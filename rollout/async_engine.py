@@ -1,0 +1,342 @@
+"""The async rollout engine: vLLM's AsyncLLM in this process, on a background event loop, behind the
+rollout API (generate, update_weights, sleep, wake_up, close) plus submit/collect, so generation can
+run while the trainer trains. A refit pauses generation (`rollout.pause_mode`: wait, abort or keep)
+and moves the weights through the same worker extension, transfer and cache-reset policy as the sync
+engine (rollout/engine.py); samples carry the weight version of every token where vLLM tags them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Awaitable, Iterable, Iterator, Sequence
+
+import torch
+
+from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset, reset_caches
+from rollout.config import Mode, RolloutConfig
+from rollout.engine import (
+    EngineState, RefitStats, Sample, check_awake, check_engine_setup, engine_kwargs, prompt_inputs, refit_stats,
+    resolved_transfer, sampling_params, to_samples,
+)
+from rollout.platform import Platform, get_platform
+from rollout.refit_channel import RefitChannel
+from rollout.vllm_compat import has_weight_versions, installed_vllm_version, pause_generation_kwargs, token_versions
+
+logger = logging.getLogger(__name__)
+
+
+class Handle:
+    """The samples of one `submit()`, filled in by the event loop as its prompts finish.
+
+    Example:
+        handle = ro.submit(prompts, n=4, max_tokens=8, seed=0)
+        for group in handle.as_completed(timeout_s=60):   # one prompt's n samples at a time
+            ...
+        samples = handle.result(timeout_s=60)             # all of them, grouped in prompt order
+    """
+
+    def __init__(self, num_prompts: int, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._groups: list[list[Sample] | None] = [None] * num_prompts
+        self._finished: queue.Queue[int | BaseException] = queue.Queue()
+        self._remaining = num_prompts
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        if num_prompts == 0:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout_s: float | None = None) -> list[Sample]:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(f"async rollout: {self._remaining} prompt(s) still unfinished after {timeout_s} s")
+        if self._error is not None:
+            raise RuntimeError(f"async rollout: the batch failed: {self._error}") from self._error
+        return [s for group in self._groups for s in group]  # type: ignore[union-attr]
+
+    def as_completed(self, timeout_s: float | None = None) -> Iterator[list[Sample]]:
+        """Each prompt's samples as soon as they finish; `timeout_s` bounds the wait for the whole batch."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        for _ in range(len(self._groups)):
+            try:
+                item = self._finished.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"async rollout: {self._remaining} prompt(s) still unfinished at the deadline") from None
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"async rollout: the batch failed: {item}") from item
+            yield self._groups[item]  # type: ignore[misc]
+
+    # called on the event loop
+    def _finish(self, index: int, samples: list[Sample]) -> None:
+        self._groups[index] = samples
+        self._remaining -= 1
+        self._finished.put(index)
+        if self._remaining == 0:
+            self._done.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._done.is_set():
+            return
+        self._error = error
+        self._finished.put(error)
+        self._done.set()
+
+
+class AsyncVllmRollout:
+    """vLLM's AsyncLLM on a background event loop. Build it with `build_rollout(cfg)`, cfg.engine=async.
+
+    Example:
+        with build_rollout(RolloutConfig(engine="async", pause_mode="keep"), model_path) as ro:
+            ro.update_weights(model.named_parameters(), version=1)
+            handle = ro.submit(prompts, n=4, max_tokens=8, seed=0)          # returns at once
+            ...                                                             # train meanwhile
+            ro.update_weights(model.named_parameters(), version=2)          # pause, refit, resume
+            samples = handle.result()   # keep: tokens of versions 1 and 2 (Sample.token_versions)
+    """
+
+    def __init__(
+        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None, worker_extension: str | None = None
+    ) -> None:
+        """`worker_extension`: as for VllmRollout (a RefitWorkerExtension subclass by qualified name)."""
+        self.cfg = cfg
+        self.worker_extension = worker_extension
+        self.model_path = str(model_path)
+        self.platform = platform or get_platform(cfg.backend.name)
+        self.vllm_version = installed_vllm_version()
+        self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
+        self.transfer = resolved_transfer(cfg, self.platform)
+        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts)
+        self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
+        self.version = 0  # the weights loaded from model_path
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="async-rollout-loop", daemon=True)
+        self._thread.start()
+        try:
+            self._resumed = self._call(_new_event(), "creating the resume event")
+            self.engine = self._call(self._start(), "engine start-up")
+            self._tag_version(self.version)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
+
+    async def _start(self) -> Any:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = engine_kwargs(self.cfg, self.model_path, self.platform, self._can_sleep, self.worker_extension)
+        # Built on the loop: the engine-core client's sockets and the output handler belong to it.
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
+
+    @property
+    def tokenizer(self) -> Any:
+        if self.engine is None:
+            raise RuntimeError("tokenizer of a closed rollout")
+        return self.engine.get_tokenizer()
+
+    @property
+    def _endpoint(self) -> str | None:
+        return self._channel.endpoint
+
+    # -- generation -----------------------------------------------------------------------------
+    def submit(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> Handle:
+        """Start `n` samples per prompt and return at once; seeds as in the sync engine's generate()."""
+        from vllm.sampling_params import RequestOutputKind
+
+        self._state.check_can_generate()
+        params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p,
+                                 output_kind=RequestOutputKind.FINAL_ONLY)
+        handle = Handle(len(prompts), self.cfg.generate_timeout_s)
+        for i, (prompt, p) in enumerate(zip(prompt_inputs(prompts), params)):
+            self._loop.call_soon_threadsafe(self._spawn, handle, i, prompt, p)
+        return handle
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
+                 temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0) -> list[Sample]:
+        """`n` samples per prompt, grouped in prompt order: submit() and wait (the sync engine's call)."""
+        return self.submit(prompts, n, max_tokens, temperature, seed, top_p).result()
+
+    def _spawn(self, handle: Handle, index: int, prompt: Any, params: Any) -> None:
+        task = self._loop.create_task(self._request(handle, index, prompt, params))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _request(self, handle: Handle, index: int, prompt: Any, params: Any) -> None:
+        try:
+            while True:
+                version = self.version  # what the engine holds now: the label where vLLM tags nothing
+                final = None
+                async for out in self.engine.generate(prompt, params, f"refit-{next(self._ids)}"):
+                    final = out
+                if any(c.finish_reason == "abort" for c in final.outputs) and not self._state.closed:
+                    await self._resumed.wait()  # aborted by a refit (pause_mode=abort): again, on the new weights
+                    continue
+                handle._finish(index, to_samples(index, final, version, self._versions_of))
+                return
+        except asyncio.CancelledError:
+            handle._fail(RuntimeError("the rollout closed with the request in flight"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the caller waiting on the handle
+            handle._fail(exc)
+
+    def _versions_of(self, completion: Any) -> list[int] | None:
+        return token_versions(completion, self.vllm_version)
+
+    # -- colocate memory hand-off ----------------------------------------------------------------
+    def sleep(self, level: int | None = None) -> None:
+        """colocate: release device memory while the trainer runs (where the platform can: in-flight
+        requests are then handled as `pause_mode` says); standalone: no-op."""
+        if self.cfg.mode is Mode.standalone:
+            return
+        level = self.cfg.backend.sleep_level if level is None else level
+        if self._can_sleep:
+            self.platform.check_sleep_level(level)
+            self._call(self._clear_resumed(), "clearing the resume event")
+            self._call(self.engine.sleep(level, mode=self.cfg.pause_mode.value), f"sleep(level={level})")
+        self._state.asleep = True
+        self._state.weights_discarded = self._state.weights_discarded or level == 2
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if not self._state.asleep:
+            return
+        if self._can_sleep:
+            check_awake(self._call(self.engine.wake_up(tags), f"wake_up({tags})"), tags, self.vllm_version)
+        if tags is None or "kv_cache" in tags:
+            self._state.asleep = False
+            self._reset_caches(after_sleep=True)
+            self._resume()
+
+    # -- refit ----------------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+        """Pause generation (`pause_mode`), refit through the transfer, tag the new version, reset the
+        caches, resume. On failure raises RefitError and stays paused until a later refit succeeds."""
+        if self._state.closed:
+            raise RuntimeError("update_weights() on a closed rollout")
+        start = time.perf_counter()
+        slept = self._state.asleep and self._can_sleep  # sleep() already paused the scheduler
+        if not slept:
+            self._call(self._clear_resumed(), "clearing the resume event")
+            kwargs = pause_generation_kwargs(self.cfg.pause_mode.value)
+            self._call(self.engine.pause_generation(**kwargs), f"pause_generation({kwargs})")
+        else:
+            self._call(self.engine.wake_up(["weights"]), "wake_up(['weights'])")  # the KV cache stays released
+        try:
+            send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive)
+        except BaseException:
+            self._state.failed_version = version
+            raise
+        self._state.refit_succeeded()
+        self.version = version
+        self._tag_version(version)  # before anything runs again: later tokens carry the new version
+        if slept:
+            check_awake(self._call(self.engine.wake_up(["kv_cache"]), "wake_up(['kv_cache'])"), ["kv_cache"],
+                        self.vllm_version)
+        was_asleep, self._state.asleep = self._state.asleep, False
+        caches = self._reset_caches(after_sleep=was_asleep)
+        self._resume()
+        return refit_stats(version, time.perf_counter() - start, send_stats, worker, caches)
+
+    def _receive(self, args: tuple) -> dict[str, Any]:
+        rpc = self.engine.collective_rpc("refit_receive", args=args)
+        return self._call(rpc, "refit_receive", self.cfg.timeouts.worker_reply_s)[0]
+
+    def _tag_version(self, version: int) -> None:
+        if has_weight_versions(self.vllm_version):
+            self._call(self.engine.update_weight_version(str(version)), "update_weight_version")
+
+    def _reset_caches(self, after_sleep: bool) -> tuple[Cache, ...]:
+        wanted = caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
+        # Requests kept across the refit hold KV blocks of the old weights: preempting them makes vLLM
+        # recompute those blocks with the new weights (and lets the reset succeed).
+        return reset_caches(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
+                            run=lambda coro: self._call(coro, "cache reset"),
+                            prefix_kwargs={"reset_running_requests": True})
+
+    def _resume(self) -> None:
+        self._call(self.engine.resume_generation(), "resume_generation")
+        self._call(self._set_resumed(), "setting the resume event")
+
+    async def _clear_resumed(self) -> None:
+        self._resumed.clear()
+
+    async def _set_resumed(self) -> None:
+        self._resumed.set()
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Idempotent, bounded by the backend's shutdown timeout even with requests in flight: closes
+        the transfer on both ends, cancels what still runs, shuts vLLM's processes and the loop down."""
+        if self._state.closed:
+            return
+        self._state.closed = True
+        timeout_s = self.cfg.backend.shutdown_timeout_s
+        try:
+            if self._channel.connected:
+                self._call(self.engine.collective_rpc("refit_close", timeout=self.transfer.timeout_s),
+                           "refit_close", self.transfer.timeout_s)
+        finally:
+            self._channel.close()
+            try:
+                self._call(self._cancel_requests(), "cancelling in-flight requests", timeout_s)
+                self._call(self._shutdown(timeout_s), "engine shutdown", timeout_s)
+            finally:
+                self._stop_loop()
+
+    async def _cancel_requests(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shutdown(self, timeout_s: float) -> None:
+        # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
+        self.engine.shutdown(timeout=timeout_s)
+        # AsyncLLM.__del__ shuts down again; dropped here it runs now, not at interpreter exit (where
+        # vLLM's module globals are already gone and it raises).
+        self.engine = None
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(self.cfg.backend.shutdown_timeout_s)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def _call(self, coro: Awaitable[Any], what: str, timeout_s: float | None = None) -> Any:
+        """Run `coro` on the event loop and wait for it, at most `timeout_s` (default: generate_timeout_s)."""
+        timeout_s = self.cfg.generate_timeout_s if timeout_s is None else timeout_s
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"async rollout: {what} did not finish within {timeout_s} s") from None
+
+    def __enter__(self) -> "AsyncVllmRollout":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _new_event() -> asyncio.Event:
+    event = asyncio.Event()  # made on the loop that waits on it
+    event.set()  # generation runs until the first pause
+    return event
