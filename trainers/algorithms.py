@@ -63,18 +63,35 @@ def terminal_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
 
 
 def clipped_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped surrogate, token-mean; returns (loss, clip_frac, approx_kl to the old policy)."""
+    """PPO's clipped surrogate, token-mean; returns (loss, clip_frac, approx_kl to the old policy).
+    `is_weights` (constants, e.g. `truncated_is_weights`) scale each token's term: off-policy samples."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if is_weights is None else per_token * is_weights, mask)
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return loss, clip_frac, approx_kl
+
+
+def truncated_is_weights(trainer_logp: Tensor, sampler_logp: Tensor, cap: float, mask: Tensor) -> Tensor:
+    """Truncated importance weights min(pi_trainer / pi_sampler, cap) per token, without gradient.
+
+    The sampler (vLLM, possibly some versions behind) drew the tokens; the trainer's log-probs before
+    the update are what PPO's ratio starts from. Weighting each token's loss by their ratio corrects
+    for the mismatch (stale weights, numerics); the cap bounds the variance. 1 on masked positions.
+    """
+    if not cap > 0:
+        raise ValueError(f"algorithm.tis_cap must be > 0, got {cap!r}")
+    with torch.no_grad():
+        weights = torch.exp(trainer_logp - sampler_logp).clamp(max=cap)
+    return torch.where(mask > 0, weights, torch.ones_like(weights))
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:

@@ -62,6 +62,9 @@ class AlgorithmConfig:
     kl_coef: float = 0.001  # penalty to the frozen reference (the policy after the warm-start); 0 = no reference
     kl_estimator: KLEstimator = KLEstimator.k3
     scale_adv_by_std: bool = True  # GRPO: divide by the group's std
+    # Truncated importance sampling: weight each token's PG term by min(pi_trainer / pi_sampler, tis_cap),
+    # the correction for samples from older weights (trainer.max_staleness > 0). null = off.
+    tis_cap: Optional[float] = None
     # PPO only: the critic (a separate copy of the model with a scalar head) and GAE.
     critic_lr: float = 1e-3
     value_clip: float = 0.2
@@ -77,6 +80,8 @@ class AlgorithmConfig:
             raise ValueError("algorithm.num_samples, num_epochs and num_minibatches must be >= 1")
         for key in ("temperature", "lr", "critic_lr", "clip_eps", "max_grad_norm", "value_clip"):
             _positive(f"algorithm.{key}", getattr(self, key))
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"algorithm.tis_cap must be > 0 (or null: off), got {self.tis_cap!r}")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ValueError("algorithm.kl_coef and algorithm.entropy_coef must be >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):

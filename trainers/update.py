@@ -41,15 +41,18 @@ def policy_backward(
     ref_logp: Optional[Tensor],
     alg: AlgorithmConfig,
     micro_batch_size: int,
+    is_weights: Optional[Tensor] = None,
 ) -> dict[str, float]:
-    """Backward of clipped PG - entropy bonus + KL penalty for minibatch `mb`; returns its metrics."""
+    """Backward of clipped PG - entropy bonus + KL penalty for minibatch `mb`; returns its metrics.
+    `is_weights`: per-token importance weights of the PG term (algorithm.tis_cap), None = all 1."""
     total = mb.mask.sum().clamp_min(1.0)
     out = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0, "kl": 0.0}
     for idx in micro_batches(mb.tokens.shape[0], micro_batch_size, mb.tokens.device):
         m = mb.select(idx)
         weight = m.mask.sum() / total
         logp, entropy = token_logprobs(policy, m, alg.temperature, with_entropy=True)
-        pg_loss, clip_frac, ppo_kl = clipped_policy_loss(logp, old_logp[idx], advantages[idx], m.mask, alg.clip_eps)
+        weights = is_weights[idx] if is_weights is not None else None
+        pg_loss, clip_frac, ppo_kl = clipped_policy_loss(logp, old_logp[idx], advantages[idx], m.mask, alg.clip_eps, weights)
         ent = masked_mean(entropy, m.mask)
         loss = pg_loss - alg.entropy_coef * ent
         kl = torch.zeros(())
