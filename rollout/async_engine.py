@@ -48,8 +48,10 @@ class Handle:
         self._remaining = num_prompts
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self.finished_at: float | None = None  # time.perf_counter() when the last prompt finished
         if num_prompts == 0:
             self._done.set()
+            self.finished_at = time.perf_counter()
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -80,6 +82,7 @@ class Handle:
         self._remaining -= 1
         self._finished.put(index)
         if self._remaining == 0:
+            self.finished_at = time.perf_counter()
             self._done.set()
 
     def _fail(self, error: BaseException) -> None:
@@ -87,6 +90,7 @@ class Handle:
             return
         self._error = error
         self._finished.put(error)
+        self.finished_at = time.perf_counter()
         self._done.set()
 
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from rollout.config import RolloutConfig
+from rollout.config import EngineKind, RolloutConfig
 from rollout.transfer.config import _coerce
 
 
@@ -119,6 +119,9 @@ class TrainerConfig:
     seed: int = 0
     prompts_per_step: int = 32
     refit_every: int = 1  # update_weights every k steps; in between the engine samples with stale weights
+    # k >= 1: the engine (rollout.engine=async) generates the next k steps' batches while the trainer
+    # trains; no sample more than k versions old is trained on. 0 = generate, then train (synchronous).
+    max_staleness: int = 0
     micro_batch_size: int = 0  # sequences per forward/backward (gradients accumulate); 0 = a whole minibatch
     warmup_steps: int = 10  # supervised warm-start steps before RL (0 = none)
     warmup_lr: float = 3e-3
@@ -133,12 +136,15 @@ class TrainerConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("total_steps", "micro_batch_size", "warmup_steps", "checkpoint_every", "num_threads"):
+        for key in ("total_steps", "micro_batch_size", "warmup_steps", "checkpoint_every", "num_threads", "max_staleness"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
         for key in ("prompts_per_step", "refit_every", "warmup_batch_size", "eval_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.max_staleness > 0 and self.refit_every != 1:
+            raise ValueError(f"trainer.max_staleness={self.max_staleness} bounds staleness by refitting after every "
+                             f"step: set trainer.refit_every=1 (got {self.refit_every!r})")
 
 
 @dataclass
@@ -182,6 +188,11 @@ class PPOConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.trainer.max_staleness > 0 and self.rollout.engine is not EngineKind("async"):
+            raise ValueError(f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.engine=async "
+                             f"(got {self.rollout.engine.value}: the sync engine cannot generate while the trainer trains)")
 
 
 def register_configs() -> None:

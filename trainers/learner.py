@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from trainers.algorithms import masked_mean
+from trainers.algorithms import masked_mean, truncated_is_weights
 from trainers.config import Algorithm, AlgorithmConfig, TrainerConfig
 from trainers.policy import TokenBatch, ValueModel, collate, load_policy, token_logprobs
 from trainers.tasks import Task
@@ -30,6 +30,9 @@ class OldScores:
     raw_logp: Tensor  # the policy's at temperature 1: what vLLM reports, for `logprob_gap`
     ref_logp: Optional[Tensor]  # the frozen reference's (None without a KL penalty)
     values: Optional[Tensor]  # the critic's (None for GRPO)
+    # min(pi_policy / pi_sampler, algorithm.tis_cap) per token, at temperature 1 on both sides (what
+    # vLLM reports); None with tis_cap off
+    is_weights: Optional[Tensor] = None
 
 
 class Learner:
@@ -89,7 +92,10 @@ class Learner:
         raw = logp if temperature == 1.0 else logprobs_no_grad(self.policy, batch, 1.0, micro)
         ref = logprobs_no_grad(self.reference, batch, temperature, micro) if self.reference else None
         values = values_no_grad(self.critic, batch, micro) if self.critic is not None else None
-        return OldScores(logp, raw, ref, values)
+        weights = None
+        if self.alg.tis_cap is not None:
+            weights = truncated_is_weights(raw, batch.sampler_logprobs, self.alg.tis_cap, batch.mask)
+        return OldScores(logp, raw, ref, values, weights)
 
     def update(
         self, batch: TokenBatch, old: OldScores, advantages: Tensor, returns: Optional[Tensor], seed: int
@@ -104,7 +110,9 @@ class Learner:
                 mb = batch.select(idx)
                 self.optimizer.zero_grad(set_to_none=True)
                 ref = old.ref_logp[idx] if old.ref_logp is not None else None
-                for key, value in policy_backward(self.policy, mb, old.logp[idx], advantages[idx], ref, alg, micro).items():
+                weights = old.is_weights[idx] if old.is_weights is not None else None
+                for key, value in policy_backward(self.policy, mb, old.logp[idx], advantages[idx], ref, alg, micro,
+                                                  weights).items():
                     acc[key] += value
                 acc["grad_norm"] += torch.nn.utils.clip_grad_norm_(self.policy.parameters(), alg.max_grad_norm).item()
                 self.optimizer.step()

@@ -100,7 +100,9 @@ class Rollouts:
 
     examples: list[Example]
     samples: list[Any]  # rollout.Sample, in prompt order, n per prompt
-    gen_s: float
+    gen_s: float  # how long the trainer waited for them
+    dropped: int = 0  # samples too stale to train on (trainer.max_staleness), left out of `samples`
+    overlap_s: float = 0.0  # seconds the engine generated while the trainer trained (the previous step)
 
 
 def evaluate(ro, task: Task, reward_fn: RewardFn, cfg: PPOConfig) -> float:
@@ -181,7 +183,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     s = setup(cfg)
     with contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout) as ro:
         start_engine(ro, s, cfg)
-        next_rollouts = functools.partial(generate, ro, s.task, cfg)  # step -> Rollouts: a producer plugs in here
+        next_rollouts = rollout_producer(ro, s.task, cfg)
         for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
             step_start = time.perf_counter()
             rollouts = next_rollouts(step)
@@ -203,6 +205,16 @@ def start_engine(ro, s: Setup, cfg: PPOConfig) -> None:
         s.state.baseline = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.message(f"pre-RL baseline: eval reward {s.state.baseline:.3f}")
         s.log.log_eval({"eval/reward": s.state.baseline, "warmup/loss": s.warmup_loss}, step=s.state.step)
+
+
+def rollout_producer(ro, task: Task, cfg: PPOConfig) -> Callable[[int], Rollouts]:
+    """step -> Rollouts: generate each batch when its step comes, or (trainer.max_staleness > 0) keep
+    the next batches generating on the async engine while the trainer trains."""
+    if cfg.trainer.max_staleness == 0:
+        return functools.partial(generate, ro, task, cfg)
+    from trainers.async_rollouts import AsyncRollouts
+
+    return AsyncRollouts(ro, task, cfg)
 
 
 def generate(ro, task: Task, cfg: PPOConfig, step: int) -> Rollouts:
@@ -248,9 +260,18 @@ def train(s: Setup, rollouts: Rollouts, cfg: PPOConfig, step: int) -> dict:
         "response_len": mask.sum(1).mean().item(),
         **update,
         "logprob_gap": gap.item(),
-        "version_lag": (step - 1) - min(x.version for x in samples),  # the policy has had step-1 updates
+        **staleness(samples, rollouts, step),
         "timing/gen_s": rollouts.gen_s,
         "timing/train_s": time.perf_counter() - train_start,
+    }
+
+
+def staleness(samples: list, rollouts: Rollouts, step: int) -> dict:
+    """How many versions behind the policy (which has had step-1 updates) the trained samples were."""
+    lags = [(step - 1) - x.version for x in samples]
+    return {
+        "version_lag": max(lags), "version_lag/mean": sum(lags) / len(lags),
+        "rollout/dropped": rollouts.dropped, "timing/overlap_s": rollouts.overlap_s,
     }
 
 
@@ -307,6 +328,9 @@ def summarize(history: list[dict], baseline: Optional[float], final_eval: float,
         "mean_refit_s": refit,
         "refit_share": refit / step if refit is not None and step else None,
         "max_logprob_gap": max((r["logprob_gap"] for r in history), default=None),
+        "max_version_lag": max((r["version_lag"] for r in history), default=None),
+        "dropped_samples": sum(r.get("rollout/dropped") or 0 for r in history),
+        "mean_overlap_s": mean("timing/overlap_s", history),
         "wall_s": wall_s,
     }
 
