@@ -47,8 +47,9 @@ def check_mode(cfg: TransferConfig, hello: wire.Hello) -> None:
                             "(accept bucketed refits with direct_fallback=bucketed)")
 
 
-def _device(kind: Transport, device: torch.device) -> torch.device:
-    if kind == Transport.cuda_ipc and device.index is None:
+def _device(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:<current>`: CUDA IPC needs the index (a receiver built on plain `cuda` passed None to it)."""
+    if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
@@ -85,7 +86,7 @@ class DirectSender:
     def __init__(self, cfg: TransferConfig, kind: Transport, device: torch.device) -> None:
         if kind not in (Transport.shm, Transport.cuda_ipc):
             raise ValueError(f"rollout.transfer.mode=direct needs transport shm or cuda_ipc, got {kind.value}")
-        self.cfg, self.kind, self.device = cfg, kind, _device(kind, device)
+        self.cfg, self.kind, self.device = cfg, kind, _device(device)
         self._exports: dict[int, _Export] = {}  # by id() of the storage object, checked against the weakref
         self._next_segment_id = 1
         self._warned: set[str] = set()
@@ -190,7 +191,7 @@ class DirectReceiver:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
+        self.device = _device(device)
         self._session: int | None = None
         self._segments: dict[int, tuple[object, torch.Tensor]] = {}  # id -> (descriptor, flat uint8 tensor)
 
