@@ -1,4 +1,4 @@
-"""Device questions the engine asks per backend: device type, synchronize, IPC, default transport, sleep levels."""
+"""Device questions the engine asks per backend: device type, synchronize, IPC, the transport `auto` picks, sleep levels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rollout.config import Backend
-from rollout.transfer.config import Transport
+from rollout.transfer.config import Transport, _coerce
 
 DEVICE_TYPES = {Backend.vllm_cpu: "cpu", Backend.vllm_gpu: "cuda", Backend.vllm_ascend: "npu"}
 
@@ -28,7 +28,7 @@ class Platform:
     """
 
     device_type: str
-    ipc_supported: bool
+    ipc_supported: bool  # the device can share its memory between processes (auto does not use it on NPUs yet)
     sleep_levels: tuple[int, ...]
     _synchronize: Callable[[], None] | None = None
 
@@ -41,22 +41,23 @@ class Platform:
         if self._synchronize is not None:
             self._synchronize()
 
-    def default_transport(self) -> Transport:
-        if self.device_type == "cuda":
-            return Transport.cuda_ipc
-        # An NPU with IPC shares device buffers through the IPC transport; without it, bytes go through host shm.
-        if self.device_type == "npu" and self.ipc_supported:
-            return Transport.cuda_ipc
-        return Transport.shm
-
     def resolve_transport(self, transport: Transport | str) -> Transport:
-        transport = Transport(transport)
-        return self.default_transport() if transport is Transport.auto else transport
+        return resolve_transport(transport, self.device_type)
 
     def check_sleep_level(self, level: int) -> None:
         if level not in self.sleep_levels:
             allowed = ", ".join(map(str, self.sleep_levels)) or "none (no sleep mode)"
             raise ValueError(f"sleep level {level!r} is not supported on {self.device_type}; allowed: {allowed}")
+
+
+def resolve_transport(transport: Transport | str, device_type: str) -> Transport:
+    """The one place `auto` is decided: cuda -> cuda_ipc (the bucket stays on the GPU), anything else -> shm.
+    An NPU gets shm even where its driver could share device memory (ipc_supported): rollout.transfer has
+    no NPU IPC transport, and cuda_ipc serves CUDA devices only. An explicit choice is returned as is."""
+    transport = _coerce(Transport, transport, "rollout.transfer.transport")
+    if transport is not Transport.auto:
+        return transport
+    return Transport.cuda_ipc if device_type == "cuda" else Transport.shm
 
 
 def parse_ascend_version(text: str) -> tuple[int, ...]:
@@ -80,7 +81,10 @@ def npu_ipc_supported(driver_version: str, cann_version: str) -> bool:
     ) >= parse_ascend_version(NPU_IPC_MIN_CANN)
 
 
-def probe_ascend_versions(root: Path = Path("/usr/local/Ascend")) -> tuple[str, str] | None:
+ASCEND_ROOT = Path("/usr/local/Ascend")  # where a standard Ascend install puts its driver and toolkit
+
+
+def probe_ascend_versions(root: Path = ASCEND_ROOT) -> tuple[str, str] | None:
     """(driver, CANN) versions from a standard Ascend install, or None where they are not found."""
     driver = _read_version(root / "driver" / "version.info", "Version")
     cann_files = sorted((root / "ascend-toolkit" / "latest").glob("*-linux/ascend_toolkit_install.info"))
@@ -97,8 +101,9 @@ def _read_version(path: Path, key: str) -> str | None:
     return match.group(1) if match else None
 
 
-def get_platform(backend: Backend | str, device_api: Any = None, ascend_versions: tuple[str, str] | None = None) -> Platform:
-    """The platform of `backend`. `device_api` is `torch.cuda` / `torch.npu` (looked up when None)."""
+def get_platform(backend: Backend | str, device_api: Any = None, ascend_root: Path = ASCEND_ROOT) -> Platform:
+    """The platform of `backend`. `device_api` is `torch.cuda` / `torch.npu` (looked up when None);
+    an NPU's IPC support is read from the Ascend install under `ascend_root`."""
     backend = Backend(backend)
     device_type = DEVICE_TYPES[backend]
     if device_type == "cpu":
@@ -111,7 +116,7 @@ def get_platform(backend: Backend | str, device_api: Any = None, ascend_versions
             raise RuntimeError(f"backend {backend.value} needs torch.{device_type}; is its torch plugin installed?")
     if device_type == "cuda":
         return Platform("cuda", ipc_supported=True, sleep_levels=(1, 2), _synchronize=device_api.synchronize)
-    versions = ascend_versions if ascend_versions is not None else probe_ascend_versions()
+    versions = probe_ascend_versions(ascend_root)
     ipc = versions is not None and npu_ipc_supported(*versions)
     # Level 1 only on NPUs (project decision, issue 4): level 2 is not offered for vllm-ascend.
     return Platform("npu", ipc_supported=ipc, sleep_levels=(1,), _synchronize=device_api.synchronize)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+
+from rollout.transfer.nccl import NcclConfig
 
 
 class Transport(str, Enum):
     """How bucket bytes move from the trainer to the rollout worker."""
 
-    auto = "auto"  # resolved by the platform: cuda -> cuda_ipc, npu/cpu -> shm
+    auto = "auto"  # resolved by rollout.platform: cuda -> cuda_ipc, npu/cpu -> shm (no NPU IPC transport exists)
     shm = "shm"  # POSIX shared memory (CPU, NPUs without IPC)
     cuda_ipc = "cuda_ipc"  # one device buffer shared through CUDA IPC
     nccl = "nccl"  # packed buckets broadcast over NCCL (engine on other GPUs)
@@ -65,6 +67,7 @@ class TransferConfig:
     spin_us: int = 2000
     mode: TransferMode = TransferMode.bucketed
     direct_fallback: DirectFallback = DirectFallback.error
+    nccl: NcclConfig = field(default_factory=NcclConfig)  # read only by transport=nccl
 
     def __post_init__(self) -> None:
         self.transport = _coerce(Transport, self.transport, "rollout.transfer.transport")
@@ -80,6 +83,15 @@ class TransferConfig:
             raise ValueError(f"rollout.transfer.spin_us must be an integer >= 0 (microseconds), got {self.spin_us!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"rollout.transfer.timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+        if isinstance(self.nccl, dict):  # the worker gets its config as plain fields
+            self.nccl = NcclConfig(**self.nccl)
+        # A broadcast stays in flight while the sender waits for its Ack and then for its completion,
+        # each up to timeout_s: NCCL's watchdog must outlast both, or it ends the process first.
+        if self.transport == Transport.nccl and not self.nccl.watchdog_s > 2 * self.timeout_s:
+            raise ValueError(
+                f"rollout.transfer.nccl.watchdog_s={self.nccl.watchdog_s!r} must exceed twice "
+                f"rollout.transfer.timeout_s={self.timeout_s!r}"
+            )
 
     @property
     def bucket_bytes(self) -> int:

@@ -11,6 +11,7 @@ with different CUDA_VISIBLE_DEVICES.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
@@ -31,10 +32,15 @@ def _cuda_device(device: torch.device | str | None) -> torch.device:
 
 
 class CudaIpcTransport:
-    """Example:
+    """One set of GPU buffers seen by both processes; an interprocess event per buffer tells the
+    receiver when the sender's packing copies, queued on the GPU, are done.
+
+    Example:
     sender_side = CudaIpcTransport.allocate(num_buffers=1, nbytes=256 << 20, device="cuda:0")
     receiver_side = CudaIpcTransport.attach(hello, device=torch.device("cuda:0"))
-    receiver_side.region(0, offset, nbytes)      # uint8 view of the sender's GPU memory
+    sender_side.publish(0, nbytes, announce, what)     # records the event, then announce() sends Packed
+    receiver_side.acquire(0, nbytes, deadline, what)   # waits for that event
+    receiver_side.buffer(0)[offset : offset + n]       # uint8 view of the sender's GPU memory
     """
 
     kind = "cuda_ipc"
@@ -96,19 +102,17 @@ class CudaIpcTransport:
     def buffer(self, index: int) -> torch.Tensor:
         return self._buffers[index]
 
-    def region(self, index: int, offset: int, nbytes: int) -> torch.Tensor:
-        return self._buffers[index][offset : offset + nbytes]
+    def reclaim(self, index: int, deadline: float, what: str) -> None:
+        """The receiver acks only after synchronizing its device, so its reads of `index` are done."""
 
-    def synchronize(self) -> None:
-        """Wait for every kernel on the device: the peer process sees the bytes only after that."""
-        torch.cuda.synchronize(self.device)
-
-    def mark_packed(self, index: int) -> None:
-        """Record the buffer's event behind the packing copies instead of blocking the host until they end:
-        the sender sends Packed at once and the receiver starts polling the event while the GPU still packs."""
+    def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None:
+        """Record the buffer's event behind the packing copies instead of blocking the host until they end,
+        then announce: the receiver starts polling the event while the GPU still packs. Never announce
+        first: the receiver would find the event of the buffer's previous use already complete."""
         self._events[index].record(torch.cuda.current_stream(self.device))
+        announce()
 
-    def wait_packed(self, index: int, deadline: float, what: str) -> None:
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None:
         """Wait on the host until the sender's packing of `index` has finished on the GPU (a host wait, not a
         stream wait, so it holds whatever streams or threads the consumer reads the views from). Polled, so
         a sender that died mid-pack costs at most the timeout."""
@@ -117,9 +121,6 @@ class CudaIpcTransport:
             if time.monotonic() > deadline:
                 raise TransferTimeout(f"timed out waiting for {what} (the sender's packing copies)")
             time.sleep(0)  # yield; a pack lasts about a millisecond
-
-    def unlink(self) -> None:
-        """CUDA IPC handles name nothing in a filesystem."""
 
     def close(self) -> None:
         """Idempotent. Drops our references; the sender's memory is freed once the receiver's are gone."""

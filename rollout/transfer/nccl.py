@@ -2,23 +2,21 @@
 engine on other GPUs than the trainer (standalone mode).
 
 Unlike shm and cuda_ipc the two ends share no memory: the sender packs into its own buffers (one per
-sync-policy buffer) and `push` starts one broadcast per bucket from rank 0; the receiver `pull`s it
-into a single buffer of its own (its fence-before-ack already frees that buffer before the next
+sync-policy buffer) and `publish` starts one broadcast per bucket from rank 0; the receiver's `acquire`
+takes it into a single buffer of its own (its fence-before-ack already frees that buffer before the next
 bucket) and hands out views of it. The collective backend follows the device, cuda -> NCCL and
 cpu -> gloo, so this same code runs, and is tested, on CPU.
 
-The group is private: the sender runs a TCPStore on a free port of 127.0.0.1 (the ZMQ channel is
-ipc://, so both ends share a host anyway) for each buffer generation and names it in the handshake;
+The group is private: the sender runs a TCPStore on a free port of NcclConfig.store_host (the ZMQ
+channel is ipc://, so both ends share a host anyway) for each buffer generation and names it in the handshake;
 both ends build the backend object from that store and never call init_process_group, so a vLLM
 worker's or trainer's default group is left alone. The receiver claims the group with store.add:
 a second receiver (a restarted worker) finds it claimed and asks for a fresh generation, as with shm.
 
 Every wait polls `work.is_completed()` against a deadline, since NCCL's work.wait() only orders
 streams. A failed refit may leave a broadcast unmatched, so both ends then close the group (abort)
-and the next refit rendezvous afresh. NCCL's watchdog timeout is set far past our deadlines so that
-it never fires first (by default it ends the process). NVLink multicast stays off:
-NCCL_NVLS_ENABLE defaults to 0 before our first NCCL group is made (the device machines require
-it; an explicit setting in the environment is respected). One wait is not ours to bound: NCCL's
+and the next refit rendezvous afresh. NCCL's watchdog (NcclConfig.watchdog_s) is set far past our
+deadlines so that it never fires first (it ends the process). One wait is not ours to bound: NCCL's
 own communicator set-up, on the first bucket of a group, if the peer dies exactly then.
 """
 
@@ -27,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,9 +35,51 @@ import torch.distributed as dist
 from rollout.transfer import wire
 from rollout.transfer.errors import TransferError, TransferTimeout
 
-HOST = "127.0.0.1"
 _CLAIM_KEY = "refit/receivers"
 _RANK_SENDER, _RANK_RECEIVER = 0, 1
+
+
+@dataclass
+class NcclConfig:
+    """The `rollout.transfer.nccl` node: what only the nccl transport reads.
+
+    Example:
+        TransferConfig(transport="nccl", nccl=NcclConfig(watchdog_s=1800.0, nvls=False))
+    """
+
+    # where the receiver reaches the sender's rendezvous store; the channel is ipc://, so one host
+    store_host: str = "127.0.0.1"
+    # NCCL's watchdog ends the process when a collective outlives it: it must stay far past our own
+    # deadlines, which abort the group first (checked against timeout_s by TransferConfig)
+    watchdog_s: float = 1800.0
+    # NVLink multicast (NCCL's NVLS): off, as the lent H200 machines require; on only where it works
+    nvls: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store_host, str) or not self.store_host:
+            raise ValueError(f"rollout.transfer.nccl.store_host must be a host name or address, got {self.store_host!r}")
+        if not self.watchdog_s > 0:
+            raise ValueError(f"rollout.transfer.nccl.watchdog_s must be > 0 seconds, got {self.watchdog_s!r}")
+        if not isinstance(self.nvls, bool):
+            raise ValueError(f"rollout.transfer.nccl.nvls must be true or false, got {self.nvls!r}")
+
+
+@contextlib.contextmanager
+def nccl_environment(cfg: NcclConfig):
+    """The one place the library touches os.environ, and only while our group creates its NCCL
+    communicator: NCCL reads NCCL_NVLS_ENABLE from the environment then, and neither
+    ProcessGroupNCCL.Options nor the ncclConfig_t that torch exposes carries it. The previous value
+    is put back. NCCL caches it per process, so a communicator made earlier in the process (a
+    trainer's own group) has already fixed it."""
+    key, previous = "NCCL_NVLS_ENABLE", os.environ.get("NCCL_NVLS_ENABLE")
+    os.environ[key] = "1" if cfg.nvls else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
 
 
 def backend_for(device: torch.device) -> str:
@@ -57,18 +99,20 @@ def _normalized(device: torch.device | str) -> torch.device:
 
 class NcclTransport:
     """Example:
-    sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60)
+    sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60, cfg=NcclConfig())
     hello_fields = sender_side.describe()                # -> Hello(nccl_buffers=...)
-    receiver_side = NcclTransport.attach(hello, torch.device("cuda:1"), timeout_s=60)
-    sender_side.reclaim(i, deadline, what); pack into sender_side.buffer(i); sender_side.push(i, n, what)
-    receiver_side.pull(i, n, deadline, what); receiver_side.region(i, offset, nbytes)
+    receiver_side = NcclTransport.attach(hello, torch.device("cuda:1"), timeout_s=60, cfg=NcclConfig())
+    sender_side.reclaim(i, deadline, what); pack into sender_side.buffer(i)
+    sender_side.publish(i, n, announce, what)            # announce() sends Packed, then the broadcast starts
+    receiver_side.acquire(i, n, deadline, what)          # the bytes are in receiver_side.buffer(i)
     """
 
     kind = "nccl"
 
     def __init__(self, buffers: list[torch.Tensor], device: torch.device, rank: int, store: dist.Store,
-                 descs: list[wire.NcclBuffer], timeout_s: float) -> None:
+                 descs: list[wire.NcclBuffer], timeout_s: float, cfg: NcclConfig) -> None:
         self._buffers = buffers
+        self._cfg = cfg
         self.device = device
         self._rank = rank
         self._store: dist.Store | None = store
@@ -81,16 +125,16 @@ class NcclTransport:
         self._works: dict[int, object] = {}
 
     @classmethod
-    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str, timeout_s: float) -> NcclTransport:
+    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str, timeout_s: float, cfg: NcclConfig) -> NcclTransport:
         device = _normalized(device)
         backend = backend_for(device)
-        store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+        store = dist.TCPStore(cfg.store_host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
         buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
-        descs = [wire.NcclBuffer(HOST, store.port, backend, nbytes) for _ in range(num_buffers)]
-        return cls(buffers, device, _RANK_SENDER, store, descs, timeout_s)
+        descs = [wire.NcclBuffer(cfg.store_host, store.port, backend, nbytes) for _ in range(num_buffers)]
+        return cls(buffers, device, _RANK_SENDER, store, descs, timeout_s, cfg)
 
     @classmethod
-    def attach(cls, hello: wire.Hello, device: torch.device, timeout_s: float) -> NcclTransport:
+    def attach(cls, hello: wire.Hello, device: torch.device, timeout_s: float, cfg: NcclConfig) -> NcclTransport:
         """Join the sender's store and claim its group. Raises FileNotFoundError when another receiver
         claimed it first (the caller then asks for fresh buffers), TransferError on a bad handshake."""
         device = _normalized(device)
@@ -110,7 +154,7 @@ class NcclTransport:
         if claimed != 1:
             raise FileNotFoundError(f"the group at {d.store_host}:{d.store_port} was claimed by an earlier receiver")
         buffer = torch.empty(d.nbytes, dtype=torch.uint8, device=device)
-        return cls([buffer], device, _RANK_RECEIVER, store, list(descs), timeout_s)
+        return cls([buffer], device, _RANK_RECEIVER, store, list(descs), timeout_s, cfg)
 
     def describe(self) -> dict[str, list]:
         return {"shm_buffers": [], "cuda_buffers": [], "nccl_buffers": list(self._descs)}
@@ -118,21 +162,24 @@ class NcclTransport:
     def buffer(self, index: int) -> torch.Tensor:
         return self._buffers[index if self._rank == _RANK_SENDER else 0]
 
-    def region(self, index: int, offset: int, nbytes: int) -> torch.Tensor:
-        return self.buffer(index)[offset : offset + nbytes]
-
     def reclaim(self, index: int, deadline: float, what: str) -> None:
-        """Sender: wait until the last broadcast out of buffer `index` is done, before packing it again."""
+        """Sender: wait until the last broadcast out of buffer `index` is done (its Ack says the receiver
+        has the bytes; this also orders our packing stream after NCCL's)."""
         if index in self._works:
             self._finish(index, deadline, what)
 
-    def push(self, index: int, nbytes: int, what: str) -> None:
-        """Sender: start broadcasting the first `nbytes` of buffer `index`; returns without waiting
-        (the first call waits, up to timeout_s, for the receiver to join the group)."""
+    def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None:
+        """Sender: wait for the packing copies on our stream only (a broadcast to a dead peer may hang
+        the device's NCCL stream until we abort), announce, then start broadcasting the first `nbytes`
+        of buffer `index` without waiting. Announce first: the first broadcast of a group waits, up to
+        timeout_s, for the receiver to join, which it does only once it has the announcement."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        announce()
         if nbytes:
             self._works[index] = self._broadcast(self._buffers[index][:nbytes], what)
 
-    def pull(self, index: int, nbytes: int, deadline: float, what: str) -> None:
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None:
         """Receiver: the bucket's `nbytes` are in our buffer when this returns."""
         if nbytes:
             self._works[index] = self._broadcast(self._buffers[0][:nbytes], what)
@@ -141,10 +188,12 @@ class NcclTransport:
     def _broadcast(self, tensor: torch.Tensor, what: str):
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = _RANK_SENDER, 0
-        group = self._connect(what)
+        first = self._group is None
         try:
-            with self._on_device():
-                return group.broadcast([tensor], opts)
+            with self._on_device(), (nccl_environment(self._cfg) if first and self._backend == "nccl" else contextlib.nullcontext()):
+                return self._connect(what).broadcast([tensor], opts)  # NCCL makes its communicator in the first one
+        except TransferError:
+            raise
         except RuntimeError as exc:
             raise TransferError(f"{what}: {self._backend} broadcast failed: {exc}") from exc
 
@@ -155,11 +204,9 @@ class NcclTransport:
             raise TransferError(f"{what}: the transport is closed")
         try:
             if self._backend == "nccl":
-                os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
                 opts = dist.ProcessGroupNCCL.Options()
                 opts.is_high_priority_stream = False
-                # our own deadlines abort the group long before the watchdog would end the process
-                opts._timeout = timedelta(seconds=4 * self._timeout_s + 60)
+                opts._timeout = timedelta(seconds=self._cfg.watchdog_s)
                 with self._on_device():
                     self._group = dist.ProcessGroupNCCL(self._store, self._rank, 2, opts)
             else:  # gloo connects both ranks here, waiting up to timeout_s for the peer
@@ -191,26 +238,6 @@ class NcclTransport:
             if time.monotonic() > deadline - 0.1 * self._timeout_s:
                 raise timed_out from exc
             raise TransferError(f"{what}: {self._backend} broadcast failed (peer dead?): {exc}") from exc
-
-    def mark_packed(self, index: int) -> None:
-        self.synchronize()  # the broadcast reads the buffer on NCCL's stream, after this returns
-
-    def wait_packed(self, index: int, deadline: float, what: str) -> None:
-        """pull() has already waited for the bytes."""
-
-    def synchronize(self) -> None:
-        """Sender: wait for the packing copies on our stream only, since a broadcast to a dead peer may
-        hang the device's NCCL stream until we abort. Receiver: the whole device, as cuda_ipc does;
-        its last broadcast has completed by then."""
-        if self.device.type != "cuda":
-            return
-        if self._rank == _RANK_SENDER:
-            torch.cuda.current_stream(self.device).synchronize()
-        else:
-            torch.cuda.synchronize(self.device)
-
-    def unlink(self) -> None:
-        """Nothing named in a filesystem."""
 
     def close(self) -> None:
         """Idempotent. Aborts the group (ending any broadcast still in flight), stops or leaves the

@@ -70,8 +70,7 @@ class WeightReceiver(End):
         except BaseException as exc:
             if not isinstance(exc, PeerError):
                 self._channel.try_send(wire.Error(begin.refit_id, f"{type(exc).__name__}: {exc}"))
-            if isinstance(self._transport, transports.CopyingTransport):
-                self._detach()  # a transfer may be in flight: the sender starts a fresh group next time
+            self._detach()  # a transfer may be in flight: the sender starts afresh next time
             raise
 
     def _wait_begin(self) -> wire.BeginRefit:
@@ -96,7 +95,7 @@ class WeightReceiver(End):
             if self._attached != key:
                 self._detach()
                 try:
-                    self._transport = transports.attach(hello, self.device, self.cfg.timeout_s)
+                    self._transport = transports.attach(self.cfg, hello, self.device)
                 except FileNotFoundError as exc:
                     if attempt:
                         raise
@@ -116,8 +115,6 @@ class WeightReceiver(End):
         wanted = self.cfg.transport
         if wanted != Transport.auto and hello.transport != wanted.value:
             raise TransferError(f"transport mismatch: sender offers {hello.transport!r}, receiver wants {wanted.value!r}")
-        if hello.transport == Transport.cuda_ipc.value and self.device.type != "cuda":
-            raise TransferError(f"sender offers cuda_ipc, but this receiver's device is {self.device}")
 
     def _stream(self, begin: wire.BeginRefit, consume: Consume, start: float) -> TransferStats:
         refit_id = begin.refit_id
@@ -133,7 +130,7 @@ class WeightReceiver(End):
             def ack(meta: wire.BucketMeta = msg) -> None:
                 self._channel.send(wire.Ack(refit_id, meta.bucket_index, meta.buffer_index), "Ack")
 
-            self._policy.deliver(weights, msg.is_last, consume, self._transport.synchronize, ack)
+            self._policy.deliver(weights, msg.is_last, consume, self._fence, ack)
             num_buckets += 1
             num_tensors += len(weights)
             num_bytes += sum(e.nbytes for e in msg.entries)
@@ -171,11 +168,9 @@ class WeightReceiver(End):
         if packed.bucket_index != meta.bucket_index:
             raise wire.ProtocolError(f"expected Packed {meta.bucket_index}, got Packed {packed.bucket_index}")
         what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
-        if isinstance(self._transport, transports.CopyingTransport):
-            self._transport.pull(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
-        self._transport.wait_packed(meta.buffer_index, self._channel.deadline(), what)
+        self._transport.acquire(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
         if packed.checksum != -1:
-            digest = layout.checksum(self._transport.region(meta.buffer_index, 0, meta.nbytes))
+            digest = layout.checksum(self._transport.buffer(meta.buffer_index)[: meta.nbytes])
             if digest != packed.checksum:
                 names = sorted({e.name for e in meta.entries})
                 raise IntegrityError(f"checksum mismatch in bucket {meta.bucket_index}, tensors: {', '.join(names)}")
@@ -198,7 +193,7 @@ class WeightReceiver(End):
                 raise wire.ProtocolError(f"entry {e.name!r} lies outside bucket {meta.bucket_index}")
             if math.prod(e.shape) * dtype.itemsize != e.tensor_nbytes:
                 raise wire.ProtocolError(f"entry {e.name!r}: shape {e.shape} x {e.dtype} is not {e.tensor_nbytes} bytes")
-            region = self._transport.region(meta.buffer_index, e.offset, e.nbytes)
+            region = self._transport.buffer(meta.buffer_index)[e.offset : e.offset + e.nbytes]
             if e.num_chunks == 1:
                 weights.append((e.name, layout.typed_view(region, dtype, e.shape)))
                 continue
@@ -219,6 +214,12 @@ class WeightReceiver(End):
             self._assembly = None  # free the old one before allocating the larger
             self._assembly = torch.empty(nbytes, dtype=torch.uint8, device=self._transport.device)
         return self._assembly
+
+    def _fence(self) -> None:
+        """Wait until the consumer's work on the buffers' device is done: its kernels may still be reading."""
+        device = self._transport.device
+        if device.type != "cpu":
+            getattr(torch, device.type).synchronize(device)
 
     def _detach(self) -> None:
         if self._transport is not None:

@@ -73,8 +73,8 @@ class WeightSender(End):
             if not isinstance(exc, PeerError):
                 # Tell the receiver now rather than let it wait out its timeout; then re-raise.
                 self._channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
-            if isinstance(self._transport, transports.CopyingTransport):
-                self._transport.close()  # a transfer may be in flight: the next refit starts a fresh group
+            if self._transport is not None:
+                self._transport.close()  # a transfer may be in flight: the next refit starts afresh
                 self._transport = None
             raise
 
@@ -82,9 +82,7 @@ class WeightSender(End):
         detail = ""
         for _ in range(2):
             if self._transport is None:
-                self._transport = transports.allocate(
-                    self.transport_kind, self._policy.num_buffers, self.cfg.bucket_bytes, self.device, self.cfg.timeout_s
-                )
+                self._transport = transports.allocate(self.cfg, self.transport_kind, self._policy.num_buffers, self.device)
                 self._generation += 1
             hello = wire.Hello(
                 wire.PROTOCOL_VERSION, self.transport_kind.value, self.cfg.sync.value, self.cfg.bucket_bytes,
@@ -93,7 +91,6 @@ class WeightSender(End):
             self._channel.send(wire.BeginRefit(self._session, refit_id, version, hello), "BeginRefit")
             ready = self._wait(refit_id, wire.Ready, "Ready")
             if ready.attached:
-                self._transport.unlink()  # both ends have mapped the buffers: names are no longer needed
                 return
             # A receiver that came after the names were unlinked (a restarted worker): start afresh.
             detail = ready.detail
@@ -103,7 +100,6 @@ class WeightSender(End):
 
     def _stream(self, refit_id: int, version: int, buckets: Iterator[layout.PlannedBucket], start: float) -> TransferStats:
         transport, bucket_bytes = self._transport, self.cfg.bucket_bytes
-        copying = isinstance(transport, transports.CopyingTransport)
         num_buffers = self._policy.num_buffers
         num_buckets = num_tensors = num_bytes = 0
         for bucket in buckets:
@@ -115,16 +111,13 @@ class WeightSender(End):
             if k >= num_buffers:
                 self._wait_ack(refit_id, k - num_buffers, index)
             what = f"{self.endpoint}: bucket {k} of refit {refit_id}"
-            if copying:  # acked, so its broadcast is done; this orders our packing after it
-                transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
+            transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
             buffer = transport.buffer(index)
             layout.pack(bucket, buffer, bucket_bytes)
-            transport.mark_packed(index)  # on a GPU, the receiver must not read half-finished copies
             digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
             self._after_pack(buffer, bucket)
-            self._channel.send(wire.Packed(refit_id, k, digest), f"Packed {k}")
-            if copying:
-                transport.push(index, bucket.nbytes, what)
+            packed = wire.Packed(refit_id, k, digest)
+            transport.publish(index, bucket.nbytes, lambda: self._channel.send(packed, f"Packed {k}"), what)
             num_buckets += 1
             num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
             num_bytes += sum(e.nbytes for e in entries)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from typing import Callable
 
 import torch
 
@@ -26,11 +27,14 @@ _SEGMENT_NAME = re.compile(r"^refit-[0-9a-f]{32}-[0-9]+$")  # never a path: the 
 
 
 class ShmTransport:
-    """Example:
+    """Both ends map the same pages, and CPU copies are complete when copy_ returns: the Packed and Ack
+    messages alone hand a buffer over, so reclaim, publish and acquire have nothing to wait for.
+
+    Example:
     sender_side = ShmTransport.allocate(num_buffers=2, nbytes=64 << 20)
     hello_fields = sender_side.describe()            # -> Hello(shm_buffers=...)
-    receiver_side = ShmTransport.attach(hello, device=torch.device("cpu"))
-    receiver_side.region(0, offset, nbytes)          # uint8 view, no copy
+    receiver_side = ShmTransport.attach(hello)       # maps the segments, drops their names
+    receiver_side.buffer(0)[offset : offset + nbytes]  # uint8 view of the sender's pages, no copy
     """
 
     kind = "shm"
@@ -41,7 +45,7 @@ class ShmTransport:
         self.device = torch.device("cpu")
 
     @classmethod
-    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | None = None) -> ShmTransport:
+    def allocate(cls, num_buffers: int, nbytes: int) -> ShmTransport:
         stem = f"{SEGMENT_PREFIX}{uuid.uuid4().hex}"
         names: list[str] = []
         buffers: list[torch.Tensor] = []
@@ -61,7 +65,7 @@ class ShmTransport:
         return cls(buffers, names)
 
     @classmethod
-    def attach(cls, hello: wire.Hello, device: torch.device) -> ShmTransport:
+    def attach(cls, hello: wire.Hello) -> ShmTransport:
         """Map the sender's segments, then unlink their names. Raises FileNotFoundError when a name is
         already gone (another receiver attached first): the caller then asks for fresh buffers."""
         buffers, names = [], []
@@ -87,17 +91,15 @@ class ShmTransport:
     def buffer(self, index: int) -> torch.Tensor:
         return self._buffers[index]
 
-    def region(self, index: int, offset: int, nbytes: int) -> torch.Tensor:
-        return self._buffers[index][offset : offset + nbytes]
+    def reclaim(self, index: int, deadline: float, what: str) -> None:
+        """The receiver's Ack came after its consumer stopped reading (and nothing else reads)."""
 
-    def synchronize(self) -> None:
-        """Nothing to wait for: CPU copies are complete when copy_ returns."""
+    def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None:
+        """The packing copies have returned, so the bytes are in the shared pages: announce at once."""
+        announce()
 
-    def mark_packed(self, index: int) -> None:
-        """CPU copies are complete when copy_ returns."""
-
-    def wait_packed(self, index: int, deadline: float, what: str) -> None:
-        """Packed was sent after the copies returned."""
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None:
+        """Packed was sent after the copies returned: the bytes are already here."""
 
     def unlink(self) -> None:
         """Remove the names; the mappings stay valid. Idempotent."""

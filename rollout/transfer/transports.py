@@ -1,8 +1,8 @@
-"""The transport interface (how bucket bytes move) and the plain factory that picks one by config."""
+"""The transport interface (how bucket bytes move between the ends) and the plain factory that picks one by kind."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol
 
 import torch
 
@@ -11,59 +11,77 @@ from rollout.transfer.config import TransferConfig, Transport
 
 
 class BucketTransport(Protocol):
-    """What sender and receiver need from a transport; buffers are flat uint8 tensors."""
+    """What sender and receiver need from a transport. Buffers are flat uint8 tensors, indexed from 0;
+    the sync policy decides which index a bucket uses and when the peer's Ack frees it.
+
+    Both ends call every method, for every transport, in this order (bucket k in buffer i):
+
+        sender                                   receiver
+        describe() -> Hello fields  ──BeginRefit──►  (the factory's attach(hello) maps or joins them)
+        reclaim(i, deadline, what)               views over buffer(i), built before the bytes come
+        pack into buffer(i)
+        publish(i, nbytes, announce, what) ─Packed─► acquire(i, nbytes, deadline, what)
+                                                 consume, wait for `device`, then Ack (frees i)
+        close(): at the end, and on both ends after a failed refit (a transfer may still be in
+        flight), so that the next refit starts from a fresh allocate/attach.
+
+    - `reclaim`: buffer i may be written again once it returns (its last transfer is finished).
+    - `publish`: makes the first nbytes of buffer i the receiver's, and calls `announce()` (which
+      sends Packed) exactly once, at the point from which the receiver may `acquire`: after an event
+      is recorded (cuda_ipc), before a rendezvous that needs the receiver in it (nccl).
+    - `acquire`: when it returns, buffer(i)[:nbytes] holds the bucket on `device`.
+
+    Fit for what comes next without new members: a fan-out to N receivers is a transport whose
+    describe() names one set of buffers for all (shm: one segment mapped by every receiver, its name
+    dropped once every Ready is in; nccl: one broadcast group of 1+N ranks), whose announce() tells
+    every receiver, and whose reclaim waits for every receiver's transfer (the sender collects N Acks
+    per bucket before it calls reclaim). A `direct` mode, where the receiver maps the trainer's own
+    tensor storages, is a transport whose buffers are those storages (one index per storage, sizes
+    as they are, named in describe()): the sender skips the packing and still publishes each one.
+    """
 
     kind: str
-    device: torch.device  # where the buffers live
+    device: torch.device  # where this end's buffers live; the receiver waits for it before an Ack
 
-    def describe(self) -> dict[str, list]: ...  # the Hello's buffer fields
+    def describe(self) -> dict[str, list]: ...
     def buffer(self, index: int) -> torch.Tensor: ...
-    def region(self, index: int, offset: int, nbytes: int) -> torch.Tensor: ...
-    def synchronize(self) -> None: ...  # make our writes/reads of the buffers complete
-    def mark_packed(self, index: int) -> None: ...  # sender, after packing `index`: its bytes may be read
-    def wait_packed(self, index: int, deadline: float, what: str) -> None: ...  # receiver, before reading `index`
-    def unlink(self) -> None: ...  # drop filesystem names once both ends have attached
+    def reclaim(self, index: int, deadline: float, what: str) -> None: ...
+    def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None: ...
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None: ...
     def close(self) -> None: ...
 
 
-@runtime_checkable
-class CopyingTransport(BucketTransport, Protocol):
-    """A transport whose ends own separate buffers (nccl): each bucket's bytes move explicitly, and a
-    failed refit may leave a transfer in flight, so both ends rebuild the transport after one."""
-
-    def reclaim(self, index: int, deadline: float, what: str) -> None: ...  # sender, before packing `index`
-    def push(self, index: int, nbytes: int, what: str) -> None: ...  # sender, after Packed
-    def pull(self, index: int, nbytes: int, deadline: float, what: str) -> None: ...  # receiver, before the views
-
-
 def resolve_transport(cfg: TransferConfig, device: torch.device | str) -> Transport:
-    """`auto` -> cuda_ipc for a cuda device, else shm; an explicit choice is returned as is."""
-    if cfg.transport != Transport.auto:
-        return cfg.transport
-    return Transport.cuda_ipc if torch.device(device).type == "cuda" else Transport.shm
+    """The transport `cfg` asks for on `device`; `auto` is decided by the platform (rollout.platform)."""
+    from rollout.platform import resolve_transport as platform_resolve  # the one place that decides
+
+    return platform_resolve(cfg.transport, torch.device(device).type)
 
 
-def allocate(kind: Transport, num_buffers: int, nbytes: int, device: torch.device | str | None, timeout_s: float) -> BucketTransport:
+def allocate(cfg: TransferConfig, kind: Transport, num_buffers: int, device: torch.device | str | None) -> BucketTransport:
+    """The sender's end of a `kind` transport: `num_buffers` buffers of cfg.bucket_bytes each."""
     if kind == Transport.shm:
         from rollout.transfer.shm import ShmTransport
 
-        return ShmTransport.allocate(num_buffers, nbytes)
+        return ShmTransport.allocate(num_buffers, cfg.bucket_bytes)
     if kind == Transport.cuda_ipc:
         from rollout.transfer.cuda_ipc import CudaIpcTransport
 
-        return CudaIpcTransport.allocate(num_buffers, nbytes, device)
+        return CudaIpcTransport.allocate(num_buffers, cfg.bucket_bytes, device)
     if kind == Transport.nccl:
         from rollout.transfer.nccl import NcclTransport
 
-        return NcclTransport.allocate(num_buffers, nbytes, device, timeout_s)
+        return NcclTransport.allocate(num_buffers, cfg.bucket_bytes, device, cfg.timeout_s, cfg.nccl)
     raise ValueError(f"rollout.transfer.transport={kind.value!r} is not implemented by WeightSender (shm, cuda_ipc, nccl)")
 
 
-def attach(hello: wire.Hello, device: torch.device, timeout_s: float) -> BucketTransport:
+def attach(cfg: TransferConfig, hello: wire.Hello, device: torch.device) -> BucketTransport:
+    """The receiver's end of the sender's transport. Raises FileNotFoundError when another receiver
+    took the buffers first (the caller asks for fresh ones), TransferError when they cannot serve `device`."""
     if hello.transport == Transport.shm.value:
         from rollout.transfer.shm import ShmTransport
 
-        return ShmTransport.attach(hello, device)
+        return ShmTransport.attach(hello)
     if hello.transport == Transport.cuda_ipc.value:
         from rollout.transfer.cuda_ipc import CudaIpcTransport
 
@@ -71,5 +89,5 @@ def attach(hello: wire.Hello, device: torch.device, timeout_s: float) -> BucketT
     if hello.transport == Transport.nccl.value:
         from rollout.transfer.nccl import NcclTransport
 
-        return NcclTransport.attach(hello, device, timeout_s)
+        return NcclTransport.attach(hello, device, cfg.timeout_s, cfg.nccl)
     raise ValueError(f"the sender offers transport {hello.transport!r}, which this receiver cannot attach")

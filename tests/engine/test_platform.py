@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rollout.config import Backend
 from rollout.platform import get_platform, npu_ipc_supported, parse_ascend_version, probe_ascend_versions
+from rollout.transfer import TransferConfig, resolve_transport
 from rollout.transfer.config import Transport
 
 
@@ -41,31 +44,42 @@ def test_cuda_platform_with_fake_device():
 
 
 @pytest.mark.parametrize(
-    ("versions", "ipc", "transport"),
+    ("versions", "ipc"),
     [
-        (("25.3.RC1", "8.3.RC1"), True, Transport.cuda_ipc),
-        (("25.5.0", "8.5.0"), True, Transport.cuda_ipc),
-        (("25.2.0", "8.3.RC1"), False, Transport.shm),  # driver too old
-        (("25.3.RC1", "8.2.RC1"), False, Transport.shm),  # CANN too old
-        (None, False, Transport.shm),  # versions not found: assume no IPC
+        (("25.3.RC1", "8.3.RC1"), True),
+        (("25.5.0", "8.5.0"), True),
+        (("25.2.0", "8.3.RC1"), False),  # driver too old
+        (("25.3.RC1", "8.2.RC1"), False),  # CANN too old
+        (None, False),  # no install found: assume no IPC
     ],
 )
-def test_npu_platform_decisions(versions, ipc, transport):
+def test_npu_platform_decisions(tmp_path, versions, ipc):
+    if versions is not None:  # a standard install's version files, read by the real probe
+        _write_ascend_install(tmp_path, *versions)
     api = FakeDeviceApi()
-    p = get_platform(Backend.vllm_ascend, device_api=api, ascend_versions=versions) if versions else None
-    if p is None:  # no install found: probe a directory without one
-        from pathlib import Path
-
-        assert probe_ascend_versions(Path("/nonexistent-ascend")) is None
-        return
+    p = get_platform(Backend.vllm_ascend, device_api=api, ascend_root=tmp_path)
     assert p.device_type == "npu" and p.ipc_supported is ipc
-    assert p.resolve_transport("auto") is transport
+    # No NPU IPC transport exists (cuda_ipc serves CUDA devices only): auto is shm, with IPC or without.
+    assert p.resolve_transport("auto") is Transport.shm
+    assert p.resolve_transport("nccl") is Transport.nccl  # an explicit choice wins
     assert p.sleep_levels == (1,)
     p.check_sleep_level(1)
     with pytest.raises(ValueError, match="sleep level 2 is not supported on npu; allowed: 1"):
         p.check_sleep_level(2)
     p.synchronize()
     assert api.syncs == 1
+
+
+def test_one_resolver_of_auto():
+    """The sender (which knows only its device) and the engine (which knows its platform) ask the same function."""
+    cfg = TransferConfig()
+    for backend, device in [(Backend.vllm_cpu, "cpu"), (Backend.vllm_gpu, "cuda:0")]:  # no torch "npu" device here
+        platform = get_platform(backend, device_api=FakeDeviceApi())
+        assert resolve_transport(cfg, device) is platform.resolve_transport(cfg.transport)
+    assert resolve_transport(cfg, "cuda:0") is Transport.cuda_ipc and resolve_transport(cfg, "cpu") is Transport.shm
+    assert resolve_transport(TransferConfig(transport="nccl"), "cpu") is Transport.nccl
+    with pytest.raises(ValueError, match="rollout.transfer.transport='ipc' is not one of"):
+        get_platform(Backend.vllm_cpu).resolve_transport("ipc")
 
 
 def test_ascend_version_order():
@@ -76,13 +90,19 @@ def test_ascend_version_order():
         parse_ascend_version("unknown")
 
 
-def test_probe_reads_standard_install_files(tmp_path):
-    (tmp_path / "driver").mkdir()
-    (tmp_path / "driver" / "version.info").write_text("Version=25.3.rc1\nascendhal_version=7.35.23\n")
-    toolkit = tmp_path / "ascend-toolkit" / "latest" / "aarch64-linux"
+def _write_ascend_install(root: Path, driver: str, cann: str) -> None:
+    """The two version files of a standard Ascend install (driver, CANN toolkit) under `root`."""
+    (root / "driver").mkdir()
+    (root / "driver" / "version.info").write_text(f"Version={driver}\nascendhal_version=7.35.23\n")
+    toolkit = root / "ascend-toolkit" / "latest" / "aarch64-linux"
     toolkit.mkdir(parents=True)
-    (toolkit / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.3.RC1\n")
+    (toolkit / "ascend_toolkit_install.info").write_text(f"package_name=Ascend-cann-toolkit\nversion={cann}\n")
+
+
+def test_probe_reads_standard_install_files(tmp_path):
+    _write_ascend_install(tmp_path, "25.3.rc1", "8.3.RC1")
     assert probe_ascend_versions(tmp_path) == ("25.3.rc1", "8.3.RC1")
+    assert probe_ascend_versions(tmp_path / "nonexistent") is None
 
 
 def test_auto_dtype_on_cpu_is_the_checkpoints(tmp_path):

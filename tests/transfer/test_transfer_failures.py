@@ -18,7 +18,16 @@ from rollout.transfer import (
     WeightSender,
     new_endpoint,
 )
-from transfer_procs import CTX, our_segments, race_tensors, receiver_process, receiver_that_dies, receiving_from_a_killed_sender
+from transfer_procs import (
+    CTX,
+    our_segments,
+    race_tensors,
+    receiver_process,
+    receiver_that_dies,
+    receiving_from_a_killed_sender,
+    recording_allocate,
+    send_in_thread,
+)
 
 SHORT = {"transport": "shm", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
 
@@ -36,13 +45,18 @@ def test_new_endpoint_is_unique_and_private():
         assert not os.path.exists(os.path.dirname(_socket_path(ep)))
 
 
-def test_sender_without_receiver_times_out_naming_endpoint():
+def _names(fields: dict) -> list[str]:
+    return [b.name for b in fields["shm_buffers"]]
+
+
+def test_sender_without_receiver_times_out_naming_endpoint(monkeypatch):
+    made = recording_allocate(monkeypatch)
     endpoint = new_endpoint()
     with WeightSender(TransferConfig(**SHORT), endpoint) as sender:
         with pytest.raises(TransferTimeout, match="BeginRefit") as err:
             sender.send(race_tensors(1, num_tensors=2), version=1)
         assert endpoint in str(err.value)
-        names = [b.name for b in sender._transport.describe()["shm_buffers"]]
+        names = _names(made[0])
     assert names and not our_segments(names)
     assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
 
@@ -56,18 +70,21 @@ def test_receiver_without_sender_times_out_naming_endpoint():
     assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
 
 
-def test_receiver_survives_sigkilled_sender_and_cleans_up():
+def test_receiver_survives_sigkilled_sender_and_cleans_up(monkeypatch):
+    attached = recording_allocate(monkeypatch, "attach")
     endpoint = new_endpoint()
     with receiving_from_a_killed_sender(SHORT, endpoint) as (receiver, error, seen):
         assert isinstance(error, TransferTimeout) and re.search("Packed 1|bucket 1", str(error)), error
         assert endpoint in str(error)
-        names = [b.name for b in receiver._hello.shm_buffers]
+        assert receiver._transport is None  # unmapped at once, not at close()
+        names = _names(attached[0])
     assert seen and not our_segments(names)
     assert not os.path.exists(_socket_path(endpoint))
     assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
 
 
-def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one():
+def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one(monkeypatch):
+    made = recording_allocate(monkeypatch)
     endpoint = new_endpoint()
     cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})
     with WeightSender(cfg, endpoint) as sender:
@@ -78,20 +95,39 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one():
             sender.send(race_tensors(1), version=1)
         dying.join()
         assert dying.exitcode == -signal.SIGKILL and endpoint in str(err.value)
-        first_names = [b.name for b in sender._transport.describe()["shm_buffers"]]
-        assert not our_segments(first_names)  # unlinked as soon as the receiver mapped them
+        first_names = _names(made[0])
+        assert not our_segments(first_names) and sender._transport is None  # a failed refit drops its buffers
 
         queue = CTX.Queue()
         sender._channel.timeout_s = 20.0
         restarted = CTX.Process(target=receiver_process, args=(SHORT, endpoint, 1, queue))
         restarted.start()
-        stats = sender.send(race_tensors(2), version=2)  # fresh buffers: the old names are gone
+        stats = sender.send(race_tensors(2), version=2)  # fresh buffers for a fresh receiver
         assert stats.version == 2 and queue.get(timeout=20)[:2] == ("ok", 2)
         restarted.join(20)
-        second_names = [b.name for b in sender._transport.describe()["shm_buffers"]]
-        assert second_names != first_names
+        second_names = _names(sender._transport.describe())
+        assert len(made) == 2 and second_names == _names(made[1]) != first_names
     assert not our_segments(first_names + second_names)
     assert not os.path.exists(os.path.dirname(_socket_path(endpoint)))
+
+
+def test_names_go_once_mapped_and_a_second_receiver_gets_fresh_buffers():
+    """The segments' names are unlinked as soon as the receiver mapped them (the sender still holds its
+    buffers); a restarted receiver finds them gone and asks for fresh ones, so no two share a segment."""
+    cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})
+    endpoint = new_endpoint()
+    hellos = []
+    with WeightSender(cfg, endpoint) as sender:
+        for version in (1, 2):
+            with WeightReceiver(cfg, endpoint) as receiver:  # the previous one closed between refits
+                thread, sent = send_in_thread(sender, version)
+                assert receiver.receive(lambda w, last: None).num_tensors == 4
+                thread.join(20)
+                assert sent[0].version == version
+                names = _names(sender._transport.describe())
+                assert names == _names({"shm_buffers": receiver._hello.shm_buffers}) and not our_segments(names)
+                hellos.append(receiver._hello)
+    assert [h.generation for h in hellos] == [1, 2] and _names(vars(hellos[0])) != _names(vars(hellos[1]))
 
 
 def test_checksum_mismatch_names_the_tensors(sender_server):

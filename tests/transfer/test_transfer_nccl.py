@@ -7,32 +7,29 @@ import gc
 import os
 import re
 import signal
-import threading
 
 import pytest
 import torch
 
-from rollout.transfer import TransferConfig, TransferError, TransferTimeout, WeightReceiver, WeightSender, new_endpoint, transports, wire
-from rollout.transfer.nccl import NcclTransport
-from transfer_procs import CTX, listening, race_tensors, receiver_process, receiver_that_dies, receiving_from_a_killed_sender, store_ports
+from rollout.transfer import TransferConfig, TransferError, TransferTimeout, WeightReceiver, WeightSender, new_endpoint, wire
+from rollout.transfer.nccl import NcclConfig, NcclTransport, nccl_environment
+from transfer_procs import (
+    CTX,
+    listening,
+    race_tensors,
+    receiver_process,
+    receiver_that_dies,
+    receiving_from_a_killed_sender,
+    recording_allocate,
+    send_in_thread,
+    store_ports,
+)
 
 SHORT = {"transport": "nccl", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
 
 
-def _recording_allocate(monkeypatch) -> list:
-    """Spy on the sender's transport factory: returns the list of every transport it allocates."""
-    made, allocate = [], transports.allocate
-
-    def recording(*args, **kwargs):
-        made.append(allocate(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(transports, "allocate", recording)
-    return made
-
-
-def _port(transport) -> int:
-    return transport.describe()["nccl_buffers"][0].store_port
+def _port(fields: dict) -> int:
+    return fields["nccl_buffers"][0].store_port
 
 
 def test_receiver_survives_sigkilled_sender_and_drops_the_group():
@@ -46,7 +43,7 @@ def test_receiver_survives_sigkilled_sender_and_drops_the_group():
 
 
 def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one(monkeypatch):
-    made = _recording_allocate(monkeypatch)
+    made = recording_allocate(monkeypatch)
     endpoint = new_endpoint()
     with WeightSender(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint, device="cpu") as sender:
         dying = CTX.Process(target=receiver_that_dies, args=(SHORT, endpoint))
@@ -70,20 +67,6 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one(monkeypat
     assert not os.path.exists(os.path.dirname(endpoint[len("ipc://"):]))
 
 
-def _send_in_thread(sender: WeightSender, version: int) -> tuple[threading.Thread, list]:
-    outcome: list = []
-
-    def run():
-        try:
-            outcome.append(sender.send(race_tensors(version, num_tensors=4), version=version))
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 def test_a_second_receiver_gets_a_fresh_group():
     """A restarted worker must not join the group its predecessor claimed: it asks for a new one."""
     cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})
@@ -92,7 +75,7 @@ def test_a_second_receiver_gets_a_fresh_group():
     with WeightSender(cfg, endpoint, device="cpu") as sender:
         for version in (1, 2):
             with WeightReceiver(cfg, endpoint) as receiver:  # the previous one closed between refits
-                thread, sent = _send_in_thread(sender, version)
+                thread, sent = send_in_thread(sender, version)
                 assert receiver.receive(lambda w, last: None).num_tensors == 4
                 thread.join(20)
                 assert sent[0].version == version
@@ -107,7 +90,7 @@ def _open_fds() -> int:
 
 
 def _good_refit(sender: WeightSender, receiver: WeightReceiver, version: int) -> None:
-    thread, sent = _send_in_thread(sender, version)
+    thread, sent = send_in_thread(sender, version)
     got = {}
     stats = receiver.receive(lambda w, last: got.update((n, v.clone()) for n, v in w))
     thread.join(20)
@@ -127,8 +110,9 @@ def test_silent_broadcast_times_out_naming_the_bucket_then_a_good_refit_works(mo
         ports = store_ports(receiver._hello)
 
         with monkeypatch.context() as patch:
-            patch.setattr(NcclTransport, "push", lambda self, index, nbytes, what: self._connect(what))
-            thread, sent = _send_in_thread(sender, 2)
+            # Packed goes out and the sender joins the group, but never broadcasts
+            patch.setattr(NcclTransport, "publish", lambda self, index, nbytes, announce, what: (announce(), self._connect(what)))
+            thread, sent = send_in_thread(sender, 2)
             with pytest.raises(TransferTimeout, match="the bytes of bucket 0 of refit 2") as err:
                 receiver.receive(lambda w, last: None)
             thread.join(20)
@@ -146,7 +130,29 @@ def test_silent_broadcast_times_out_naming_the_bucket_then_a_good_refit_works(mo
 def test_backend_must_match_the_receiver_device():
     hello = wire.Hello(wire.PROTOCOL_VERSION, "nccl", "fenced", 1 << 20, 1, [], [], [wire.NcclBuffer("127.0.0.1", 1234, "nccl", 1 << 20)])
     with pytest.raises(TransferError, match="broadcasts over nccl, but this receiver's device cpu needs gloo"):
-        NcclTransport.attach(hello, torch.device("cpu"), timeout_s=1.0)
+        NcclTransport.attach(hello, torch.device("cpu"), timeout_s=1.0, cfg=NcclConfig())
     bad_size = wire.Hello(wire.PROTOCOL_VERSION, "nccl", "fenced", 1 << 20, 1, [], [], [wire.NcclBuffer("127.0.0.1", 1234, "gloo", 1 << 30)])
     with pytest.raises(TransferError, match="does not fit the handshake"):
-        NcclTransport.attach(bad_size, torch.device("cpu"), timeout_s=1.0)
+        NcclTransport.attach(bad_size, torch.device("cpu"), timeout_s=1.0, cfg=NcclConfig())
+
+
+def test_nvls_setting_lives_in_os_environ_only_while_the_communicator_is_made(monkeypatch):
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
+    with nccl_environment(NcclConfig()):
+        assert os.environ["NCCL_NVLS_ENABLE"] == "0"  # NVLink multicast off by default
+    assert "NCCL_NVLS_ENABLE" not in os.environ
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    with nccl_environment(NcclConfig(nvls=True)):
+        assert os.environ["NCCL_NVLS_ENABLE"] == "1"  # the config decides
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"  # and what was there is put back
+
+
+def test_nccl_options_are_checked():
+    assert TransferConfig(transport="nccl", nccl={"watchdog_s": 600.0}).nccl == NcclConfig(watchdog_s=600.0)
+    with pytest.raises(ValueError, match=r"nccl.watchdog_s=100.0 must exceed twice rollout.transfer.timeout_s=60.0"):
+        TransferConfig(transport="nccl", timeout_s=60.0, nccl=NcclConfig(watchdog_s=100.0))
+    TransferConfig(transport="shm", timeout_s=60.0, nccl=NcclConfig(watchdog_s=100.0))  # read by nccl only
+    with pytest.raises(ValueError, match="nccl.store_host"):
+        NcclConfig(store_host="")
+    with pytest.raises(ValueError, match="nccl.nvls must be true or false, got 'yes'"):
+        NcclConfig(nvls="yes")

@@ -226,6 +226,40 @@ def receiver_process(cfg_kwargs: dict, endpoint: str, num_refits: int, queue, de
                 queue.put(("error", type(exc).__name__, str(exc)))
 
 
+def recording_allocate(monkeypatch, factory: str = "allocate") -> list[dict]:
+    """Spy on the transport factory (the sender's `allocate` or the receiver's `attach`): returns the
+    handshake fields (describe()) of every transport it makes, taken then, since a failed refit closes
+    its transport."""
+    from rollout.transfer import transports
+
+    made, make = [], getattr(transports, factory)
+
+    def recording(*args, **kwargs):
+        transport = make(*args, **kwargs)
+        made.append(transport.describe())
+        return transport
+
+    monkeypatch.setattr(transports, factory, recording)
+    return made
+
+
+def send_in_thread(sender: WeightSender, version: int, num_tensors: int = 4) -> tuple:
+    """Start sender.send(race_tensors(version)) in a thread; returns it and the list its outcome lands in."""
+    import threading
+
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(sender.send(race_tensors(version, num_tensors=num_tensors), version=version))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def our_segments(names: list[str]) -> list[str]:
     return [n for n in names if os.path.exists(os.path.join(SHM_DIR, n))]
 
@@ -246,14 +280,16 @@ def sender_silent_after_first_bucket(cfg_kwargs: dict, endpoint: str, device: st
     another: its receiver waits on a broadcast that never comes. Lingers until the parent kills it."""
     from rollout.transfer.nccl import NcclTransport
 
-    real_push, calls = NcclTransport.push, []
+    real_publish, calls = NcclTransport.publish, []
 
-    def push(self, index, nbytes, what):
+    def publish(self, index, nbytes, announce, what):
         calls.append(index)
         if len(calls) == 1:
-            real_push(self, index, nbytes, what)
+            real_publish(self, index, nbytes, announce, what)
+        else:
+            announce()  # Packed goes out, the broadcast never starts
 
-    NcclTransport.push = push
+    NcclTransport.publish = publish
     sender = WeightSender(TransferConfig(**cfg_kwargs), endpoint, device=device)
     tensors = [(n, t.to(device)) for n, t in race_tensors(1)]
     ready.put("ready")
