@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from rollout.load_path import LoadPath
 from rollout.worker_extension import RefitWorkerExtension
 
 BENCH_WORKER_EXTENSION = "benchmarks.worker_ext.BenchWorkerExtension"
@@ -28,10 +29,12 @@ class BenchWorkerExtension(RefitWorkerExtension):
         return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device())}
 
     def refit_bench_reload_from_memory(
-        self, safetensors_path: str | None = None, specs: list[tuple[str, list[int], str]] | None = None, seed: int = 0
+        self, safetensors_path: str | None = None, specs: list[tuple[str, list[int], str]] | None = None, seed: int = 0,
+        load_path: str = "auto",
     ) -> float:
-        """Seconds of vLLM's in-place reload alone, fed from tensors already in this worker's device memory:
-        the part of a refit that no transfer can remove. The tensors are read from `safetensors_path`, or
+        """Seconds of the load into the model alone (through the path a refit asking for `load_path` takes),
+        fed from tensors already in this worker's device memory: the part of a refit that no transfer can
+        remove. The tensors are read from `safetensors_path`, or
         made random from `specs` [(name, shape, dtype name)] (no file for a 7B model), onto the worker's
         device first, untimed."""
         device = self._refit_device()
@@ -42,10 +45,10 @@ class BenchWorkerExtension(RefitWorkerExtension):
         else:
             gen = torch.Generator(device=device).manual_seed(seed)
             state = {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs or []}
-        self._refit_prepare()
+        path = self._refit_prepare(LoadPath(load_path))
         self._refit_sync()
         start = time.perf_counter()
-        self._refit_reload(weights_iterator=iter(state.items()))
+        self._refit_reload(path, weights_iterator=iter(state.items()))
         self._refit_sync()
         seconds = time.perf_counter() - start
         del state
@@ -55,9 +58,9 @@ class BenchWorkerExtension(RefitWorkerExtension):
 
     def refit_bench_reload_from_disk(self, weights_dir: str) -> float:
         """Seconds of vLLM's reload from a checkpoint directory (device work included)."""
-        self._refit_prepare()
+        self._refit_prepare(LoadPath.layerwise)
         start = time.perf_counter()
-        self._refit_reload(weights_path=weights_dir)
+        self._refit_reload(LoadPath.layerwise, weights_path=weights_dir)
         self._refit_sync()
         return time.perf_counter() - start
 

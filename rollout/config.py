@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+from rollout.load_path import LoadPath
 from rollout.transfer.config import TransferConfig, _coerce
 
 
@@ -119,6 +120,8 @@ class RolloutConfig:
     pause_mode: PauseMode = PauseMode.keep  # async engine only
     # async engine only: the bound on every wait for its event loop (a batch's samples, a pause, a call).
     generate_timeout_s: float = 600.0
+    # How refits enter vLLM's model (rollout/load_path.py): `layerwise` forces vLLM's layerwise reload.
+    load_path: LoadPath = LoadPath.auto
 
     def __post_init__(self) -> None:
         self.mode = _coerce(Mode, self.mode, "rollout.mode")
@@ -137,5 +140,6 @@ class RolloutConfig:
             raise ValueError(f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}")
         self.engine = _coerce(EngineKind, self.engine, "rollout.engine")
         self.pause_mode = _coerce(PauseMode, self.pause_mode, "rollout.pause_mode")
+        self.load_path = _coerce(LoadPath, self.load_path, "rollout.load_path")
         if not self.generate_timeout_s > 0:
             raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")

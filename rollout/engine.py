@@ -50,6 +50,7 @@ class RefitStats:
     load_s: float  # the worker's reload_weights, final processing included
     detached_bytes: int  # copied out because a layer straddled a bucket boundary
     caches_reset: tuple[str, ...] = field(default_factory=tuple)
+    load_path: str = "layerwise"  # how the worker loaded it: "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
 
 
 @dataclass
@@ -113,9 +114,14 @@ class VllmRollout:
         self.transfer = resolved_transfer(cfg, self.platform)
         self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts)
+        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, cfg.load_path)
         self.version = 0  # the weights loaded from model_path
         self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine computes in (after vLLM resolved `auto`)."""
+        return self.llm.llm_engine.model_config.dtype
 
     @property
     def tokenizer(self) -> Any:
@@ -300,6 +306,7 @@ def refit_stats(version: int, seconds: float, send_stats: Any, worker: dict, cac
     return RefitStats(
         version, seconds, send_stats.num_bytes, send_stats.num_tensors, send_stats.num_buckets,
         send_stats.seconds, worker["load_s"], worker["detached_bytes"], tuple(c.value for c in caches),
+        worker["load_path"],
     )
 
 

@@ -16,7 +16,7 @@ from rollout.transfer import TransferConfig, TransferStats
 logger = logging.getLogger(__name__)
 
 # receive(args) -> the worker's answer: args are RefitWorkerExtension.refit_receive's (endpoint, transfer
-# fields, version, timeouts), plain data for collective_rpc
+# fields, version, timeouts, load path), plain data for collective_rpc
 Receive = Callable[[tuple], dict[str, Any]]
 
 
@@ -34,10 +34,11 @@ class RefitChannel:
         channel.close()   # after the worker's refit_close
     """
 
-    def __init__(self, device_type: str, endpoint_dir: str | None, timeouts: Any) -> None:
+    def __init__(self, device_type: str, endpoint_dir: str | None, timeouts: Any, load_path: Any = "auto") -> None:
         self.device_type = device_type
         self.endpoint_dir = endpoint_dir
         self.timeouts = timeouts  # rollout.config.RefitTimeouts
+        self.load_path = _plain(load_path)  # rollout.load_path.LoadPath: how the worker loads the tensors
         self.endpoint: str | None = None  # created with the sender, on the first refit
         self._sender = None
 
@@ -58,7 +59,7 @@ class RefitChannel:
             self.endpoint = new_endpoint_in(self.endpoint_dir)
             self._sender = WeightSender(cfg, self.endpoint, device=self.device_type)
         fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-        args = (self.endpoint, fields, version, dataclasses.asdict(self.timeouts))
+        args = (self.endpoint, fields, version, dataclasses.asdict(self.timeouts), self.load_path)
         result: dict[str, Any] = {}
 
         def run_receive() -> None:

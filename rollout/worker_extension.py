@@ -16,6 +16,7 @@ import torch
 
 from rollout.bucket_stream import BucketStream
 from rollout.config import RefitTimeouts
+from rollout.load_path import LoadPath, choose_load_path, direct_load_blocker, load_direct
 from rollout.tied_heads import find_tied_heads, reprocess_tied_heads
 from rollout.transfer import TransferConfig, WeightReceiver
 from rollout.vllm_compat import (
@@ -39,13 +40,14 @@ class RefitWorkerExtension:
     """
 
     def refit_receive(
-        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: dict[str, float]
+        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: dict[str, float], load_path: str = "auto"
     ) -> dict[str, Any]:
-        """One refit (`timeouts`: the fields of rollout.config.RefitTimeouts). Never raises through vLLM's RPC
-        (that could take the engine down): errors come back as {"ok": False, "error": ...} and the trainer
-        side raises them."""
+        """One refit (`timeouts`: the fields of rollout.config.RefitTimeouts; `load_path`: a LoadPath value).
+        Never raises through vLLM's RPC (that could take the engine down): errors come back as
+        {"ok": False, "error": ...} and the trainer side raises them."""
         try:
-            return {"ok": True, **self._refit_receive(endpoint, transfer, version, RefitTimeouts(**timeouts))}
+            result = self._refit_receive(endpoint, transfer, version, RefitTimeouts(**timeouts), LoadPath(load_path))
+            return {"ok": True, **result}
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
@@ -75,30 +77,51 @@ class RefitWorkerExtension:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def _refit_prepare(self) -> None:
-        """Once per worker, before its first reload: check vLLM's internals, find tied output heads."""
-        if getattr(self, "_refit_prepared", False):
-            return
-        check_layerwise_internals(installed_vllm_version())
-        self._refit_tied_heads = find_tied_heads(self.model_runner.get_model())
-        _quiet_benign_reload_logs(tied_head=bool(self._refit_tied_heads))
-        self._refit_prepared = True
+    def _refit_prepare(self, requested: LoadPath) -> LoadPath:
+        """Before every reload: the load path for `requested`. Once per worker: check vLLM's internals,
+        find tied output heads, decide whether the weight loaders can be fed directly."""
+        if not getattr(self, "_refit_prepared", False):
+            check_layerwise_internals(installed_vllm_version())
+            model = self.model_runner.get_model()
+            self._refit_tied_heads = find_tied_heads(model)
+            self._refit_direct_blocker = direct_load_blocker(model, self.model_runner.model_config, self._refit_device())
+            self._refit_paths_logged: set[LoadPath] = set()
+            _quiet_benign_reload_logs(tied_head=bool(self._refit_tied_heads))
+            self._refit_prepared = True
+        path = choose_load_path(requested, self._refit_direct_blocker)
+        if requested not in self._refit_paths_logged:
+            self._refit_paths_logged.add(requested)
+            why = f" ({self._refit_direct_blocker})" if path is LoadPath.layerwise and requested is LoadPath.auto else ""
+            logging.getLogger(__name__).info("refits load through the %s path%s", path.value, why)
+        return path
 
     def _refit_detach(self, bucket: Any) -> int:
         """Copy the reload's buffered views of `bucket` out of it before it is released (bucket_stream.py)."""
         return detach_layerwise_pending(bucket)
 
-    def _refit_reload(self, **source: Any) -> None:
-        """vLLM's in-place layerwise reload from `weights_iterator=` or `weights_path=`, then what it leaves
-        stale: the packed copy of a tied output head's weight (rollout/tied_heads.py)."""
-        self.reload_weights(**source, is_checkpoint_format=True)
+    def _refit_reload(self, path: LoadPath, **source: Any) -> None:
+        """Load `weights_iterator=` (or, layerwise only, `weights_path=`) into the live model, then what the
+        layerwise reload leaves stale: the packed copy of a tied output head's weight (rollout/tied_heads.py)."""
+        if path is LoadPath.direct:
+            from vllm.config import set_current_vllm_config
+
+            with set_current_vllm_config(self.vllm_config):
+                load_direct(self.model_runner.get_model(), source["weights_iterator"])
+            for reset in ("reset_encoder_cache", "reset_mm_cache"):  # as vLLM's reload_weights does
+                getattr(self.model_runner, reset, lambda: None)()
+        else:
+            self.reload_weights(**source, is_checkpoint_format=True)
         reprocess_tied_heads(self._refit_tied_heads)
 
     def _refit_receive(
-        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: RefitTimeouts
+        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: RefitTimeouts, requested: LoadPath
     ) -> dict[str, Any]:
-        self._refit_prepare()
         receiver = self._refit_get_receiver(endpoint, transfer)
+        try:
+            path = self._refit_prepare(requested)
+        except ValueError as exc:  # e.g. load_path=direct where it cannot run: the sender must hear it too
+            receiver.receive(_refuse(exc))
+            raise
         stream = BucketStream(receiver.cfg.timeout_s, self._refit_detach, timeouts.next_bucket_s)
         exit_s = timeouts.receiver_exit_s
         outcome: dict[str, Any] = {}
@@ -119,11 +142,12 @@ class RefitWorkerExtension:
         try:
             # ONE reload per refit: vLLM's layerwise reload processes each layer as soon as all of its
             # weights arrived and finalises the rest once, at the end of this call.
-            self._refit_reload(weights_iterator=stream.weights())
+            self._refit_reload(path, weights_iterator=stream.weights())
             self._refit_sync()  # load_s includes the device work; the fence before the last ack needs it anyway
             stream.finish()
         except BaseException as exc:
-            self._refit_cleanup_failed_reload()
+            if path is LoadPath.layerwise:  # the direct path leaves no meta tensors or buffered layers behind
+                self._refit_cleanup_failed_reload()
             stream.fail(exc)  # the held bucket's consume raises: the sender learns why
             thread.join(exit_s)
             raise RuntimeError(f"refit version {version}: loading failed near {stream.last_name!r}: {exc}") from exc
@@ -145,6 +169,7 @@ class RefitWorkerExtension:
             "receive_s": stats.seconds,
             "load_s": load_s,
             "detached_bytes": stream.detached_bytes,
+            "load_path": path.value,
         }
 
     def _refit_cleanup_failed_reload(self) -> None:
@@ -152,6 +177,15 @@ class RefitWorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             finalize_failed_reload(self.model_runner.get_model(), self.model_runner.model_config)
+
+
+def _refuse(exc: BaseException) -> Any:
+    """A consume that fails the refit at its first bucket with `exc` (the receiver then tells the sender)."""
+
+    def consume(weights: Any, is_last: bool) -> None:
+        raise exc
+
+    return consume
 
 
 class _DropBenignNoWeights(logging.Filter):

@@ -9,5 +9,5 @@ from rollout.worker_extension import RefitWorkerExtension
 
 
 class KeepStaleTiedHead(RefitWorkerExtension):
-    def _refit_reload(self, **source: Any) -> None:
+    def _refit_reload(self, path: Any, **source: Any) -> None:
         self.reload_weights(**source, is_checkpoint_format=True)  # no reprocess_tied_heads

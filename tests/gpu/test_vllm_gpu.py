@@ -31,6 +31,7 @@ if not _vllm_cuda():
 from benchmarks.worker_ext import BENCH_WORKER_EXTENSION  # noqa: E402
 from rollout import BackendConfig, CacheReset, Mode, RolloutConfig, build_rollout  # noqa: E402
 from rollout.tiny_model import TinyModelSpec, build_tokenizer, ensure_tiny_model  # noqa: E402
+from rollout.load_path import LoadPath  # noqa: E402
 from rollout.transfer import Sync, TransferConfig, Transport  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
@@ -40,13 +41,14 @@ SPEC = TinyModelSpec(num_hidden_layers=4, dtype="bfloat16")
 
 
 def gpu_cfg(mode: Mode = Mode.standalone, sync: Sync = Sync.fenced, utilization: float = 0.2,
-            load_format: str = "auto") -> RolloutConfig:
+            load_format: str = "auto", load_path: LoadPath = LoadPath.auto) -> RolloutConfig:
     return RolloutConfig(
         backend=BackendConfig(name="vllm_gpu", dtype="bfloat16", gpu_memory_utilization=utilization,
                               max_model_len=512, max_num_seqs=32, load_format=load_format),
         mode=mode,
         transfer=TransferConfig(transport="auto", bucket_mb=1, sync=sync, timeout_s=60.0),
         cache_reset=CacheReset.auto,
+        load_path=load_path,
     )
 
 
@@ -97,12 +99,17 @@ def fresh_expected(base, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("sync", "load_format"), [(Sync.fenced, "auto"), (Sync.double_buffer, "auto"), (Sync.fenced, "dummy")]
+    ("sync", "load_format", "load_path"),
+    [(Sync.fenced, "auto", LoadPath.auto), (Sync.double_buffer, "auto", LoadPath.auto),
+     (Sync.fenced, "dummy", LoadPath.auto), (Sync.fenced, "auto", LoadPath.layerwise)],
 )
-def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_format):
+def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_format, load_path):
+    """auto loads an unquantized bf16 model through its weight loaders directly (issue 16, item 3);
+    layerwise forces vLLM's layerwise reload. Both equal a fresh engine."""
     path, _ = base
     new, expected = fresh_expected
-    with build_rollout(gpu_cfg(sync=sync, load_format=load_format), path, worker_extension=BENCH_WORKER_EXTENSION) as ro:
+    cfg = gpu_cfg(sync=sync, load_format=load_format, load_path=load_path)
+    with build_rollout(cfg, path, worker_extension=BENCH_WORKER_EXTENSION) as ro:
         assert ro.transfer.transport is Transport.cuda_ipc  # auto on cuda
         assert ro.llm.collective_rpc("refit_worker_info")[0]["device"].startswith("cuda")  # receiver on the GPU
         if load_format == "dummy":  # random weights until the first refit: generating first is refused
@@ -113,6 +120,7 @@ def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_for
             before = greedy(ro)
         stats = ro.update_weights(new.items(), version=1)
         assert stats.num_buckets > 1 and stats.version == 1
+        assert stats.load_path == ("layerwise" if load_path is LoadPath.layerwise else "direct")
         refitted = greedy(ro)
     if before is not None:
         assert [s.token_ids for s in before] != [s.token_ids for s in refitted], "the perturbation changed nothing"
@@ -120,8 +128,9 @@ def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_for
     assert_same(refitted, expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_tied_embeddings_refit_equals_fresh_engine(arch, tmp_path):
+@pytest.mark.parametrize(("arch", "load_path"), [("qwen2", LoadPath.auto), ("llama", LoadPath.auto),
+                                                  ("llama", LoadPath.layerwise)])
+def test_tied_embeddings_refit_equals_fresh_engine(arch, load_path, tmp_path):
     """Issue 10 on vLLM's CUDA build: a tied model (no lm_head.weight in the trainer's weights nor in the
     checkpoint), the embedding perturbed too; the refit engine's output changes exactly as a fresh
     engine's on the same weights."""
@@ -134,9 +143,10 @@ def test_tied_embeddings_refit_equals_fresh_engine(arch, tmp_path):
     new = perturbed(state, seed=3)
     with build_rollout(gpu_cfg(), save_model(path, new, tmp_path / "fresh")) as fresh:
         expected = greedy(fresh)
-    with build_rollout(gpu_cfg(), path) as ro:
+    with build_rollout(gpu_cfg(load_path=load_path), path) as ro:
         before = greedy(ro)
-        ro.update_weights(new.items(), version=1)
+        stats = ro.update_weights(new.items(), version=1)
+        assert stats.load_path == ("layerwise" if load_path is LoadPath.layerwise else "direct")
         refitted = greedy(ro)
         ro.update_weights(perturbed(state, seed=4).items(), version=2)  # and again: no state kept from the first
         ro.update_weights(new.items(), version=3)
