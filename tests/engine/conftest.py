@@ -80,13 +80,13 @@ def engine(tiny_path):
 
 @pytest.fixture
 def extra_engine():
-    """Start another engine (same settings as the shared one) on a given model directory; at the end of
-    the test it is closed and its processes must be gone."""
+    """Start another engine (same settings as the shared one) on a given model directory, optionally with
+    another worker extension; at the end of the test it is closed and its processes must be gone."""
     started = []
 
-    def start(model_path):
+    def start(model_path, worker_extension=None):
         before = child_pids()
-        ro = build_rollout(ENGINE_CFG, model_path)
+        ro = build_rollout(ENGINE_CFG, model_path, worker_extension=worker_extension)
         started.append((ro, child_pids() - before))
         return ro
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rollout.engine
 from rollout.tiny_model import TinyModelSpec, ensure_tiny_model
 
 REF_ATOL = 1e-4  # float32 engine vs float64 transformers
@@ -105,7 +104,7 @@ def test_refits_match_transformers_and_a_fresh_engine(arch, tied, extra_engine):
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(f.logprobs), atol=FRESH_ATOL, rtol=0)
 
 
-def test_a_stale_tied_head_is_caught(extra_engine, monkeypatch, tmp_path):
+def test_a_stale_tied_head_is_caught(extra_engine, tmp_path):
     """The bug put back (tests/engine/stale_head_extension.py: the reload alone). A fresh engine on
     perturbed tied-Llama weights agrees with transformers; after one refit that changes the embedding
     the engine embeds with the new weights and un-embeds with the old: transformers disagrees."""
@@ -121,8 +120,7 @@ def test_a_stale_tied_head_is_caught(extra_engine, monkeypatch, tmp_path):
     from rollout.tiny_model import build_tokenizer
 
     build_tokenizer().save_pretrained(ro_path)
-    monkeypatch.setattr(rollout.engine, "WORKER_EXTENSION", "stale_head_extension.KeepStaleTiedHead")
-    ro = extra_engine(ro_path)
+    ro = extra_engine(ro_path, worker_extension="stale_head_extension.KeepStaleTiedHead")
     assert_matches_transformers(hf_model, w1, greedy(ro))  # fresh engine == transformers
     w2 = step(w1, seed=2)
     ro.update_weights(w2.items(), version=1)
