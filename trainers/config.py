@@ -122,6 +122,10 @@ class TrainerConfig:
     # k >= 1: the engine (rollout.engine=async) generates the next k steps' batches while the trainer
     # trains; no sample more than k versions old is trained on. 0 = generate, then train (synchronous).
     max_staleness: int = 0
+    # The refit canary (trainers/refit_canary.py): logprob_gap above this right after a refit warns, or fails
+    # the run with strict_refit. None = by dtype: 1e-3 where engine and trainer run fp32, 2e-2 otherwise.
+    refit_gap_threshold: Optional[float] = None
+    strict_refit: bool = False
     micro_batch_size: int = 0  # sequences per forward/backward (gradients accumulate); 0 = a whole minibatch
     warmup_steps: int = 10  # supervised warm-start steps before RL (0 = none)
     warmup_lr: float = 3e-3
@@ -145,6 +149,8 @@ class TrainerConfig:
         if self.max_staleness > 0 and self.refit_every != 1:
             raise ValueError(f"trainer.max_staleness={self.max_staleness} bounds staleness by refitting after every "
                              f"step: set trainer.refit_every=1 (got {self.refit_every!r})")
+        if self.refit_gap_threshold is not None and not self.refit_gap_threshold > 0:
+            raise ValueError(f"trainer.refit_gap_threshold must be > 0 (or null), got {self.refit_gap_threshold!r}")
 
 
 @dataclass

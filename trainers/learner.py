@@ -127,6 +127,11 @@ class Learner:
         metrics["value_loss"] = metrics["value_loss"] if self.critic is not None else None
         return metrics
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The policy's parameter dtype (the precision of the trainer's log-probs)."""
+        return next(self.policy.parameters()).dtype
+
     def named_parameters_for_refit(self) -> Iterable[tuple[str, Tensor]]:
         """The policy's full tensors, by Hugging Face name, for `update_weights`."""
         return self.policy.named_parameters()

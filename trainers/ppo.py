@@ -4,7 +4,8 @@ One step: generate n responses per prompt with vLLM -> score them with the task'
 recompute old log-probs (and reference / critic values) with the trainer's model -> advantages
 (GRPO: group-relative; PPO: GAE over a critic) -> clipped policy-gradient update with AdamW ->
 refit the engine with `update_weights` (every `trainer.refit_every` steps) -> next step.
-`logprob_gap` compares vLLM's sampling log-probs with the trainer's: a refit bug shows there first.
+`logprob_gap` compares vLLM's sampling log-probs with the trainer's: a refit bug shows there first, and the
+refit canary (trainers/refit_canary.py) warns, or with `trainer.strict_refit=true` fails, when it does.
 
     python -m trainers.ppo                                  # GRPO on the embedded tiny model, CPU
     python -m trainers.ppo algorithm=ppo logger=[console,jsonl,tensorboard]
@@ -33,6 +34,7 @@ from trainers.config import Algorithm, AlgorithmConfig, PPOConfig, TrainerConfig
 from trainers.learner import Learner, build_learner
 from trainers.loggers import build_loggers
 from trainers.policy import collate
+from trainers.refit_canary import check_refit_gap, gap_threshold
 from trainers.tasks import Example, Task, build_task
 
 register_configs()
@@ -183,11 +185,14 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     s = setup(cfg)
     with contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout) as ro:
         start_engine(ro, s, cfg)
+        gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
         next_rollouts = rollout_producer(ro, s.task, cfg)
         for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
             step_start = time.perf_counter()
             rollouts = next_rollouts(step)
             metrics = train(s, rollouts, cfg, step)
+            check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit, cfg.trainer.strict_refit,
+                            s.log.message)
             metrics.update(refit(ro, s.learner, cfg.trainer, step))
             metrics["timing/step_s"] = time.perf_counter() - step_start
             record(s, cfg, step, metrics)
