@@ -32,8 +32,13 @@ With `rollout.transfer.mode=direct` the floor is ONE copy (each tensor copy_'d o
 untimed refit (a switch opens a new connection), the one-copy floor timed beside each refit, and the
 trainer process's memory (Pss of anonymous + shared memory) after each block minus before it:
     python -m benchmarks.refit bench.model=qwen2_0_5b bench.compare_modes=true bench.disk=false
-It also checks that the refit and the disk reload give the same greedy tokens. Prints the JSON and writes it
-to `bench.out` in Hydra's output directory.
+It also checks the refit against a reference outside vLLM's reload: after a refit to scaled weights, the
+engine's greedy tokens and log-probs must equal those of a FRESH engine started from the same weights on
+disk (the live engine is closed first, so a 7B pair fits; bench.fresh_check=false skips it). Comparing with
+the disk reload instead would go through the same in-place reload and could not catch its faults (issue 10).
+`one_copy_floor_s` (each tensor copied once, timed beside every refit) is the measure of a load straight
+into the engine's parameters (`refit_over_one_copy`; `load_path` says which load path ran).
+Prints the JSON and writes it to `bench.out` in Hydra's output directory.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -77,6 +83,8 @@ class RefitBenchConfig:
     gpu_memory_utilization: Optional[float] = None
     disk: bool = True  # also time the save-to-disk-and-reload path (never for 7B: no room for a copy)
     compare_modes: bool = False  # also time mode=direct against bucketed fenced on the same engine
+    # Compare the refitted engine with a fresh one on the same weights (7B: writes 15 GB to a temp dir).
+    fresh_check: bool = True
     out: str = "refit.json"  # in Hydra's output directory
 
     def __post_init__(self) -> None:
@@ -313,6 +321,7 @@ def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, t
     fns = {
         "floor": (lambda: one_copy_floor(state, dests)) if cfg.transfer.mode is TransferMode.direct
         else (lambda: floor_once(state, dests, bucket, bucket_bytes)),
+        "one_copy": lambda: one_copy_floor(state, dests),
         "refit": lambda: stats.append(ro.update_weights(state.items(), version=next(version))),
         "disk": disk_reload,
         "reload": vllm_reload,
@@ -324,30 +333,49 @@ def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, t
             "next_version": next(version)}
 
 
-def greedy_checks(ro, subject: Subject, use_disk: bool, tmp: str, version: int) -> dict:
-    """Greedy tokens after a refit to scaled weights, after the same weights through disk, and before."""
+PROMPTS = ["The quick brown fox", "12+7="]
+
+
+def greedy(ro) -> list:
+    return ro.generate(PROMPTS, max_tokens=16, temperature=0.0)
+
+
+def refit_to_scaled(ro, subject: Subject, version: int) -> tuple[list, list]:
+    """Greedy samples at the subject's weights, then after a refit to them scaled by 1.25 (in place: no
+    room for a second copy of a 7B state beside the engine)."""
+    ro.update_weights(subject.state.items(), version=version)
+    original = greedy(ro)
+    for v in subject.state.values():
+        v.mul_(1.25)
+    ro.update_weights(subject.state.items(), version=version + 1)
+    return original, greedy(ro)
+
+
+def fresh_engine_samples(subject: Subject, cfg: RolloutConfig, tmp: str) -> list:
+    """Greedy samples of a fresh engine started from the subject's current weights saved to disk."""
     from safetensors.torch import save_file
 
-    prompts = ["The quick brown fox", "12+7="]
-    state = subject.state
-    greedy = lambda: [s.token_ids for s in ro.generate(prompts, max_tokens=16, temperature=0.0)]  # noqa: E731
-    ro.update_weights(state.items(), version=version)
-    original = greedy()
-    after_disk = None
-    if not use_disk:  # no room for a second copy of a 7B state: scale in place
-        scaled = state
-        for v in scaled.values():
-            v.mul_(1.25)
-    else:
-        scaled = {k: v * 1.25 for k, v in state.items()}
-        save_file(scaled, os.path.join(tmp, "model.safetensors"))
-        ro.llm.collective_rpc("refit_bench_reload_from_disk", args=(tmp,))
-        ro.llm.reset_prefix_cache()
-        after_disk = greedy()
-        ro.update_weights(state.items(), version=version + 1)
-        assert greedy() == original
-    ro.update_weights(scaled.items(), version=version + 2)
-    return {"original": original, "after_disk": after_disk, "after_refit": greedy()}
+    from rollout import build_rollout
+
+    fresh_dir = Path(tmp) / "fresh"
+    fresh_dir.mkdir()
+    for f in subject.path.iterdir():  # config and tokenizer; the weights come from subject.state
+        if f.is_file() and not f.name.startswith("model.safetensors"):
+            shutil.copy(f, fresh_dir / f.name)
+    save_file({k: v.contiguous().cpu() for k, v in subject.state.items()}, str(fresh_dir / "model.safetensors"))
+    fresh_cfg = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, load_format="auto"))
+    with build_rollout(fresh_cfg, fresh_dir) as fresh:
+        return greedy(fresh)
+
+
+def compare(refitted: list, fresh: Optional[list], original: list) -> dict:
+    tokens = [s.token_ids for s in refitted]
+    out: dict[str, Any] = {"scaled_weights_changed_tokens": tokens != [s.token_ids for s in original]}
+    if fresh is None:
+        return {**out, "same_greedy_tokens_refit_vs_fresh": None, "max_logprob_diff_refit_vs_fresh": None}
+    same = tokens == [s.token_ids for s in fresh]
+    diff = max((abs(a - b) for x, y in zip(refitted, fresh) for a, b in zip(x.logprobs, y.logprobs)), default=0.0)
+    return {**out, "same_greedy_tokens_refit_vs_fresh": same, "max_logprob_diff_refit_vs_fresh": diff if same else None}
 
 
 def run(root: RefitBenchRoot) -> dict:
@@ -366,20 +394,20 @@ def run(root: RefitBenchRoot) -> dict:
     start = time.perf_counter()
     ro = build_rollout(cfg, subject.path, worker_extension=BENCH_WORKER_EXTENSION)
     start_s = time.perf_counter() - start
-    try:
-        worker_info = ro.llm.collective_rpc("refit_worker_info")[0]
-        with tempfile.TemporaryDirectory(prefix="refit-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="refit-bench-") as tmp:
+        try:
+            worker_info = ro.llm.collective_rpc("refit_worker_info")[0]
             measured = measure(ro, subject, cfg, bench, tmp, device)
-            use_disk = bench.disk and not subject.dummy
-            tokens = greedy_checks(ro, subject, use_disk, tmp, measured["next_version"])
             if bench.compare_modes:
                 measured["modes"] = compare_modes(ro, subject, bench, device, measured["next_version"] + 10)
-    finally:
-        ro.close()
-    return result(ro, root, cfg, subject, measured, tokens, worker_info, start_s, device)
+            original, refitted = refit_to_scaled(ro, subject, measured["next_version"] + 1000)
+        finally:
+            ro.close()  # before the fresh engine: a 7B pair does not fit beside the trainer's state
+        fresh = fresh_engine_samples(subject, cfg, tmp) if bench.fresh_check else None
+    return result(ro, root, cfg, subject, measured, compare(refitted, fresh, original), worker_info, start_s, device)
 
 
-def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measured: dict, tokens: dict,
+def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measured: dict, checks: dict,
            worker_info: dict, start_s: float, device) -> dict:
     bench, med = root.bench, statistics.median
     times, stats, reload_only = measured["times"], measured["stats"], measured["reload_only"]
@@ -406,11 +434,13 @@ def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measu
         "worker_torch_threads": worker_info["torch_threads"],
         "worker_device": worker_info["device"],
         "floor_s": med(floor),
+        "one_copy_floor_s": med(times["one_copy"]),
         "refit_s": med(refit),
         "refit_first_s": stats[0].seconds,
         "refit_send_s": med(s.send_s for s in timed_stats),
         "refit_worker_load_s": med(s.load_s for s in timed_stats),
         "num_buckets": last.num_buckets,
+        "load_path": last.load_path,
         "detached_bytes": last.detached_bytes,
         "disk_reload_s": med(disk) if disk else None,
         "vllm_reload_from_memory_s": reload_s,
@@ -419,12 +449,10 @@ def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measu
         "floor_gbps": num_bytes / med(floor) / 1e9,
         "refit_gbps": num_bytes / med(refit) / 1e9,
         "refit_over_floor": med(refit) / med(floor),
+        "refit_over_one_copy": med(refit) / med(times["one_copy"]),
         "disk_over_refit": med(disk) / med(refit) if disk else None,
         "refit_over_vllm_reload": med(refit) / reload_s if reload_s else None,
-        "same_greedy_tokens_refit_vs_disk": (
-            tokens["after_refit"] == tokens["after_disk"] if tokens["after_disk"] is not None else None
-        ),
-        "scaled_weights_changed_tokens": tokens["after_refit"] != tokens["original"],
+        **checks,
         "all_floor_s": floor,
         "all_refit_s": refit,
         "all_disk_s": disk,
