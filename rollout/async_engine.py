@@ -117,7 +117,7 @@ class AsyncVllmRollout:
         self.vllm_version = installed_vllm_version()
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
         self.transfer = resolved_transfer(cfg, self.platform)
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, cfg.load_path)
+        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts)
         self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
         self.version = 0  # the weights loaded from model_path
         self._ids = itertools.count()
@@ -243,7 +243,7 @@ class AsyncVllmRollout:
         else:
             self._call(self.engine.wake_up(["weights"]), "wake_up(['weights'])")  # the KV cache stays released
         try:
-            send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive)
+            send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive, self.cfg.load_path)
         except BaseException:
             self._state.failed_version = version
             raise

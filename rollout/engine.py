@@ -114,7 +114,7 @@ class VllmRollout:
         self.transfer = resolved_transfer(cfg, self.platform)
         self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, cfg.load_path)
+        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts)
         self.version = 0  # the weights loaded from model_path
         self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
 
@@ -182,7 +182,7 @@ class VllmRollout:
         if was_asleep and self._can_sleep:
             self.llm.wake_up(["weights"])  # weights first: the KV cache stays released during the transfer
         try:
-            send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive)
+            send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive, self.cfg.load_path)
         except BaseException:
             self._state.failed_version = version
             raise

@@ -34,11 +34,10 @@ class RefitChannel:
         channel.close()   # after the worker's refit_close
     """
 
-    def __init__(self, device_type: str, endpoint_dir: str | None, timeouts: Any, load_path: Any = "auto") -> None:
+    def __init__(self, device_type: str, endpoint_dir: str | None, timeouts: Any) -> None:
         self.device_type = device_type
         self.endpoint_dir = endpoint_dir
         self.timeouts = timeouts  # rollout.config.RefitTimeouts
-        self.load_path = _plain(load_path)  # rollout.load_path.LoadPath: how the worker loads the tensors
         self.endpoint: str | None = None  # created with the sender, on the first refit
         self._sender = None
 
@@ -48,9 +47,10 @@ class RefitChannel:
         return self._sender is not None
 
     def refit(self, cfg: TransferConfig, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-              receive: Receive) -> tuple[TransferStats, dict[str, Any]]:
+              receive: Receive, load_path: Any = "auto") -> tuple[TransferStats, dict[str, Any]]:
         """Send `named_tensors` as `version` through `cfg` while `receive` runs the worker's end in a
-        thread; raises RefitError naming what failed (the worker's error first: it is the root cause)."""
+        thread, which loads them through `load_path` (rollout.load_path.LoadPath); raises RefitError naming
+        what failed (the worker's error first: it is the root cause)."""
         from rollout.transfer import WeightSender
 
         if self._sender is not None and self._sender.cfg != cfg:
@@ -59,7 +59,7 @@ class RefitChannel:
             self.endpoint = new_endpoint_in(self.endpoint_dir)
             self._sender = WeightSender(cfg, self.endpoint, device=self.device_type)
         fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-        args = (self.endpoint, fields, version, dataclasses.asdict(self.timeouts), self.load_path)
+        args = (self.endpoint, fields, version, dataclasses.asdict(self.timeouts), _plain(load_path))
         result: dict[str, Any] = {}
 
         def run_receive() -> None:
