@@ -23,8 +23,8 @@ floor is ONE copy — every tensor copy_'d once into its destination tensor, in 
     python -m benchmarks.transfer rollout.transfer.mode=direct
 Memory of the transfer, measured in both modes: the proportional set size (anonymous + shared memory, from
 /proc/<pid>/smaps_rollup) of sender and receiver together, after the refits minus before the first one
-(shared pages count once between the two), and the sender's resident peak above its start (VmHWM after
-clear_refs); on a GPU the sender's torch.cuda allocation.
+(shared pages count once between the two); the sender's own resident anonymous + shared memory, after minus
+before; its resident peak above its start (VmHWM after clear_refs); on a GPU the sender's torch.cuda allocation.
 Both run with `bench.num_threads` torch threads per process (1 by default: on a 2-core machine the
 two processes otherwise fight for the cores). The JSON (`bench.out` in Hydra's output directory)
 holds medians, GB/s, the ratio refit/floor and the overhead per bucket.
@@ -146,8 +146,9 @@ def _memory(device: str) -> dict[str, int]:
     with open("/proc/self/smaps_rollup") as f:
         kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f.readlines()[1:])}
     with open("/proc/self/status") as f:
-        status = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))}
-    out = {"pss": (kb["Pss_Anon"] + kb["Pss_Shmem"]) << 10, "rss": status["VmRSS"] << 10, "rss_peak": status["VmHWM"] << 10}
+        status = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith(("Vm", "Rss")))}
+    out = {"pss": (kb["Pss_Anon"] + kb["Pss_Shmem"]) << 10, "rss": status["VmRSS"] << 10, "rss_peak": status["VmHWM"] << 10,
+           "anon_shmem": (status["RssAnon"] + status["RssShmem"]) << 10}
     if torch.device(device).type == "cuda":
         out.update(cuda=torch.cuda.memory_allocated(device), cuda_peak=torch.cuda.max_memory_allocated(device))
     return out
@@ -358,12 +359,13 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
 
 
 def _memory_figures(sender: dict, receiver: dict) -> dict:
-    """MB the transfer holds: both processes' Pss after the refits minus before; the sender's resident peak."""
+    """MB the transfer holds: both processes' Pss after the refits minus before (physical memory, shared pages
+    once); the sender's resident anonymous + shared memory after minus before; its resident peak above its start."""
     mb = lambda n: n / 2**20  # noqa: E731
     figures = {
         "transfer_memory_mb": mb(sender["after"]["pss"] + receiver["after"]["pss"]
                                  - sender["before"]["pss"] - receiver["before"]["pss"]),
-        "sender_memory_mb": mb(sender["after"]["pss"] - sender["before"]["pss"]),
+        "sender_memory_mb": mb(sender["after"]["anon_shmem"] - sender["before"]["anon_shmem"]),  # its own, unshared
         "sender_peak_over_start_mb": mb(sender["after"]["rss_peak"] - sender["before"]["rss"]),
     }
     if "cuda" in sender["before"]:
