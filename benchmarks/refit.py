@@ -30,7 +30,7 @@ With `rollout.transfer.mode=direct` the floor is ONE copy (each tensor copy_'d o
 `bench.compare_modes=true` also times direct against bucketed fenced on the same engine, end to end
 (`update_weights`): alternating blocks of bench.num_repeats refits per mode, twice, each block after one
 untimed refit (a switch opens a new connection), the one-copy floor timed beside each refit, and the
-trainer process's memory (Pss of anonymous + shared memory) after each block minus before it:
+trainer process's resident anonymous + shared memory after each block minus before it:
     python -m benchmarks.refit bench.model=qwen2_0_5b bench.compare_modes=true bench.disk=false
 It also checks the refit against a reference outside vLLM's reload: after a refit to scaled weights, the
 engine's greedy tokens and log-probs must equal those of a FRESH engine started from the same weights on
@@ -153,10 +153,10 @@ def one_copy_floor(state: dict, dests: dict) -> float:
 
 
 def trainer_memory_bytes() -> int:
-    """Pss of this process's anonymous + shared memory (shared pages count by their share)."""
-    with open("/proc/self/smaps_rollup") as f:
-        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f.readlines()[1:])}
-    return (kb["Pss_Anon"] + kb["Pss_Shmem"]) << 10
+    """This process's resident anonymous + shared memory (shared pages whole: the engine maps some of them)."""
+    with open("/proc/self/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssShmem")))}
+    return (kb["RssAnon"] + kb["RssShmem"]) << 10
 
 
 def compare_modes(ro, subject: "Subject", bench: "RefitBenchConfig", device, version: int) -> dict:
