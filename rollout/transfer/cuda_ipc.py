@@ -43,8 +43,6 @@ class CudaIpcTransport:
     receiver_side.buffer(0)[offset : offset + n]       # uint8 view of the sender's GPU memory
     """
 
-    kind = "cuda_ipc"
-
     def __init__(
         self, buffers: list[torch.Tensor], device: torch.device, descs: list[wire.CudaIpcBuffer],
         events: list[torch.cuda.Event],

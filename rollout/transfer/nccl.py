@@ -107,8 +107,6 @@ class NcclTransport:
     receiver_side.acquire(i, n, deadline, what)          # the bytes are in receiver_side.buffer(i)
     """
 
-    kind = "nccl"
-
     def __init__(self, buffers: list[torch.Tensor], device: torch.device, rank: int, store: dist.Store,
                  descs: list[wire.NcclBuffer], timeout_s: float, cfg: NcclConfig) -> None:
         self._buffers = buffers

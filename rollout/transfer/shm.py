@@ -37,8 +37,6 @@ class ShmTransport:
     receiver_side.buffer(0)[offset : offset + nbytes]  # uint8 view of the sender's pages, no copy
     """
 
-    kind = "shm"
-
     def __init__(self, buffers: list[torch.Tensor], names: list[str]) -> None:
         self._buffers = buffers
         self._names = names

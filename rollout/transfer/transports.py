@@ -35,12 +35,11 @@ class BucketTransport(Protocol):
     describe() names one set of buffers for all (shm: one segment mapped by every receiver, its name
     dropped once every Ready is in; nccl: one broadcast group of 1+N ranks), whose announce() tells
     every receiver, and whose reclaim waits for every receiver's transfer (the sender collects N Acks
-    per bucket before it calls reclaim). A `direct` mode, where the receiver maps the trainer's own
-    tensor storages, is a transport whose buffers are those storages (one index per storage, sizes
-    as they are, named in describe()): the sender skips the packing and still publishes each one.
+    per bucket before it calls reclaim). The trainer's own storages could be buffers too (one index
+    per storage, named in describe(), no packing); mode=direct (direct.py) instead sends one
+    DirectLayout per refit beside this interface.
     """
 
-    kind: str
     device: torch.device  # where this end's buffers live; the receiver waits for it before an Ack
 
     def describe(self) -> dict[str, list]: ...
