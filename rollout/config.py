@@ -120,8 +120,9 @@ class RolloutConfig:
     pause_mode: PauseMode = PauseMode.keep  # async engine only
     # async engine only: the bound on every wait for its event loop (a batch's samples, a pause, a call).
     generate_timeout_s: float = 600.0
-    # How refits enter vLLM's model (rollout/load_path.py): `layerwise` forces vLLM's layerwise reload.
-    load_path: LoadPath = LoadPath.auto
+    # How refits enter vLLM's model (rollout/load_path.py). `layerwise` (vLLM's layerwise reload) by default:
+    # `auto`/`direct` load through the model's weight loaders on CUDA, which has not run on a GPU yet.
+    load_path: LoadPath = LoadPath.layerwise
 
     def __post_init__(self) -> None:
         self.mode = _coerce(Mode, self.mode, "rollout.mode")
