@@ -18,7 +18,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Measured on the default tiny run: fp32 engine vs fp32 trainer <= 2e-7 per step; a bf16 engine (vLLM 0.24
-# downcasts the tiny model) vs the fp32 trainer 2.7e-3..3.8e-3 (docs/benchmarks.md). A refit skipped
+# downcasts the tiny model) vs the fp32 trainer 2.7e-3..3.8e-3 (the benchmarks doc under docs/). A refit skipped
 # with algorithm.lr=1e-2 gave > 1e-3 (tests/trainer/test_refit_canary.py).
 FULL_PRECISION_GAP = 1e-3
 HALF_PRECISION_GAP = 2e-2

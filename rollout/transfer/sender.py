@@ -115,7 +115,6 @@ class WeightSender(End):
             buffer = transport.buffer(index)
             layout.pack(bucket, buffer, bucket_bytes)
             digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
-            self._after_pack(buffer, bucket)
             packed = wire.Packed(refit_id, k, digest)
             transport.publish(index, bucket.nbytes, lambda: self._channel.send(packed, f"Packed {k}"), what)
             num_buckets += 1
@@ -126,9 +125,6 @@ class WeightSender(End):
         self._channel.send(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")
         self._wait(refit_id, wire.Done, "Done")
         return TransferStats(version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
-
-    def _after_pack(self, buffer: torch.Tensor, bucket: layout.PlannedBucket) -> None:
-        """Test hook (corrupt a byte after the checksum); does nothing in production."""
 
     def _wait_ack(self, refit_id: int, bucket_index: int, buffer_index: int) -> None:
         ack = self._wait(refit_id, wire.Ack, f"Ack of bucket {bucket_index}")

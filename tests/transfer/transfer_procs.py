@@ -112,10 +112,21 @@ def tensors_for(spec: dict) -> list[tuple[str, torch.Tensor]]:
 
 
 class CorruptingSender(WeightSender):
-    """Flips one byte after the checksum was taken, as a bad link or a stray writer would."""
+    """Flips one byte of each bucket after its checksum was taken and before it is published, as a bad link
+    or a stray writer would: the transport's publish is wrapped, so production code carries no test hook."""
 
-    def _after_pack(self, buffer: torch.Tensor, bucket) -> None:
-        buffer[bucket.nbytes // 2] ^= 0xFF
+    def _begin(self, refit_id: int, version: int) -> None:
+        super()._begin(refit_id, version)
+        transport = self._transport
+        if getattr(transport, "corrupting", False):
+            return
+        publish = transport.publish
+
+        def corrupt_then_publish(index, nbytes, announce, what):
+            transport.buffer(index)[nbytes // 2] ^= 0xFF
+            publish(index, nbytes, announce, what)
+
+        transport.publish, transport.corrupting = corrupt_then_publish, True
 
 
 def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool, device: str) -> list[tuple]:
