@@ -1,0 +1,200 @@
+"""One trainer rank (a Ray actor): its FSDP2 shards of the policy, reference and critic, their optimizers,
+and the rank's part of each phase of a step, of a refit and of a checkpoint.
+
+The driver (`ShardedLearner`) calls the same method on every rank at once with that rank's rows of the
+batch; each call that runs a forward or a gather is collective, so all ranks get the same number of
+rows (the driver checks) and every rank runs every call.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from trainers.config import AlgorithmConfig, TrainerConfig
+from trainers.distributed.sharding import GatherMeter, drain, full_grad_norm, gathered_parameters, shard_model
+from trainers.policy import TokenBatch, ValueModel, load_policy, token_logprobs
+from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank is built from (the same on all ranks)."""
+
+    model_path: str
+    algorithm: AlgorithmConfig
+    trainer: TrainerConfig
+    device_type: str  # cpu | cuda
+    timeout_s: float
+    with_critic: bool
+    with_reference: bool
+
+
+class TrainerRank:
+    """Example (through `ShardedLearner`, which starts N of these in a placement group):
+        rank = cluster.remote(TrainerRank, bundle=i).remote(i, n, spec)
+        addr = ray.get(rank0.address.remote());  ray.get([r.setup.remote(addr) for r in ranks])
+        ray.get([r.logprobs.remote(rows_i, 1.0) for r, rows_i in zip(ranks, shares)])
+    """
+
+    def __init__(self, rank: int, world_size: int, spec: RankSpec) -> None:
+        self.rank, self.world_size, self.spec = rank, world_size, spec
+        if spec.trainer.num_threads:
+            torch.set_num_threads(spec.trainer.num_threads)
+        self.device = torch.device(spec.device_type)
+        self._sender = None  # kept across refits on the rank that feeds the engine
+
+    def address(self) -> str:
+        """A `tcp://host:port` rendezvous on this rank's node (asked of rank 0)."""
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{host}:{port}"
+
+    def setup(self, init_method: str) -> None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        timeout = datetime.timedelta(seconds=self.spec.timeout_s)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
+                                timeout=timeout)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        torch.manual_seed(self.spec.trainer.seed)
+        alg = self.spec.algorithm
+        self.policy = shard_model(load_policy(self.spec.model_path).to(self.device), self.mesh)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay)
+        self.critic = self.critic_opt = self.reference = None
+        if self.spec.with_critic:
+            self.critic = shard_model(ValueModel(self.spec.model_path).to(self.device), self.mesh)
+            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=alg.critic_lr)
+
+    # -- warm-start and the frozen reference ----------------------------------------------------
+    def warm_start_step(self, batch: TokenBatch, total_tokens: float) -> float:
+        """One supervised step on this rank's rows; returns this rank's share of the loss."""
+        if getattr(self, "_warmup_opt", None) is None:
+            self._warmup_opt = torch.optim.AdamW(self.policy.parameters(), lr=self.spec.trainer.warmup_lr,
+                                                 weight_decay=0.0)
+        batch = batch.to(self.device)
+        logp, _ = token_logprobs(self.policy, batch)
+        loss = -(logp * batch.mask).sum() / total_tokens
+        self._warmup_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._warmup_opt.step()
+        return loss.item()
+
+    def freeze_reference(self) -> None:
+        """The reference is the policy as it is now (after the warm-start): a sharded, frozen copy."""
+        self._warmup_opt = None
+        if not self.spec.with_reference:
+            return
+        reference = shard_model(load_policy(self.spec.model_path).to(self.device), self.mesh).requires_grad_(False)
+        with torch.no_grad():
+            for ref, param in zip(reference.parameters(), self.policy.parameters()):
+                ref.copy_(param)  # shard to shard: same mesh, same placements
+        self.reference = reference
+
+    # -- the phases of a step, on this rank's rows -----------------------------------------------
+    def logprobs(self, batch: TokenBatch, temperature: float) -> torch.Tensor:
+        return logprobs_no_grad(self.policy, batch.to(self.device), temperature, self.spec.trainer.micro_batch_size).cpu()
+
+    def ref_logprobs(self, batch: TokenBatch, temperature: float) -> torch.Tensor:
+        return logprobs_no_grad(self.reference, batch.to(self.device), temperature, self.spec.trainer.micro_batch_size).cpu()
+
+    def values(self, batch: TokenBatch) -> torch.Tensor:
+        return values_no_grad(self.critic, batch.to(self.device), self.spec.trainer.micro_batch_size).cpu()
+
+    def policy_step(self, mb: TokenBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    ref_logp: Optional[torch.Tensor], total_tokens: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the minibatch whose rows on this rank are `mb`; metrics are this rank's share
+        (summed over the ranks: the minibatch's), `grad_norm` the whole model's (the same on every rank)."""
+        d = self.device
+        self.optimizer.zero_grad(set_to_none=True)
+        out = policy_backward(self.policy, mb.to(d), old_logp.to(d), advantages.to(d),
+                              None if ref_logp is None else ref_logp.to(d), self.spec.algorithm,
+                              self.spec.trainer.micro_batch_size, total_tokens.to(d))
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.spec.algorithm.max_grad_norm)
+        self.optimizer.step()
+        return {**out, "grad_norm": full_grad_norm(norm)}
+
+    def critic_step(self, mb: TokenBatch, old_values: torch.Tensor, returns: torch.Tensor,
+                    total_tokens: torch.Tensor) -> float:
+        d = self.device
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss = value_backward(self.critic, mb.to(d), old_values.to(d), returns.to(d), self.spec.algorithm.value_clip,
+                              self.spec.trainer.micro_batch_size, total_tokens.to(d))
+        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.spec.algorithm.max_grad_norm)
+        self.critic_opt.step()
+        return loss
+
+    # -- refit ----------------------------------------------------------------------------------
+    def send_weights(self, endpoint: Any, version: int) -> Optional[dict[str, Any]]:
+        """Gather the policy tensor by tensor; the rank given an `endpoint` (a RefitEndpoint) streams each
+        into its WeightSender's buckets, the others drop each tensor after the gather. Returns the sender's
+        stats and the gather's peak memory on the sending rank."""
+        meter = GatherMeter()
+        tensors = gathered_parameters(self.policy, meter)
+        if endpoint is None:
+            drain(tensors)
+            return None
+        try:
+            if self._sender is not None and self._sender.endpoint != endpoint.address:
+                self._sender.close()
+                self._sender = None
+            if self._sender is None:
+                self._sender = endpoint.sender(device=self.device.type)
+            stats = self._sender.send(tensors, version)
+        finally:
+            drain(tensors)  # after an error the other ranks are still gathering: match their collectives
+        return {"stats": stats, "gather_peak_bytes": meter.peak_bytes,
+                "largest_tensor_bytes": meter.largest_tensor_bytes}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"policy": get_model_state_dict(self.policy),
+                 "optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
+        if self.critic is not None:
+            state["critic"] = get_model_state_dict(self.critic)
+            state["critic_optimizer"] = get_optimizer_state_dict(self.critic, self.critic_opt)
+        if self.reference is not None:
+            state["reference"] = get_model_state_dict(self.reference)
+        return state
+
+    def save(self, path: str) -> None:
+        """Every rank writes its shards into the directory `path` (torch.distributed.checkpoint)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=path)
+
+    def load(self, path: str) -> None:
+        """Load shards saved by any number of ranks (DCP reshards to this world size)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if self.spec.with_reference and self.reference is None:
+            self.freeze_reference()  # the structure to load into
+        state = self._state()
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(self.policy, state["policy"])
+        set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
+        if self.critic is not None:
+            set_model_state_dict(self.critic, state["critic"])
+            set_optimizer_state_dict(self.critic, self.critic_opt, state["critic_optimizer"])
+        if self.reference is not None:
+            set_model_state_dict(self.reference, state["reference"])
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
