@@ -66,9 +66,11 @@ class WeightSender(End):
         # Plan the first bucket before talking to the receiver: bad leading inputs (a meta tensor,
         # an unsupported dtype) fail here without starting a refit.
         first = next(buckets, None)
+        stream = itertools.chain([first] if first else [], buckets)
+        del first  # only the stream holds it: each bucket's tensors are dropped once packed (see _stream)
         try:
             self._begin(refit_id, version)
-            return self._stream(refit_id, version, itertools.chain([first] if first else [], buckets), start)
+            return self._stream(refit_id, version, stream, start)
         except BaseException as exc:
             if not isinstance(exc, PeerError):
                 # Tell the receiver now rather than let it wait out its timeout; then re-raise.
@@ -120,6 +122,9 @@ class WeightSender(End):
             num_buckets += 1
             num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
             num_bytes += sum(e.nbytes for e in entries)
+            # Drop the packed tensors before the next bucket is planned: tensors made for this refit (a
+            # sharded trainer's gathered parameters) then live for one bucket, never the whole model.
+            del bucket
         for k in range(max(0, num_buckets - num_buffers), num_buckets):
             self._wait_ack(refit_id, k, k % num_buffers)
         self._channel.send(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")

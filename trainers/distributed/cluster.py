@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from rollout.transfer.config import _coerce
 
@@ -61,7 +61,8 @@ class RayCluster:
         self.cfg = cfg
         self.num_bundles = num_bundles
         self.gpus_per_bundle = gpus_per_bundle
-        self.started_ray = False
+        self.started_ray = False  # a local instance for this run: stopped on close
+        self.connected = False  # joined a cluster: disconnected on close
         self.group = None
         self.actors: list[Any] = []
 
@@ -72,13 +73,16 @@ class RayCluster:
         try:
             if self.cfg.address is None:
                 num_cpus = self.cfg.num_cpus or float(os.cpu_count() or 1)
-                # Ray accepts whole CPUs here; the bundles below take fractions of them.
-                ray.init(num_cpus=max(1, round(num_cpus)), object_store_memory=self.cfg.object_store_mb << 20,
-                         include_dashboard=False, configure_logging=False, log_to_driver=True)
+                # "local": a new instance even where another Ray runs on this host (ray.init alone would join it).
+                # Ray takes whole CPUs here; the bundles below take fractions of them.
+                ray.init(address="local", num_cpus=max(1, round(num_cpus)), include_dashboard=False,
+                         object_store_memory=self.cfg.object_store_mb << 20, configure_logging=False)
                 self.started_ray = True
                 cpus = self.cfg.cpus_per_worker or num_cpus / self.num_bundles
             else:
-                ray.init(address=self.cfg.address, configure_logging=False)
+                if not ray.is_initialized():  # a driver already connected (a notebook, a test session) stays so
+                    ray.init(address=self.cfg.address, configure_logging=False)
+                    self.connected = True
                 cpus = self.cfg.cpus_per_worker or 1.0
             bundle = {"CPU": cpus, **({"GPU": self.gpus_per_bundle} if self.gpus_per_bundle else {})}
             self.group = placement_group([dict(bundle) for _ in range(self.num_bundles)],
@@ -104,14 +108,23 @@ class RayCluster:
             num_cpus=cpus, num_gpus=self.gpus_per_bundle, scheduling_strategy=strategy, max_restarts=0, **options,
         ))
 
-    def get(self, refs: Sequence[Any] | Any, what: str) -> Any:
-        """`ray.get` bounded by `ray.timeout_s`; a dead actor or a timeout raises RuntimeError naming `what`."""
+    def get(self, refs: list[Any], what: str, timeout_s: Optional[float] = None) -> list[Any]:
+        """`ray.get(refs)` bounded by `ray.timeout_s`, failing at the FIRST rank that fails (the others may be
+        blocked in a collective with it): a dead actor or a timeout raises RuntimeError naming `what`."""
+        import time
+
         import ray
 
+        timeout_s = timeout_s or self.cfg.timeout_s
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
         try:
-            return ray.get(refs, timeout=self.cfg.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"{what}: no answer within ray.timeout_s={self.cfg.timeout_s} s") from None
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise RuntimeError(f"{what}: no answer within {timeout_s} s (ray.timeout_s)")
+                ray.get(ready[0])  # raises that rank's error now
+            return ray.get(list(refs))
         except ray.exceptions.RayActorError as exc:
             raise RuntimeError(f"{what}: a trainer rank died ({exc.__class__.__name__}: {_first_line(exc)})") from exc
         except ray.exceptions.RayTaskError as exc:
@@ -137,7 +150,9 @@ class RayCluster:
             except Exception:  # noqa: BLE001 - the cluster may be gone already
                 pass
             self.group = None
-        ray.shutdown()  # a local instance's processes stop here; a joined cluster is only disconnected
+        if self.started_ray or self.connected:
+            ray.shutdown()  # a local instance's processes stop here; a joined cluster is only disconnected
+        self.started_ray = self.connected = False
 
     def __exit__(self, *exc: object) -> None:
         self.close()

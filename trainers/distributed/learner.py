@@ -16,14 +16,14 @@ import torch
 from trainers.config import AlgorithmConfig, TrainerConfig
 from trainers.distributed.cluster import RayCluster, RayConfig
 from trainers.distributed.rank import RankSpec, TrainerRank
-from trainers.policy import TokenBatch
+from trainers.policy import TokenBatch, collate
 
 
 class ShardedLearner:
     """Example:
         with ShardedLearner(model_path, alg, trainer_cfg, RayConfig(), num_workers=2) as learner:
-            old_logp = learner.logprobs(batch, temperature=1.0)
-            metrics = learner.policy_step(batch.select(idx), old_logp[idx], advantages[idx], None)
+            logp, raw_logp, ref_logp, values = learner.scores(batch)
+            metrics = learner.update(batch, logp, ref_logp, values, advantages, None, seed=step)
             stats = learner.refit(ro, version=1)
             learner.save("out/checkpoints/step_000001")
     """
@@ -43,7 +43,7 @@ class ShardedLearner:
         try:
             self.ranks = [self.cluster.remote(TrainerRank, bundle=i).remote(i, self.num_workers, self.spec)
                           for i in range(self.num_workers)]
-            init_method = self.cluster.get(self.ranks[0].address.remote(), "rank 0's rendezvous address")
+            (init_method,) = self.cluster.get([self.ranks[0].address.remote()], "rank 0's rendezvous address")
             self._all("setup", init_method)
         except BaseException:
             self.close()
@@ -51,56 +51,68 @@ class ShardedLearner:
         return self
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _all(self, method: str, *args: Any) -> list[Any]:
-        """`method(*args)` on every rank, the same arguments."""
-        return self.cluster.get([getattr(r, method).remote(*args) for r in self.ranks], f"trainer ranks: {method}")
+    def _all(self, method: str, *args: Any, timeout_s: Optional[float] = None) -> list[Any]:
+        """`method(*args)` on every rank at once (each takes its own share of a batch's rows)."""
+        import ray
 
-    def _each(self, method: str, *per_rank: list[Any], shared: Iterable[Any] = ()) -> list[Any]:
-        """`method(per_rank[0][i], per_rank[1][i], ..., *shared)` on rank i."""
-        shared = tuple(shared)
-        refs = [getattr(r, method).remote(*(a[i] for a in per_rank), *shared) for i, r in enumerate(self.ranks)]
-        return self.cluster.get(refs, f"trainer ranks: {method}")
+        args = tuple(ray.put(a) if isinstance(a, TokenBatch) else a for a in args)  # one copy for all ranks
+        refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        return self.cluster.get(refs, f"trainer ranks: {method}", timeout_s)
 
-    def _rows(self, n: int, what: str) -> list[torch.Tensor]:
+    def _check_rows(self, n: int, what: str) -> None:
         if n % self.num_workers:
             raise ValueError(f"{what} has {n} rows, not a multiple of trainer.num_workers={self.num_workers} "
-                             "(each rank takes an equal share)")
-        return list(torch.arange(n).chunk(self.num_workers))
+                             "(each rank takes an equal share: its forwards are collectives)")
 
-    def _split(self, batch: TokenBatch, *tensors: Optional[torch.Tensor], what: str) -> list[list[Any]]:
-        rows = self._rows(batch.tokens.shape[0], what)
-        out = [[batch.select(r) for r in rows]]
-        for t in tensors:
-            out.append([None if t is None else t[r].cpu() for r in rows])
-        return out
+    # -- the phases (the same verbs as the single-process Learner) --------------------------------
+    def warm_start(self, tokenizer: Any, task: Any) -> Optional[float]:
+        """The supervised warm-start, each batch split over the ranks; returns the last loss."""
+        t = self.spec.trainer
+        loss = None
+        for step in range(1, t.warmup_steps + 1):
+            examples = task.batch(-step, t.warmup_batch_size)  # negative steps: disjoint from the RL batches
+            batch = collate(
+                [tokenizer(e.prompt).input_ids for e in examples],
+                [tokenizer(e.completion).input_ids + [tokenizer.eos_token_id] for e in examples],
+                pad_id=tokenizer.pad_token_id or 0,
+            )
+            self._check_rows(batch.tokens.shape[0], "a warm-start batch (trainer.warmup_batch_size)")
+            loss = sum(self._all("warm_start_step", batch))
+        return loss
 
-    # -- the phases -----------------------------------------------------------------------------
-    def warm_start_step(self, batch: TokenBatch) -> float:
-        (shares,) = self._split(batch, what="a warm-start batch (trainer.warmup_batch_size)")
-        return sum(self._each("warm_start_step", shares, shared=(batch.mask.sum().item(),)))
-
-    def freeze_reference(self) -> None:
+    def freeze_reference(self, state: Optional[dict] = None) -> None:
+        """The reference is the policy now; `state` must be None (a sharded resume loads it with `load`)."""
+        assert state is None, "a sharded learner's reference comes back through load()"
         self._all("freeze_reference")
 
-    def logprobs(self, batch: TokenBatch, temperature: float, reference: bool = False) -> torch.Tensor:
-        (shares,) = self._split(batch, what="a step's batch")
-        return torch.cat(self._each("ref_logprobs" if reference else "logprobs", shares, shared=(temperature,)))
+    def scores(self, batch: TokenBatch) -> tuple[Optional[torch.Tensor], ...]:
+        """(logp, raw_logp, ref_logp, values) over the whole batch, each [B, L-1] or None."""
+        self._check_rows(batch.tokens.shape[0], "a step's batch")
+        shares = self._all("score", batch)
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*shares))
 
-    def values(self, batch: TokenBatch) -> torch.Tensor:
-        (shares,) = self._split(batch, what="a step's batch")
-        return torch.cat(self._each("values", shares))
-
-    def policy_step(self, mb: TokenBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
-        parts = self._split(mb, old_logp, advantages, ref_logp, what="a minibatch (algorithm.num_minibatches)")
-        shares = self._each("policy_step", *parts, shared=(mb.mask.sum().cpu(),))
-        metrics = {k: sum(s[k] for s in shares) for k in shares[0] if k != "grad_norm"}
-        metrics["grad_norm"] = shares[0]["grad_norm"]  # the whole model's norm, the same on every rank
+    def update(self, batch: TokenBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+               old_values: Optional[torch.Tensor], advantages: torch.Tensor, returns: Optional[torch.Tensor],
+               seed: int) -> dict[str, Optional[float]]:
+        """`num_epochs` passes of `num_minibatches` clipped steps (shuffled by `seed`): the mean metrics."""
+        alg = self.spec.algorithm
+        shuffle = torch.Generator().manual_seed(seed)
+        minibatches = [idx for _ in range(alg.num_epochs)
+                       for idx in torch.randperm(batch.tokens.shape[0], generator=shuffle).chunk(alg.num_minibatches)]
+        for idx in minibatches:
+            self._check_rows(len(idx), "a minibatch (the step's samples / algorithm.num_minibatches)")
+        cpu = [None if t is None else t.cpu() for t in (old_logp, ref_logp, old_values, advantages, returns)]
+        shares = self._all("update", batch, *cpu, minibatches)  # [rank][minibatch] -> metrics share
+        metrics: dict[str, Optional[float]] = {}
+        for key in shares[0][0]:
+            if key == "grad_norm":  # the whole model's, the same on every rank
+                per_mb = [mb[key] for mb in shares[0]]
+            else:  # each rank's share of the minibatch's token mean
+                per_mb = [sum(rank[i][key] for rank in shares) for i in range(len(minibatches))]
+            metrics[key] = sum(per_mb) / len(per_mb)
+        metrics["kl"] = metrics["kl"] if self.spec.with_reference else None
+        metrics.setdefault("value_loss", None)
         return metrics
-
-    def critic_step(self, mb: TokenBatch, old_values: torch.Tensor, returns: torch.Tensor) -> float:
-        parts = self._split(mb, old_values, returns, what="a minibatch (algorithm.num_minibatches)")
-        return sum(self._each("critic_step", *parts, shared=(mb.mask.sum().cpu(),)))
 
     # -- refit, checkpoints -----------------------------------------------------------------------
     def refit(self, ro: Any, version: int, feeding_rank: int = 0) -> Any:
@@ -126,7 +138,7 @@ class ShardedLearner:
         try:
             if self.ranks:
                 try:
-                    self._all("close")
+                    self._all("close", timeout_s=min(30.0, self.cluster.cfg.timeout_s))
                 except Exception:  # noqa: BLE001 - a dead rank: the cluster below kills the rest
                     pass
         finally:

@@ -75,14 +75,15 @@ class TrainerRank:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=alg.critic_lr)
 
     # -- warm-start and the frozen reference ----------------------------------------------------
-    def warm_start_step(self, batch: TokenBatch, total_tokens: float) -> float:
-        """One supervised step on this rank's rows; returns this rank's share of the loss."""
+    def warm_start_step(self, batch: TokenBatch) -> float:
+        """One supervised step on this rank's share of `batch`'s rows; returns this rank's share of the loss."""
         if getattr(self, "_warmup_opt", None) is None:
             self._warmup_opt = torch.optim.AdamW(self.policy.parameters(), lr=self.spec.trainer.warmup_lr,
                                                  weight_decay=0.0)
-        batch = batch.to(self.device)
+        total_tokens = batch.mask.sum().clamp_min(1.0)
+        batch = batch.select(self.share(torch.arange(batch.tokens.shape[0]))).to(self.device)
         logp, _ = token_logprobs(self.policy, batch)
-        loss = -(logp * batch.mask).sum() / total_tokens
+        loss = -(logp * batch.mask).sum() / total_tokens.to(self.device)
         self._warmup_opt.zero_grad(set_to_none=True)
         loss.backward()
         self._warmup_opt.step()
@@ -100,37 +101,48 @@ class TrainerRank:
         self.reference = reference
 
     # -- the phases of a step, on this rank's rows -----------------------------------------------
-    def logprobs(self, batch: TokenBatch, temperature: float) -> torch.Tensor:
-        return logprobs_no_grad(self.policy, batch.to(self.device), temperature, self.spec.trainer.micro_batch_size).cpu()
+    def share(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's equal part of `rows` (the driver checked that they divide evenly)."""
+        return rows.chunk(self.world_size)[self.rank]
 
-    def ref_logprobs(self, batch: TokenBatch, temperature: float) -> torch.Tensor:
-        return logprobs_no_grad(self.reference, batch.to(self.device), temperature, self.spec.trainer.micro_batch_size).cpu()
+    @torch.no_grad()
+    def score(self, batch: TokenBatch) -> tuple[Optional[torch.Tensor], ...]:
+        """Old log-probs (at the sampling temperature and at 1), the reference's, the critic's values, on this
+        rank's share of `batch`'s rows."""
+        batch = batch.select(self.share(torch.arange(batch.tokens.shape[0])))
+        batch, temperature, micro = batch.to(self.device), self.spec.algorithm.temperature, self.spec.trainer.micro_batch_size
+        logp = logprobs_no_grad(self.policy, batch, temperature, micro)
+        raw = logp if temperature == 1.0 else logprobs_no_grad(self.policy, batch, 1.0, micro)
+        ref = logprobs_no_grad(self.reference, batch, temperature, micro) if self.reference is not None else None
+        values = values_no_grad(self.critic, batch, micro) if self.critic is not None else None
+        return tuple(None if t is None else t.cpu() for t in (logp, raw, ref, values))
 
-    def values(self, batch: TokenBatch) -> torch.Tensor:
-        return values_no_grad(self.critic, batch.to(self.device), self.spec.trainer.micro_batch_size).cpu()
-
-    def policy_step(self, mb: TokenBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    ref_logp: Optional[torch.Tensor], total_tokens: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on the minibatch whose rows on this rank are `mb`; metrics are this rank's share
-        (summed over the ranks: the minibatch's), `grad_norm` the whole model's (the same on every rank)."""
-        d = self.device
-        self.optimizer.zero_grad(set_to_none=True)
-        out = policy_backward(self.policy, mb.to(d), old_logp.to(d), advantages.to(d),
-                              None if ref_logp is None else ref_logp.to(d), self.spec.algorithm,
-                              self.spec.trainer.micro_batch_size, total_tokens.to(d))
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.spec.algorithm.max_grad_norm)
-        self.optimizer.step()
-        return {**out, "grad_norm": full_grad_norm(norm)}
-
-    def critic_step(self, mb: TokenBatch, old_values: torch.Tensor, returns: torch.Tensor,
-                    total_tokens: torch.Tensor) -> float:
-        d = self.device
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss = value_backward(self.critic, mb.to(d), old_values.to(d), returns.to(d), self.spec.algorithm.value_clip,
-                              self.spec.trainer.micro_batch_size, total_tokens.to(d))
-        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.spec.algorithm.max_grad_norm)
-        self.critic_opt.step()
-        return loss
+    def update(self, batch: TokenBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+               old_values: Optional[torch.Tensor], advantages: torch.Tensor, returns: Optional[torch.Tensor],
+               minibatches: list[torch.Tensor]) -> list[dict[str, float]]:
+        """One optimizer step per minibatch (row indices into the WHOLE batch, given to every rank), each on
+        this rank's share of its rows; returns each minibatch's metrics as this rank's share."""
+        d, alg, micro = self.device, self.spec.algorithm, self.spec.trainer.micro_batch_size
+        batch, advantages, old_logp = batch.to(d), advantages.to(d), old_logp.to(d)
+        out = []
+        for idx in minibatches:
+            total = batch.mask[idx].sum()  # the minibatch's tokens over all ranks
+            mine = self.share(idx).to(d)
+            mb = batch.select(mine)
+            self.optimizer.zero_grad(set_to_none=True)
+            ref = None if ref_logp is None else ref_logp.to(d)[mine]
+            metrics = policy_backward(self.policy, mb, old_logp[mine], advantages[mine], ref, alg, micro, total)
+            norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), alg.max_grad_norm)
+            metrics["grad_norm"] = full_grad_norm(norm)  # the whole model's, the same on every rank
+            self.optimizer.step()
+            if self.critic is not None:
+                self.critic_opt.zero_grad(set_to_none=True)
+                metrics["value_loss"] = value_backward(self.critic, mb, old_values.to(d)[mine], returns.to(d)[mine],
+                                                       alg.value_clip, micro, total)
+                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), alg.max_grad_norm)
+                self.critic_opt.step()
+            out.append(metrics)
+        return out
 
     # -- refit ----------------------------------------------------------------------------------
     def send_weights(self, endpoint: Any, version: int) -> Optional[dict[str, Any]]:
