@@ -9,21 +9,24 @@ forwards: they are collectives), so each minibatch's rows must be a multiple of 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from trainers.config import AlgorithmConfig, TrainerConfig
 from trainers.distributed.cluster import RayCluster, RayConfig
+from trainers.checkpoint import SHARDS, save_sharded_checkpoint
 from trainers.distributed.rank import RankSpec, TrainerRank
+from trainers.learner import OldScores
 from trainers.policy import TokenBatch, collate
 
 
 class ShardedLearner:
     """Example:
         with ShardedLearner(model_path, alg, trainer_cfg, RayConfig(), num_workers=2) as learner:
-            logp, raw_logp, ref_logp, values = learner.scores(batch)
-            metrics = learner.update(batch, logp, ref_logp, values, advantages, None, seed=step)
+            old = learner.logprobs(batch)
+            metrics = learner.update(batch, old, advantages, None, seed=step)
             stats = learner.refit(ro, version=1)
             learner.save("out/checkpoints/step_000001")
     """
@@ -37,8 +40,14 @@ class ShardedLearner:
                              with_critic=alg.name.value == "ppo", with_reference=alg.kl_coef > 0)
         self.cluster = RayCluster(ray_cfg, num_workers, gpus_per_bundle=1 if device_type == "cuda" else 0)
         self.ranks: list[Any] = []
+        self.device = torch.device("cpu")  # the driver's copy of a batch; each rank moves its share to its device
+        self.last_refit: Optional[dict[str, Any]] = None  # the feeding rank's report of the last refit
 
     def __enter__(self) -> "ShardedLearner":
+        return self.start()
+
+    def start(self) -> "ShardedLearner":
+        """Start (or join) Ray, place the ranks, form their process group and build the sharded models."""
         self.cluster.__enter__()
         try:
             self.ranks = [self.cluster.remote(TrainerRank, bundle=i).remote(i, self.num_workers, self.spec)
@@ -81,18 +90,17 @@ class ShardedLearner:
         return loss
 
     def freeze_reference(self, state: Optional[dict] = None) -> None:
-        """The reference is the policy now; `state` must be None (a sharded resume loads it with `load`)."""
-        assert state is None, "a sharded learner's reference comes back through load()"
+        """The reference is the policy now, unless a checkpoint's was loaded (`state` is always None here:
+        a sharded checkpoint brings the reference's shards through `load_state_dict`)."""
         self._all("freeze_reference")
 
-    def scores(self, batch: TokenBatch) -> tuple[Optional[torch.Tensor], ...]:
-        """(logp, raw_logp, ref_logp, values) over the whole batch, each [B, L-1] or None."""
-        self._check_rows(batch.tokens.shape[0], "a step's batch")
+    def logprobs(self, batch: TokenBatch) -> OldScores:
+        """The old log-probs (sampling temperature and 1), the reference's and the critic's over the batch."""
+        self._check_rows(batch.tokens.shape[0], "a step's batch (trainer.prompts_per_step x algorithm.num_samples)")
         shares = self._all("score", batch)
-        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*shares))
+        return OldScores(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*shares)))
 
-    def update(self, batch: TokenBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
-               old_values: Optional[torch.Tensor], advantages: torch.Tensor, returns: Optional[torch.Tensor],
+    def update(self, batch: TokenBatch, old: OldScores, advantages: torch.Tensor, returns: Optional[torch.Tensor],
                seed: int) -> dict[str, Optional[float]]:
         """`num_epochs` passes of `num_minibatches` clipped steps (shuffled by `seed`): the mean metrics."""
         alg = self.spec.algorithm
@@ -101,7 +109,7 @@ class ShardedLearner:
                        for idx in torch.randperm(batch.tokens.shape[0], generator=shuffle).chunk(alg.num_minibatches)]
         for idx in minibatches:
             self._check_rows(len(idx), "a minibatch (the step's samples / algorithm.num_minibatches)")
-        cpu = [None if t is None else t.cpu() for t in (old_logp, ref_logp, old_values, advantages, returns)]
+        cpu = [None if t is None else t.cpu() for t in (old.logp, old.ref_logp, old.values, advantages, returns)]
         shares = self._all("update", batch, *cpu, minibatches)  # [rank][minibatch] -> metrics share
         metrics: dict[str, Optional[float]] = {}
         for key in shares[0][0]:
@@ -128,10 +136,20 @@ class ShardedLearner:
         return ro.finish_refit(self.last_refit["stats"])
 
     def save(self, path: str) -> None:
+        """Every rank writes its shards into the directory `path`."""
         self._all("save", path)
 
     def load(self, path: str) -> None:
+        """Shards saved by any number of ranks, resharded to these."""
         self._all("load", path)
+
+    def save_checkpoint(self, path: Path, run_state: dict[str, Any]) -> Path:
+        return save_sharded_checkpoint(path, run_state, self.save)
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
+        if SHARDS not in state:
+            raise ValueError(f"trainer.resume={source!r} is a one-process checkpoint: resume it with trainer.num_workers=1")
+        self.load(state[SHARDS])
 
     def close(self) -> None:
         """Idempotent: closes the ranks' senders and process groups (bounded), then the Ray resources."""

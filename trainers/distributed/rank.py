@@ -17,6 +17,7 @@ import torch
 
 from trainers.config import AlgorithmConfig, TrainerConfig
 from trainers.distributed.sharding import GatherMeter, drain, full_grad_norm, gathered_parameters, shard_model
+from trainers.distributed.states import Parts, load_states, save_states
 from trainers.policy import TokenBatch, ValueModel, load_policy, token_logprobs
 from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
 
@@ -46,6 +47,9 @@ class TrainerRank:
         if spec.trainer.num_threads:
             torch.set_num_threads(spec.trainer.num_threads)
         self.device = torch.device(spec.device_type)
+        if self.device.type == "cuda":  # Ray shows each rank only its own GPU (its bundle's)
+            self.device = torch.device("cuda", 0)
+            torch.cuda.set_device(self.device)
         self._sender = None  # kept across refits on the rank that feeds the engine
 
     def address(self) -> str:
@@ -63,7 +67,7 @@ class TrainerRank:
         timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
-                                timeout=timeout)
+                                timeout=timeout, device_id=self.device if self.device.type == "cuda" else None)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(self.spec.trainer.seed)
         alg = self.spec.algorithm
@@ -90,9 +94,10 @@ class TrainerRank:
         return loss.item()
 
     def freeze_reference(self) -> None:
-        """The reference is the policy as it is now (after the warm-start): a sharded, frozen copy."""
+        """The reference is the policy as it is now (after the warm-start): a sharded, frozen copy; kept as
+        it is when a checkpoint's reference was loaded already."""
         self._warmup_opt = None
-        if not self.spec.with_reference:
+        if not self.spec.with_reference or self.reference is not None:
             return
         reference = shard_model(load_policy(self.spec.model_path).to(self.device), self.mesh).requires_grad_(False)
         with torch.no_grad():
@@ -167,40 +172,18 @@ class TrainerRank:
                 "largest_tensor_bytes": meter.largest_tensor_bytes}
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        state = {"policy": get_model_state_dict(self.policy),
-                 "optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
-        if self.critic is not None:
-            state["critic"] = get_model_state_dict(self.critic)
-            state["critic_optimizer"] = get_optimizer_state_dict(self.critic, self.critic_opt)
-        if self.reference is not None:
-            state["reference"] = get_model_state_dict(self.reference)
-        return state
+    def _parts(self) -> Parts:
+        return {"policy": (self.policy, self.optimizer), "critic": (self.critic, self.critic_opt),
+                "reference": (self.reference, None)}
 
     def save(self, path: str) -> None:
         """Every rank writes its shards into the directory `path` (torch.distributed.checkpoint)."""
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(self._state(), checkpoint_id=path)
+        save_states(self._parts(), path)
 
     def load(self, path: str) -> None:
         """Load shards saved by any number of ranks (DCP reshards to this world size)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        if self.spec.with_reference and self.reference is None:
-            self.freeze_reference()  # the structure to load into
-        state = self._state()
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(self.policy, state["policy"])
-        set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"])
-        if self.critic is not None:
-            set_model_state_dict(self.critic, state["critic"])
-            set_optimizer_state_dict(self.critic, self.critic_opt, state["critic_optimizer"])
-        if self.reference is not None:
-            set_model_state_dict(self.reference, state["reference"])
+        self.freeze_reference()  # the structure the reference's shards load into
+        load_states(self._parts(), path)
 
     def close(self) -> None:
         import torch.distributed as dist
