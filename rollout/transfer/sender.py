@@ -19,6 +19,13 @@ from rollout.transfer.sync import make_sync_policy
 
 
 
+def _popped_then(box: list, rest: Iterator) -> Iterator:
+    """box's items (popped: no reference stays behind, unlike itertools.chain's), then rest's."""
+    while box:
+        yield box.pop()
+    yield from rest
+
+
 class WeightSender(End):
     """Binds the endpoint; one instance serves many refits, reusing its buffers and socket.
 
@@ -66,8 +73,9 @@ class WeightSender(End):
         # Plan the first bucket before talking to the receiver: bad leading inputs (a meta tensor,
         # an unsupported dtype) fail here without starting a refit.
         first = next(buckets, None)
-        stream = itertools.chain([first] if first else [], buckets)
-        del first  # only the stream holds it: each bucket's tensors are dropped once packed (see _stream)
+        box = [first] if first is not None else []
+        del first  # a bucket's tensors must be dropped once packed (see _stream), the first one's too
+        stream = _popped_then(box, buckets)
         try:
             self._begin(refit_id, version)
             return self._stream(refit_id, version, stream, start)

@@ -85,12 +85,8 @@ class RayCluster:
                     self.connected = True
                 cpus = self.cfg.cpus_per_worker or 1.0
             bundle = {"CPU": cpus, **({"GPU": self.gpus_per_bundle} if self.gpus_per_bundle else {})}
-            strategy = self.cfg.placement_strategy
-            # PACK starts on the driver's node where it can: rank 0 feeds the engine beside the driver, and
-            # the transfer's socket and shared memory are node-local.
-            near = ray.get_runtime_context().get_node_id() if strategy is PlacementStrategy.PACK else None
-            self.group = placement_group([dict(bundle) for _ in range(self.num_bundles)], strategy=strategy.value,
-                                         _soft_target_node_id=near)
+            self.group = placement_group([dict(bundle) for _ in range(self.num_bundles)],
+                                         strategy=self.cfg.placement_strategy.value)
             if not self.group.wait(timeout_seconds=self.cfg.timeout_s):
                 raise TimeoutError(
                     f"Ray could not place {self.num_bundles} bundles of {bundle} ({self.cfg.placement_strategy.value}) "

@@ -54,6 +54,7 @@ class ShardedLearner:
                           for i in range(self.num_workers)]
             (init_method,) = self.cluster.get([self.ranks[0].address.remote()], "rank 0's rendezvous address")
             self._all("setup", init_method)
+            self.node_ids = self._all("node_id")
         except BaseException:
             self.close()
             raise
@@ -126,6 +127,7 @@ class ShardedLearner:
     def refit(self, ro: Any, version: int, feeding_rank: int = 0) -> Any:
         """A refit of engine `ro` (in this process) from the sharded policy: every rank gathers, `feeding_rank`
         (the rank on the engine's host/device) streams each full tensor into its sender's buckets."""
+        self._check_beside_engine(feeding_rank)
         endpoint = ro.begin_refit(version)
         refs = [r.send_weights.remote(endpoint if i == feeding_rank else None, version) for i, r in enumerate(self.ranks)]
         try:
@@ -134,6 +136,17 @@ class ShardedLearner:
             return ro.finish_refit(error=exc)
         self.last_refit = answers[feeding_rank]
         return ro.finish_refit(self.last_refit["stats"])
+
+    def _check_beside_engine(self, rank: int) -> None:
+        """The transfer's socket and shared memory are node-local: the feeding rank must share the engine's node."""
+        import ray
+
+        here, there = ray.get_runtime_context().get_node_id(), self.node_ids[rank]
+        if there != here:
+            raise RuntimeError(
+                f"trainer rank {rank} was placed on Ray node {there}, the engine runs on {here} (the driver's): a "
+                "refit needs them on one node; give the driver's node free resources for the first bundle "
+                "(ray.placement_strategy=PACK fills nodes in order) or start the run on rank 0's node")
 
     def save(self, path: str) -> None:
         """Every rank writes its shards into the directory `path`."""

@@ -52,6 +52,11 @@ class TrainerRank:
             torch.cuda.set_device(self.device)
         self._sender = None  # kept across refits on the rank that feeds the engine
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def address(self) -> str:
         """A `tcp://host:port` rendezvous on this rank's node (asked of rank 0)."""
         host = socket.gethostbyname(socket.gethostname())
