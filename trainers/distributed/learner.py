@@ -110,7 +110,8 @@ class ShardedLearner:
                        for idx in torch.randperm(batch.tokens.shape[0], generator=shuffle).chunk(alg.num_minibatches)]
         for idx in minibatches:
             self._check_rows(len(idx), "a minibatch (the step's samples / algorithm.num_minibatches)")
-        cpu = [None if t is None else t.cpu() for t in (old.logp, old.ref_logp, old.values, advantages, returns)]
+        cpu = [None if t is None else t.cpu()
+               for t in (old.logp, old.ref_logp, old.values, old.is_weights, advantages, returns)]
         shares = self._all("update", batch, *cpu, minibatches)  # [rank][minibatch] -> metrics share
         metrics: dict[str, Optional[float]] = {}
         for key in shares[0][0]:

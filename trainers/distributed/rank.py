@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from trainers.algorithms import truncated_is_weights
 from trainers.config import AlgorithmConfig, TrainerConfig
 from trainers.distributed.sharding import GatherMeter, drain, full_grad_norm, gathered_parameters, shard_model
 from trainers.distributed.states import Parts, load_states, save_states
@@ -117,19 +118,22 @@ class TrainerRank:
 
     @torch.no_grad()
     def score(self, batch: TokenBatch) -> tuple[Optional[torch.Tensor], ...]:
-        """Old log-probs (at the sampling temperature and at 1), the reference's, the critic's values, on this
-        rank's share of `batch`'s rows."""
+        """Old log-probs (at the sampling temperature and at 1), the reference's, the critic's values and the
+        truncated importance weights (trainers.learner.OldScores' fields), on this rank's share of the rows."""
         batch = batch.select(self.share(torch.arange(batch.tokens.shape[0])))
         batch, temperature, micro = batch.to(self.device), self.spec.algorithm.temperature, self.spec.trainer.micro_batch_size
         logp = logprobs_no_grad(self.policy, batch, temperature, micro)
         raw = logp if temperature == 1.0 else logprobs_no_grad(self.policy, batch, 1.0, micro)
         ref = logprobs_no_grad(self.reference, batch, temperature, micro) if self.reference is not None else None
         values = values_no_grad(self.critic, batch, micro) if self.critic is not None else None
-        return tuple(None if t is None else t.cpu() for t in (logp, raw, ref, values))
+        weights = None
+        if self.spec.algorithm.tis_cap is not None:
+            weights = truncated_is_weights(raw, batch.sampler_logprobs, self.spec.algorithm.tis_cap, batch.mask)
+        return tuple(None if t is None else t.cpu() for t in (logp, raw, ref, values, weights))
 
     def update(self, batch: TokenBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
-               old_values: Optional[torch.Tensor], advantages: torch.Tensor, returns: Optional[torch.Tensor],
-               minibatches: list[torch.Tensor]) -> list[dict[str, float]]:
+               old_values: Optional[torch.Tensor], is_weights: Optional[torch.Tensor], advantages: torch.Tensor,
+               returns: Optional[torch.Tensor], minibatches: list[torch.Tensor]) -> list[dict[str, float]]:
         """One optimizer step per minibatch (row indices into the WHOLE batch, given to every rank), each on
         this rank's share of its rows; returns each minibatch's metrics as this rank's share."""
         d, alg, micro = self.device, self.spec.algorithm, self.spec.trainer.micro_batch_size
@@ -141,7 +145,8 @@ class TrainerRank:
             mb = batch.select(mine)
             self.optimizer.zero_grad(set_to_none=True)
             ref = None if ref_logp is None else ref_logp.to(d)[mine]
-            metrics = policy_backward(self.policy, mb, old_logp[mine], advantages[mine], ref, alg, micro, total)
+            weights = None if is_weights is None else is_weights.to(d)[mine]
+            metrics = policy_backward(self.policy, mb, old_logp[mine], advantages[mine], ref, alg, micro, weights, total)
             norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), alg.max_grad_norm)
             metrics["grad_norm"] = full_grad_norm(norm)  # the whole model's, the same on every rank
             self.optimizer.step()
