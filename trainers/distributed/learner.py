@@ -43,6 +43,11 @@ class ShardedLearner:
         self.device = torch.device("cpu")  # the driver's copy of a batch; each rank moves its share to its device
         self.last_refit: Optional[dict[str, Any]] = None  # the feeding rank's report of the last refit
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The policy's parameter dtype on the ranks (load_policy's fp32)."""
+        return torch.float32
+
     def __enter__(self) -> "ShardedLearner":
         return self.start()
 
