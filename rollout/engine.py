@@ -15,7 +15,7 @@ import torch
 from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
-from rollout.refit_channel import RefitChannel, RefitError, new_endpoint_in  # noqa: F401 - re-exported
+from rollout.refit_channel import RefitChannel, RefitEndpoint, RefitError, new_endpoint_in  # noqa: F401 - re-exported
 from rollout.vllm_compat import fully_awake, has_layerwise_reload, installed_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class VllmRollout:
         self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
         self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts)
+        self._pending_refit: tuple[int, float, bool] | None = None  # begin_refit: (version, start, was_asleep)
         self.version = 0  # the weights loaded from model_path
         self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
 
@@ -175,17 +176,47 @@ class VllmRollout:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
         """One refit through the configured transfer; on any failure raises RefitError and the engine
         refuses to generate until a later refit succeeds."""
-        if self._state.closed:
-            raise RuntimeError("update_weights() on a closed rollout")
-        start = time.perf_counter()
-        was_asleep = self._state.asleep
-        if was_asleep and self._can_sleep:
-            self.llm.wake_up(["weights"])  # weights first: the KV cache stays released during the transfer
+        start, was_asleep = self._before_refit()
         try:
             send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive, self.cfg.load_path)
         except BaseException:
             self._state.failed_version = version
             raise
+        return self._after_refit(version, start, was_asleep, send_stats, worker)
+
+    def begin_refit(self, version: int) -> RefitEndpoint:
+        """The receiving half of a refit whose sender lives in another process on this node (a sharded
+        trainer's rank): wakes the weights, starts the workers' receive, returns where the sender binds.
+        That process keeps `endpoint.sender()` across refits and calls `send(named_tensors, version)`; then
+        `finish_refit` here with its stats, or the error that stopped it."""
+        self._pending_refit = (version, *self._before_refit())
+        try:
+            return self._channel.begin(self.transfer, version, self._receive, self.cfg.load_path)
+        except BaseException:
+            self._pending_refit = None
+            self._state.failed_version = version
+            raise
+
+    def finish_refit(self, send_stats: Any = None, error: BaseException | None = None) -> RefitStats:
+        if self._pending_refit is None:
+            raise RuntimeError("finish_refit() without begin_refit()")
+        (version, start, was_asleep), self._pending_refit = self._pending_refit, None
+        try:
+            send_stats, worker = self._channel.finish(send_stats, error)
+        except BaseException:
+            self._state.failed_version = version
+            raise
+        return self._after_refit(version, start, was_asleep, send_stats, worker)
+
+    def _before_refit(self) -> tuple[float, bool]:
+        if self._state.closed:
+            raise RuntimeError("update_weights() on a closed rollout")
+        start, was_asleep = time.perf_counter(), self._state.asleep
+        if was_asleep and self._can_sleep:
+            self.llm.wake_up(["weights"])  # weights first: the KV cache stays released during the transfer
+        return start, was_asleep
+
+    def _after_refit(self, version: int, start: float, was_asleep: bool, send_stats: Any, worker: dict) -> RefitStats:
         self._state.refit_succeeded()
         self.version = version
         if was_asleep:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rollout.config import EngineKind, RolloutConfig
 from rollout.transfer.config import _coerce
+from trainers.distributed.cluster import RayConfig
 
 
 class Algorithm(str, Enum):
@@ -135,6 +136,9 @@ class TrainerConfig:
     resume: Optional[str] = None  # a checkpoint file (or its directory) to continue from
     out_dir: Optional[str] = None  # null = Hydra's run directory
     device: str = "auto"  # the trainer's device; auto = the rollout backend's (cpu, cuda, npu)
+    # Trainer ranks: 1 = this process alone (no Ray); N > 1 = N Ray actors sharding the models with FSDP2
+    # (see the `ray` node). Each minibatch's rows must be a multiple of N.
+    num_workers: int = 1
     # torch threads of the trainer process (0 = torch's default). 1 by default: on a small CPU host the
     # trainer shares the cores with vLLM's worker, and oversubscribed OpenMP threads slowed steps ~10x.
     num_threads: int = 1
@@ -143,7 +147,7 @@ class TrainerConfig:
         for key in ("total_steps", "micro_batch_size", "warmup_steps", "checkpoint_every", "num_threads", "max_staleness"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
-        for key in ("prompts_per_step", "refit_every", "warmup_batch_size", "eval_samples"):
+        for key in ("prompts_per_step", "refit_every", "warmup_batch_size", "eval_samples", "num_workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)!r}")
         if self.max_staleness > 0 and self.refit_every != 1:
@@ -194,6 +198,7 @@ class PPOConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)  # used only when trainer.num_workers > 1
 
     def __post_init__(self) -> None:
         if self.trainer.max_staleness > 0 and self.rollout.engine is not EngineKind("async"):

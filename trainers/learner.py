@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
 from trainers.algorithms import masked_mean, truncated_is_weights
+from trainers.checkpoint import SHARDS, save_checkpoint
 from trainers.config import Algorithm, AlgorithmConfig, TrainerConfig
+from trainers.distributed.cluster import RayConfig
 from trainers.policy import TokenBatch, ValueModel, collate, load_policy, token_logprobs
 from trainers.tasks import Task
 from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
@@ -44,7 +47,8 @@ class Learner:
         learner.freeze_reference()
         old = learner.logprobs(batch)
         metrics = learner.update(batch, old, advantages, returns, seed=step)
-        engine.update_weights(learner.named_parameters_for_refit(), version=step)
+        learner.refit(engine, version=step)
+        learner.save_checkpoint(path, run_state)     # run_state: step, history, ... (a dict)
     """
 
     def __init__(self, model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, device: torch.device) -> None:
@@ -55,6 +59,7 @@ class Learner:
         self.critic = ValueModel(model_path).to(device) if alg.name is Algorithm.ppo else None
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=alg.critic_lr) if self.critic else None
         self.reference: Optional[torch.nn.Module] = None
+        self._reference_loaded = False  # from a sharded checkpoint, by load_state_dict
 
     def warm_start(self, tokenizer: Any, task: Task) -> Optional[float]:
         """A short supervised warm-start on the task's reference completions; returns the last loss."""
@@ -79,7 +84,7 @@ class Learner:
 
     def freeze_reference(self, state: Optional[dict] = None) -> None:
         """With a KL penalty: the reference is a frozen copy of the policy now (or `state`, on resume)."""
-        if self.alg.kl_coef <= 0:
+        if self.alg.kl_coef <= 0 or (state is None and self._reference_loaded):
             return
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         if state is not None:
@@ -136,6 +141,17 @@ class Learner:
         """The policy's full tensors, by Hugging Face name, for `update_weights`."""
         return self.policy.named_parameters()
 
+    def refit(self, ro: Any, version: int) -> Any:
+        """`update_weights` of engine `ro` with the policy; returns its RefitStats."""
+        return ro.update_weights(self.named_parameters_for_refit(), version=version)
+
+    def save_checkpoint(self, path: Path, run_state: dict[str, Any]) -> Path:
+        return save_checkpoint(path, {**run_state, **self.state_dict()})
+
+    def close(self) -> None:
+        """Drop the models and optimizers (their memory goes back at once)."""
+        self.policy = self.optimizer = self.critic = self.critic_opt = self.reference = None
+
     def state_dict(self) -> dict[str, Any]:
         critic = self.critic
         return {
@@ -147,6 +163,15 @@ class Learner:
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         """Restore policy, optimizer and critic (the reference comes through `freeze_reference`)."""
+        if SHARDS in state:  # saved by sharded ranks: DCP loads it whole into this process
+            from trainers.distributed.states import load_states
+
+            self.freeze_reference()  # the structure the reference loads into (kept by the next freeze_reference)
+            self._reference_loaded = True
+            parts = {"policy": (self.policy, self.optimizer), "critic": (self.critic, self.critic_opt),
+                     "reference": (self.reference, None)}
+            load_states(parts, state[SHARDS])
+            return
         self.policy.load_state_dict(state["policy"])  # copies into the live device tensors
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
@@ -156,9 +181,14 @@ class Learner:
             self.critic_opt.load_state_dict(state["critic_optimizer"])
 
 
-def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, backend: str) -> Learner:
-    """The learner for this config (today: one process; a sharded one plugs in here)."""
+def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, backend: str,
+                  ray: Optional[RayConfig] = None) -> Learner:
+    """One process, or with `trainer.num_workers > 1` that many FSDP2 ranks on Ray (a ShardedLearner)."""
     device = trainer.device
     if device == "auto":
         device = {"vllm_cpu": "cpu", "vllm_gpu": "cuda", "vllm_ascend": "npu"}[backend]
+    if trainer.num_workers > 1:
+        from trainers.distributed.learner import ShardedLearner
+
+        return ShardedLearner(model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device).start()
     return Learner(model_path, alg, trainer, torch.device(device))

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from trainers.algorithms import gae, grpo_advantages, masked_whiten, terminal_rewards
-from trainers.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from trainers.checkpoint import checkpoint_path, load_checkpoint
 from trainers.config import Algorithm, AlgorithmConfig, PPOConfig, TrainerConfig, register_configs, to_typed
 from trainers.learner import Learner, build_learner
 from trainers.loggers import build_loggers
@@ -139,7 +139,18 @@ def setup(cfg: PPOConfig) -> Setup:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    learner = build_learner(model_path, cfg.algorithm, t, cfg.rollout.backend.name.value)
+    learner = build_learner(model_path, cfg.algorithm, t, cfg.rollout.backend.name.value, cfg.ray)
+    try:
+        return prepare(learner, cfg, out_dir, ckpt, model_path, task, reward_fn, tokenizer)
+    except BaseException:
+        learner.close()  # sharded: its Ray actors (and a local Ray) stop here
+        raise
+
+
+def prepare(learner: Learner, cfg: PPOConfig, out_dir: Path, ckpt: Optional[dict], model_path: str, task: Task,
+            reward_fn: RewardFn, tokenizer: Any) -> Setup:
+    """Resume or warm-start the learner and open the loggers."""
+    t = cfg.trainer
     state = resume(learner, ckpt, t) if ckpt is not None else RunState()
     log = build_loggers(cfg.logger, out_dir, t.total_steps, state.step, run_config=asdict(cfg))
     for record in state.history:  # a resumed run's files hold the whole run, not only its second half
@@ -183,7 +194,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     """
     wall_start = time.perf_counter()
     s = setup(cfg)
-    with contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout) as ro:
+    with contextlib.closing(s.learner), contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout) as ro:
         start_engine(ro, s, cfg)
         gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
         next_rollouts = rollout_producer(ro, s.task, cfg)
@@ -205,7 +216,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
 def start_engine(ro, s: Setup, cfg: PPOConfig) -> None:
     """The engine starts from the trainer's weights (warm-started, resumed, or whatever a shared
     engine held before); a fresh run measures its pre-RL baseline."""
-    ro.update_weights(s.learner.named_parameters_for_refit(), version=s.state.step)
+    s.learner.refit(ro, version=s.state.step)
     if s.state.baseline is None:
         s.state.baseline = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.message(f"pre-RL baseline: eval reward {s.state.baseline:.3f}")
@@ -284,7 +295,7 @@ def refit(ro, learner: Learner, t: TrainerConfig, step: int) -> dict:
     """Every `refit_every` steps (and at the last): the engine samples the next step with these weights."""
     refit_s, gbps = 0.0, None
     if step % t.refit_every == 0 or step == t.total_steps:
-        stats = ro.update_weights(learner.named_parameters_for_refit(), version=step)
+        stats = learner.refit(ro, version=step)
         refit_s, gbps = stats.seconds, stats.num_bytes / stats.seconds / 1e9
     return {"refit/gbps": gbps, "timing/refit_s": refit_s}
 
@@ -296,9 +307,8 @@ def record(s: Setup, cfg: PPOConfig, step: int, metrics: dict) -> None:
     s.state.history.append({"step": step, **metrics})
     s.log.log(metrics, step)
     if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.total_steps:
-        save_checkpoint(checkpoint_path(s.out_dir, step), {
+        s.learner.save_checkpoint(checkpoint_path(s.out_dir, step), {
             "step": step, "history": s.state.history, "baseline": s.state.baseline, "config": asdict(cfg),
-            **s.learner.state_dict(),
         })
 
 

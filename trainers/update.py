@@ -42,10 +42,13 @@ def policy_backward(
     alg: AlgorithmConfig,
     micro_batch_size: int,
     is_weights: Optional[Tensor] = None,
+    total_tokens: Optional[Tensor] = None,
 ) -> dict[str, float]:
     """Backward of clipped PG - entropy bonus + KL penalty for minibatch `mb`; returns its metrics.
-    `is_weights`: per-token importance weights of the PG term (algorithm.tis_cap), None = all 1."""
-    total = mb.mask.sum().clamp_min(1.0)
+    `is_weights`: per-token importance weights of the PG term (algorithm.tis_cap), None = all 1.
+    `total_tokens`: the response tokens of the whole minibatch when `mb` is one rank's share of it
+    (the loss and metrics are then that share; summed over the ranks they are the minibatch's)."""
+    total = (mb.mask.sum() if total_tokens is None else total_tokens).clamp_min(1.0)
     out = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0, "kl": 0.0}
     for idx in micro_batches(mb.tokens.shape[0], micro_batch_size, mb.tokens.device):
         m = mb.select(idx)
@@ -67,10 +70,11 @@ def policy_backward(
 
 
 def value_backward(
-    critic: nn.Module, mb: TokenBatch, old_values: Tensor, returns: Tensor, value_clip: float, micro_batch_size: int
+    critic: nn.Module, mb: TokenBatch, old_values: Tensor, returns: Tensor, value_clip: float, micro_batch_size: int,
+    total_tokens: Optional[Tensor] = None,
 ) -> float:
-    """Backward of the clipped value loss for minibatch `mb`; returns the loss."""
-    total = mb.mask.sum().clamp_min(1.0)
+    """Backward of the clipped value loss for minibatch `mb`; returns the loss (`total_tokens` as above)."""
+    total = (mb.mask.sum() if total_tokens is None else total_tokens).clamp_min(1.0)
     out = 0.0
     for idx in micro_batches(mb.tokens.shape[0], micro_batch_size, mb.tokens.device):
         m = mb.select(idx)

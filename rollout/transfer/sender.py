@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import time
 from typing import Iterable, Iterator
@@ -17,6 +16,13 @@ from rollout.transfer.errors import PeerError, TransferError
 from rollout.transfer.stats import TransferStats
 from rollout.transfer.sync import make_sync_policy
 
+
+
+def _popped_then(box: list, rest: Iterator) -> Iterator:
+    """box's items (popped: no reference stays behind, unlike itertools.chain's), then rest's."""
+    while box:
+        yield box.pop()
+    yield from rest
 
 
 class WeightSender(End):
@@ -66,9 +72,12 @@ class WeightSender(End):
         # Plan the first bucket before talking to the receiver: bad leading inputs (a meta tensor,
         # an unsupported dtype) fail here without starting a refit.
         first = next(buckets, None)
+        box = [first] if first is not None else []
+        del first  # a bucket's tensors must be dropped once packed (see _stream), the first one's too
+        stream = _popped_then(box, buckets)
         try:
             self._begin(refit_id, version)
-            return self._stream(refit_id, version, itertools.chain([first] if first else [], buckets), start)
+            return self._stream(refit_id, version, stream, start)
         except BaseException as exc:
             if not isinstance(exc, PeerError):
                 # Tell the receiver now rather than let it wait out its timeout; then re-raise.
@@ -120,6 +129,9 @@ class WeightSender(End):
             num_buckets += 1
             num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
             num_bytes += sum(e.nbytes for e in entries)
+            # Drop the packed tensors before the next bucket is planned: tensors made for this refit (a
+            # sharded trainer's gathered parameters) then live for one bucket, never the whole model.
+            del bucket
         for k in range(max(0, num_buckets - num_buffers), num_buckets):
             self._wait_ack(refit_id, k, k % num_buffers)
         self._channel.send(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")

@@ -23,3 +23,15 @@ def trainer_engine(tiny_path):
     ro = build_rollout(cfg, tiny_path)
     yield ro
     ro.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every Ray test of the session; runs join it through `ray.address=auto`."""
+    import ray
+
+    from trainers.distributed.cluster import RayConfig
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20)
+    yield RayConfig(address="auto", cpus_per_worker=0.5, timeout_s=120.0)
+    ray.shutdown()

@@ -97,6 +97,10 @@ def test_recipes_set_what_their_names_say():
         ("task.name=chess", ConfigCompositionException, "Invalid value 'chess', expected one of \\[toy, gsm8k\\]"),
         ("~task.reward._target_", ValueError, "task.reward must be a node with a _target_"),
         ("rollout.transfer.bucket_mb=0", ValueError, "rollout.transfer.bucket_mb"),
+        ("trainer.num_workers=0", ValueError, "trainer.num_workers must be >= 1"),
+        ("ray.placement_strategy=RANDOM", ConfigCompositionException, "Invalid value 'RANDOM', expected one of \\[PACK"),
+        ("ray.timeout_s=0", ValueError, "ray.timeout_s must be > 0"),
+        ("ray.num_cpus=-1", ValueError, "ray.num_cpus must be > 0"),
     ],
 )
 def test_bad_config_fails_at_compose_or_conversion(override, error, match):
