@@ -1,5 +1,11 @@
-"""The trainer's end of a refit, shared by the sync and async engines: one WeightSender, and the
-vLLM worker's `refit_receive` (a blocking RPC, however the engine issues it) run beside send()."""
+"""The trainer's end of a refit, shared by the sync and async engines and by an EngineGroup: one
+WeightSender, and each engine's `refit_receive` (a blocking RPC reaching all of its workers, however the
+engine issues it) run beside send() in a thread per engine.
+
+Fan-out: every worker of every engine is one receiver of the same sender, so each bucket is packed once.
+Worker w of engine k is receiver `k * tensor_parallel_size + w`. Every worker's reply is checked: a refit
+succeeds only if each receiver loaded the whole version.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,9 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterable
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -15,85 +23,129 @@ from rollout.transfer import TransferConfig, TransferStats
 
 logger = logging.getLogger(__name__)
 
-# receive(args) -> the worker's answer: args are RefitWorkerExtension.refit_receive's (endpoint, transfer
-# fields, version, timeouts, load path), plain data for collective_rpc
-Receive = Callable[[tuple], dict[str, Any]]
+# receive(args) -> every worker's answer (collective_rpc's list): args are RefitWorkerExtension.refit_receive's
+# (endpoint, transfer fields, version, timeouts, load path, rank_offset), plain data for collective_rpc
+Receive = Callable[[tuple], list[dict[str, Any]]]
 
 
 class RefitError(RuntimeError):
     """A refit failed; the engine refuses to generate until a complete refit succeeds."""
 
 
+@dataclass(frozen=True)
+class WorkerReply:
+    """What one worker reported for a refit (its receiver rank names it)."""
+
+    engine: int
+    receiver: int
+    load_s: float
+    detached_bytes: int
+    load_path: str  # how it loaded: "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
+
+
 class RefitChannel:
-    """The sending half of every refit of one engine; the worker's receiver follows its endpoint.
+    """The sending half of every refit of `num_engines` engines of `tensor_parallel_size` workers each; the
+    workers' receivers follow its endpoint.
 
     Example:
-        channel = RefitChannel("cpu", cfg.endpoint_dir, cfg.timeouts)
-        rpc = lambda args: llm.collective_rpc("refit_receive", args=args)[0]
-        send_stats, worker = channel.refit(transfer_cfg, model.named_parameters(), version=1, receive=rpc)
-        channel.close()   # after the worker's refit_close
+        channel = RefitChannel("cpu", cfg.endpoint_dir, cfg.timeouts, tensor_parallel_size=2)
+        rpc = lambda args: llm.collective_rpc("refit_receive", args=args)     # both workers answer
+        send_stats, replies = channel.refit(transfer_cfg, model.named_parameters(), version=1, receives=[rpc])
+        channel.close()   # after the workers' refit_close
     """
 
-    def __init__(self, device_type: str, endpoint_dir: str | None, timeouts: Any) -> None:
+    def __init__(self, device_type: str, endpoint_dir: str | None, timeouts: Any, tensor_parallel_size: int = 1,
+                 num_engines: int = 1) -> None:
         self.device_type = device_type
         self.endpoint_dir = endpoint_dir
         self.timeouts = timeouts  # rollout.config.RefitTimeouts
+        self.tensor_parallel_size = tensor_parallel_size
+        self.num_engines = num_engines
         self.endpoint: str | None = None  # created with the sender, on the first refit
         self._sender = None
 
     @property
     def connected(self) -> bool:
-        """A sender exists, so the worker may hold a receiver that refit_close must release."""
+        """A sender exists, so the workers may hold receivers that refit_close must release."""
         return self._sender is not None
 
     def refit(self, cfg: TransferConfig, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-              receive: Receive, load_path: Any = "auto") -> tuple[TransferStats, dict[str, Any]]:
-        """Send `named_tensors` as `version` through `cfg` while `receive` runs the worker's end in a
-        thread, which loads them through `load_path` (rollout.load_path.LoadPath); raises RefitError naming
-        what failed (the worker's error first: it is the root cause)."""
+              receives: Sequence[Receive], load_path: Any = "auto") -> tuple[TransferStats, list[WorkerReply]]:
+        """Send `named_tensors` once as `version` through `cfg` while `receives[k]` runs engine k's workers'
+        end in a thread, loading through `load_path` (rollout.load_path.LoadPath); raises RefitError naming the engine and receiver that failed (a worker's error
+        first: it is the root cause), or the engine that did not answer within timeouts.worker_reply_s."""
+        if len(receives) != self.num_engines:
+            raise ValueError(f"{len(receives)} receive functions for {self.num_engines} engines")
+        sender = self._open(cfg)
+        fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        timeouts = dataclasses.asdict(self.timeouts)
+        results: list[dict[str, Any]] = [{} for _ in receives]
+
+        def run_receive(k: int) -> None:
+            try:
+                args = (self.endpoint, fields, version, timeouts, _plain(load_path), k * self.tensor_parallel_size)
+                results[k]["replies"] = receives[k](args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                results[k]["rpc_error"] = exc
+
+        threads = [threading.Thread(target=run_receive, args=(k,), name=f"refit-rpc-{k}", daemon=True)
+                   for k in range(len(receives))]
+        for t in threads:
+            t.start()
+        send_error: BaseException | None = None
+        try:
+            send_stats = sender.send(named_tensors, version)
+        except BaseException as exc:  # noqa: BLE001 - a worker's error, if any, is the root cause
+            send_error = exc
+        self._join(threads, version, send_error)
+        if send_error is not None and not isinstance(send_error, Exception):
+            raise send_error  # KeyboardInterrupt/SystemExit stay what they are (the workers were told to abort)
+        replies = [r for k, result in enumerate(results) for r in self._check_engine(k, result, version, send_error)]
+        if send_error is not None:
+            raise RefitError(f"refit to version {version} failed while sending: {send_error}") from send_error
+        return send_stats, replies
+
+    def _open(self, cfg: TransferConfig):
         from rollout.transfer import WeightSender
 
         if self._sender is not None and self._sender.cfg != cfg:
-            self.close()  # the transfer settings changed: a new connection (the worker follows)
+            self.close()  # the transfer settings changed: a new connection (the workers follow)
         if self._sender is None:
             self.endpoint = new_endpoint_in(self.endpoint_dir)
-            self._sender = WeightSender(cfg, self.endpoint, device=self.device_type)
-        fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-        args = (self.endpoint, fields, version, dataclasses.asdict(self.timeouts), _plain(load_path))
-        result: dict[str, Any] = {}
+            self._sender = WeightSender(cfg, self.endpoint, device=self.device_type,
+                                        num_receivers=self.num_engines * self.tensor_parallel_size)
+        return self._sender
 
-        def run_receive() -> None:
-            try:
-                result["worker"] = receive(args)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                result["rpc_error"] = exc
-
-        thread = threading.Thread(target=run_receive, name="refit-rpc", daemon=True)
-        thread.start()
-        send_error: BaseException | None = None
-        try:
-            send_stats = self._sender.send(named_tensors, version)
-        except BaseException as exc:  # noqa: BLE001 - the worker's error, if any, is the root cause
-            send_error = exc
+    def _join(self, threads: list[threading.Thread], version: int, send_error: BaseException | None) -> None:
         reply_s = self.timeouts.worker_reply_s
-        thread.join(reply_s)
-        if thread.is_alive():
-            raise RefitError(f"refit to version {version}: the vLLM worker did not answer within "
-                             f"rollout.timeouts.worker_reply_s={reply_s}") from send_error
-        if send_error is not None and not isinstance(send_error, Exception):
-            raise send_error  # KeyboardInterrupt/SystemExit stay what they are (the worker was told to abort)
-        worker = result.get("worker")
-        if "rpc_error" in result:
-            raise RefitError(f"refit to version {version}: collective_rpc failed: {result['rpc_error']}") from result["rpc_error"]
-        if not worker.get("ok"):
-            logger.warning("refit to version %d failed in the vLLM worker:\n%s", version, worker["traceback"])
-            raise RefitError(f"refit to version {version} failed in the vLLM worker: {worker['error']}") from send_error
-        if send_error is not None:
-            raise RefitError(f"refit to version {version} failed while sending: {send_error}") from send_error
-        return send_stats, worker
+        deadline = time.monotonic() + reply_s
+        for k, t in enumerate(threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise RefitError(f"refit to version {version}: engine {k}'s vLLM workers did not answer within "
+                                 f"rollout.timeouts.worker_reply_s={reply_s}") from send_error
+
+    def _check_engine(self, k: int, result: dict[str, Any], version: int, send_error: BaseException | None) -> list[WorkerReply]:
+        if "rpc_error" in result:  # the engine died (a worker was killed?); the sender's error names the receiver
+            exc = result["rpc_error"]
+            sender_saw = f"; the sender: {send_error}" if send_error is not None else ""
+            raise RefitError(f"refit to version {version}: engine {k}'s collective_rpc failed: {exc}{sender_saw}") from exc
+        replies, tp = result["replies"], self.tensor_parallel_size
+        if len(replies) != tp:
+            raise RefitError(f"refit to version {version}: engine {k} answered for {len(replies)} workers, expected {tp}")
+        for reply in replies:
+            if not reply.get("ok"):
+                where = f"engine {k}, receiver {reply.get('receiver', '?')}"
+                logger.warning("refit to version %d failed in the vLLM worker (%s):\n%s", version, where, reply["traceback"])
+                raise RefitError(f"refit to version {version} failed in the vLLM worker ({where}): {reply['error']}") from send_error
+        ranks, expected = sorted(r["receiver"] for r in replies), list(range(k * tp, (k + 1) * tp))
+        if ranks != expected:
+            raise RefitError(f"refit to version {version}: engine {k}'s workers answered as receivers {ranks}, expected {expected}")
+        return [WorkerReply(k, r["receiver"], r["load_s"], r["detached_bytes"], r["load_path"])
+                for r in sorted(replies, key=lambda r: r["receiver"])]
 
     def close(self) -> None:
-        """Frees the sender's buffers and socket; call after the worker's refit_close."""
+        """Frees the sender's buffers and sockets; call after the workers' refit_close."""
         if self._sender is not None:
             self._sender.close()
             self._sender = None
