@@ -91,9 +91,9 @@ class WeightSender(End):
             self._begin(refit_id, version)
             return self._stream(refit_id, version, itertools.chain([first] if first else [], buckets), start)
         except BaseException as exc:
-            if not isinstance(exc, PeerError):
-                # Tell the receivers now rather than let them wait out their timeout; then re-raise.
-                self._broadcast_try(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
+            # Tell the receivers now rather than let them wait out their timeout; then re-raise. After a
+            # receiver's Error (PeerError) the others still wait: they hear why; that one ignores it.
+            self._broadcast_try(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
             if self._transport is not None:
                 self._transport.close()  # a transfer may be in flight: the next refit starts afresh
                 self._transport = None
