@@ -155,3 +155,47 @@ def test_receiver_endpoints_and_bad_counts():
             WeightSender(TransferConfig(**SHORT), endpoint, num_receivers=0)
     finally:
         os.rmdir(_socket_dir(endpoint))
+
+
+def _gpu_fanout(sender_server, transport: str, devices: list[str]) -> None:
+    """One sender on cuda:0, one receiver thread per entry of `devices`; every receiver gets every byte."""
+    cfg = {"transport": transport, "sync": "fenced", "bucket_mb": 1, "timeout_s": 60.0}
+    endpoint, seed = new_endpoint(), 31
+    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": 1 << 20, "seed": seed, "version": 1}],
+                      device="cuda:0", num_receivers=len(devices))
+
+    def receive(rank: int):
+        got: dict[str, torch.Tensor] = {}
+        torch.cuda.set_device(devices[rank])
+        with WeightReceiver(TransferConfig(**cfg), endpoint, device=devices[rank], rank=rank) as receiver:
+            receiver.receive(lambda weights, is_last: got.update((n, v.cpu()) for n, v in weights))
+        return got
+
+    threads, results = _in_threads(len(devices), receive)
+    _join(threads, 120)
+    assert all(r[0] == "ok" for r in sender_server.result())
+    for rank, got in enumerate(results):
+        assert not isinstance(got, Exception), got
+        for name, t in mixed_tensors(1 << 20, seed):
+            assert torch.equal(as_bytes(got[name]), as_bytes(t)), f"receiver {rank}: {name}"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_ipc_fanout_on_one_gpu(sender_server):
+    _gpu_fanout(sender_server, "cuda_ipc", ["cuda:0", "cuda:0"])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_ipc_fanout_to_a_peer_gpu(sender_server):
+    """A TP=2 engine's second worker on GPU 1 reads the sender's buffer on GPU 0 peer-to-peer."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _gpu_fanout(sender_server, "cuda_ipc", ["cuda:0", "cuda:1"])
+
+
+@pytest.mark.gpu
+def test_gpu_nccl_fanout_broadcasts_to_every_gpu(sender_server):
+    """Standalone: one NCCL broadcast per bucket from cuda:0 to a receiver on each other GPU."""
+    if torch.cuda.device_count() < 3:
+        pytest.skip("needs 3 GPUs (a sender and two receivers)")
+    _gpu_fanout(sender_server, "nccl", [f"cuda:{i}" for i in range(1, min(torch.cuda.device_count(), 4))])
