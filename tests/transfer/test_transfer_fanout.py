@@ -129,7 +129,8 @@ def test_failing_receiver_fails_the_refit_naming_it_and_the_others_hear_why():
 def test_sigkilled_receiver_fails_the_refit_within_timeout_naming_it():
     endpoint = new_endpoint()
     with WeightSender(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint, num_receivers=2) as sender:
-        threads, results = _in_threads(1, lambda rank: _receive_once(SHORT, endpoint, rank))
+        # receiver 0 waits for the sender as long as the sender waits for the child to start
+        threads, results = _in_threads(1, lambda rank: _receive_once({**SHORT, "timeout_s": 20.0}, endpoint, rank))
         dying = CTX.Process(target=receiver_that_dies, args=(SHORT, endpoint, "cpu", 1))
         dying.start()
         for channel in sender._channels:
