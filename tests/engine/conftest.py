@@ -104,7 +104,7 @@ def module_rollout():
 
     def start(cfg, model_path):
         before = child_pids()
-        ro = build_rollout(cfg, model_path)
+        ro = build_rollout(cfg, model_path, worker_extension=BENCH_WORKER_EXTENSION)  # as the shared engine
         started.append((ro, child_pids() - before))
         return ro
 
