@@ -187,14 +187,6 @@ def test_gpu_cuda_ipc_fanout_on_one_gpu(sender_server):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_ipc_fanout_to_a_peer_gpu(sender_server):
-    """A TP=2 engine's second worker on GPU 1 reads the sender's buffer on GPU 0 peer-to-peer."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    _gpu_fanout(sender_server, "cuda_ipc", ["cuda:0", "cuda:1"])
-
-
-@pytest.mark.gpu
 def test_gpu_nccl_fanout_broadcasts_to_every_gpu(sender_server):
     """Standalone: one NCCL broadcast per bucket from cuda:0 to a receiver on each other GPU."""
     if torch.cuda.device_count() < 3:
