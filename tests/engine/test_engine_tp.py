@@ -65,7 +65,7 @@ def test_worker_sigkilled_mid_refit_fails_within_timeout_and_refuses_generation(
     the silent receiver, generation is refused, and close() leaves no socket or segment behind."""
     tp_engine.update_weights(base_state.items(), version=20)  # the receivers are attached
     endpoint = tp_engine._endpoint
-    names = [b.name for b in tp_engine._channel._sender._transport.describe()["shm_buffers"]]
+    names = [b.name for b in tp_engine._channel._sender._transport.describe()["shm_buffers"]]  # before the failure closes it
     infos = tp_engine.llm.collective_rpc("refit_worker_info")
     victim = next(i["pid"] for i in infos if i["rank"] == 1)
     state = perturbed(base_state, seed=21)

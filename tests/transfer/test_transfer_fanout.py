@@ -14,7 +14,7 @@ import torch
 
 from rollout.transfer import PeerError, TransferConfig, TransferTimeout, WeightReceiver, WeightSender, new_endpoint
 from rollout.transfer.channel import receiver_endpoint
-from transfer_procs import CTX, as_bytes, mixed_tensors, our_segments, race_tensors, receiver_that_dies
+from transfer_procs import CTX, as_bytes, mixed_tensors, our_segments, race_tensors, receiver_that_dies, recording_allocate
 
 SHORT = {"transport": "shm", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
 
@@ -88,7 +88,8 @@ def test_every_receiver_gets_every_byte_of_one_packing(sender_server, transport,
     assert not os.path.exists(_socket_dir(endpoint))
 
 
-def test_missing_receiver_fails_the_refit_within_timeout_naming_it():
+def test_missing_receiver_fails_the_refit_within_timeout_naming_it(monkeypatch):
+    made = recording_allocate(monkeypatch)  # a failed refit closes its transport: record its names when made
     endpoint = new_endpoint()
     with WeightSender(TransferConfig(**SHORT), endpoint, num_receivers=2) as sender:
         # receiver 0 waits longer than the sender, so it hears why the refit ended instead of timing out
@@ -100,7 +101,7 @@ def test_missing_receiver_fails_the_refit_within_timeout_naming_it():
         assert receiver_endpoint(endpoint, 1) in str(err.value)
         _join(threads)
         assert isinstance(results[0], PeerError) and "receiver 1" in str(results[0])  # told why, not left waiting
-        names = [b.name for b in sender._transport.describe()["shm_buffers"]]
+        names = [b.name for b in made[0]["shm_buffers"]]
     assert names and not our_segments(names)
     assert not os.path.exists(_socket_dir(endpoint))
 
@@ -126,7 +127,8 @@ def test_failing_receiver_fails_the_refit_naming_it_and_the_others_hear_why():
     assert not os.path.exists(_socket_dir(endpoint))
 
 
-def test_sigkilled_receiver_fails_the_refit_within_timeout_naming_it():
+def test_sigkilled_receiver_fails_the_refit_within_timeout_naming_it(monkeypatch):
+    made = recording_allocate(monkeypatch)
     endpoint = new_endpoint()
     with WeightSender(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint, num_receivers=2) as sender:
         # receiver 0 waits for the sender as long as the sender waits for the child to start
@@ -141,7 +143,7 @@ def test_sigkilled_receiver_fails_the_refit_within_timeout_naming_it():
         assert dying.exitcode == -signal.SIGKILL and receiver_endpoint(endpoint, 1) in str(err.value)
         _join(threads)
         assert isinstance(results[0], PeerError)
-        names = [b.name for b in sender._transport.describe()["shm_buffers"]]
+        names = [b.name for b in made[0]["shm_buffers"]]
     assert names and not our_segments(names)
     assert not os.path.exists(_socket_dir(endpoint))
 
