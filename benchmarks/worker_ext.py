@@ -5,6 +5,7 @@ Start an engine with it by name: `build_rollout(cfg, path, worker_extension=BENC
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -25,8 +26,9 @@ class BenchWorkerExtension(RefitWorkerExtension):
     """
 
     def refit_worker_info(self) -> dict[str, Any]:
-        """Plain facts about the worker process, for benchmarks and logs."""
-        return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device())}
+        """Plain facts about the worker process, for benchmarks, logs and the kill tests (pid, rank in its engine)."""
+        return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device()), "pid": os.getpid(),
+                "rank": self.rank}
 
     def refit_bench_reload_from_memory(
         self, safetensors_path: str | None = None, specs: list[tuple[str, list[int], str]] | None = None, seed: int = 0,

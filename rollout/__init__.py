@@ -19,6 +19,7 @@ from rollout.config import Backend, BackendConfig, CacheReset, EngineKind, Mode,
 if TYPE_CHECKING:
     from rollout.async_engine import AsyncVllmRollout
     from rollout.engine import RefitError, RefitStats, Sample, VllmRollout
+    from rollout.engine_group import EngineGroup
 
 __all__ = [
     "AsyncVllmRollout",
@@ -26,6 +27,7 @@ __all__ = [
     "BackendConfig",
     "CacheReset",
     "EngineKind",
+    "EngineGroup",
     "Mode",
     "PauseMode",
     "RefitError",
@@ -39,9 +41,14 @@ __all__ = [
 
 def build_rollout(
     cfg: RolloutConfig, model_path: str | os.PathLike, worker_extension: str | None = None
-) -> "VllmRollout | AsyncVllmRollout":
+) -> "VllmRollout | AsyncVllmRollout | EngineGroup":
     """Start a vLLM engine for `cfg.backend` on the Hugging Face model at `model_path` (`cfg.engine`: vLLM's
-    LLM, or its AsyncLLM behind the same API plus submit/collect; `worker_extension`: see VllmRollout)."""
+    LLM, or its AsyncLLM behind the same API plus submit/collect; `worker_extension`: see VllmRollout), or
+    `cfg.num_engines` sync engines behind the same API (an EngineGroup)."""
+    if cfg.num_engines > 1:
+        from rollout.engine_group import EngineGroup
+
+        return EngineGroup(cfg, str(model_path), worker_extension=worker_extension)
     if cfg.engine is EngineKind("async"):
         from rollout.async_engine import AsyncVllmRollout
 
@@ -60,4 +67,8 @@ def __getattr__(name: str):
         from rollout import async_engine
 
         return async_engine.AsyncVllmRollout
+    if name == "EngineGroup":
+        from rollout.engine_group import EngineGroup
+
+        return EngineGroup
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")

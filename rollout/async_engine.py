@@ -22,7 +22,7 @@ from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset, reset_c
 from rollout.config import Mode, RolloutConfig
 from rollout.engine import (
     EngineState, RefitStats, Sample, check_awake, check_engine_setup, engine_kwargs, prompt_inputs, refit_stats,
-    resolved_transfer, sampling_params, to_samples,
+    resolved_transfer, sampling_params, to_samples, vllm_worker_env,
 )
 from rollout.platform import Platform, get_platform
 from rollout.refit_channel import RefitChannel
@@ -117,7 +117,7 @@ class AsyncVllmRollout:
         self.vllm_version = installed_vllm_version()
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
         self.transfer = resolved_transfer(cfg, self.platform)
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts)
+        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, cfg.backend.tensor_parallel_size)
         self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
         self.version = 0  # the weights loaded from model_path
         self._ids = itertools.count()
@@ -140,7 +140,8 @@ class AsyncVllmRollout:
 
         kwargs = engine_kwargs(self.cfg, self.model_path, self.platform, self._can_sleep, self.worker_extension)
         # Built on the loop: the engine-core client's sockets and the output handler belong to it.
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
+        with vllm_worker_env(self.platform.worker_env(0, 1, self.cfg.backend.tensor_parallel_size)):
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
 
     @property
     def tokenizer(self) -> Any:
@@ -243,7 +244,7 @@ class AsyncVllmRollout:
         else:
             self._call(self.engine.wake_up(["weights"]), "wake_up(['weights'])")  # the KV cache stays released
         try:
-            send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive, self.cfg.load_path)
+            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, [self._receive], self.cfg.load_path)
         except BaseException:
             self._state.failed_version = version
             raise
@@ -256,11 +257,11 @@ class AsyncVllmRollout:
         was_asleep, self._state.asleep = self._state.asleep, False
         caches = self._reset_caches(after_sleep=was_asleep)
         self._resume()
-        return refit_stats(version, time.perf_counter() - start, send_stats, worker, caches)
+        return refit_stats(version, time.perf_counter() - start, send_stats, replies, caches)
 
-    def _receive(self, args: tuple) -> dict[str, Any]:
+    def _receive(self, args: tuple) -> list[dict[str, Any]]:
         rpc = self.engine.collective_rpc("refit_receive", args=args)
-        return self._call(rpc, "refit_receive", self.cfg.timeouts.worker_reply_s)[0]
+        return self._call(rpc, "refit_receive", self.cfg.timeouts.worker_reply_s)  # every worker's answer
 
     def _tag_version(self, version: int) -> None:
         if has_weight_versions(self.vllm_version):

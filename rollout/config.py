@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Optional
 
 from rollout.load_path import LoadPath
-from rollout.transfer.config import TransferConfig, _coerce
+from rollout.transfer.config import TransferConfig, TransferMode, _coerce
 
 
 class Backend(str, Enum):
@@ -123,6 +123,8 @@ class RolloutConfig:
     # How refits enter vLLM's model (rollout/load_path.py). `layerwise` (vLLM's layerwise reload) by default:
     # `auto`/`direct` load through the model's weight loaders on CUDA, which has not run on a GPU yet.
     load_path: LoadPath = LoadPath.layerwise
+    # Data-parallel replicas, each with backend.tensor_parallel_size workers, fed by one refit (rollout/engine_group.py).
+    num_engines: int = 1
 
     def __post_init__(self) -> None:
         self.mode = _coerce(Mode, self.mode, "rollout.mode")
@@ -144,3 +146,11 @@ class RolloutConfig:
         self.load_path = _coerce(LoadPath, self.load_path, "rollout.load_path")
         if not self.generate_timeout_s > 0:
             raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")
+        if isinstance(self.num_engines, bool) or not isinstance(self.num_engines, int) or self.num_engines < 1:
+            raise ValueError(f"rollout.num_engines must be an integer >= 1, got {self.num_engines!r}")
+        if self.num_engines > 1 and self.engine is not EngineKind.sync:
+            raise ValueError(f"rollout.num_engines={self.num_engines} runs sync engines only; got rollout.engine={self.engine.value!r}")
+        num_workers = self.num_engines * self.backend.tensor_parallel_size
+        if num_workers > 1 and self.transfer.mode is TransferMode.direct:
+            raise ValueError(f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "
+                             "rollout.backend.tensor_parallel_size) need rollout.transfer.mode=bucketed")

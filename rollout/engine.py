@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
-from rollout.refit_channel import RefitChannel, RefitEndpoint, RefitError, new_endpoint_in  # noqa: F401 - re-exported
+from rollout.refit_channel import RefitChannel, RefitEndpoint, RefitError, WorkerReply, new_endpoint_in  # noqa: F401 - re-exported
 from rollout.vllm_compat import fully_awake, has_layerwise_reload, installed_vllm_version
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,12 @@ class RefitStats:
     num_bytes: int
     num_tensors: int
     num_buckets: int
-    send_s: float  # the trainer's send() (returns once the last bucket is loaded)
-    load_s: float  # the worker's reload_weights, final processing included
-    detached_bytes: int  # copied out because a layer straddled a bucket boundary
+    send_s: float  # the trainer's send() (returns once the last bucket is loaded by every worker)
+    load_s: float  # the slowest worker's reload_weights, final processing included
+    detached_bytes: int  # copied out because a layer straddled a bucket boundary (summed over workers)
     caches_reset: tuple[str, ...] = field(default_factory=tuple)
     load_path: str = "layerwise"  # how the worker loaded it: "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
+    worker_load_s: tuple[float, ...] = ()  # each worker's load_s, by receiver rank (engine k, worker w: k * TP + w)
 
 
 @dataclass
@@ -88,8 +90,26 @@ class EngineState:
         self.dummy_weights = False
 
 
+@contextlib.contextmanager
+def vllm_worker_env(env: dict[str, str]) -> Iterator[None]:
+    """THE place where the library sets environment variables: vLLM's own (Platform.worker_env), for the
+    engine-core and worker processes it spawns while the engine is built, because vLLM offers no argument
+    for them. Restored afterwards, so the next engine (or anything else in this process) sees none of it."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class VllmRollout:
-    """A vLLM engine plus the sending end of the weight transfer. Build it with `build_rollout`.
+    """A vLLM engine plus the sending end of the weight transfer. Build it with `build_rollout`. With
+    `backend.tensor_parallel_size=N` each of its N workers is a receiver of the same refit (refit_channel.py).
 
     Example:
         with build_rollout(RolloutConfig(), model_path) as ro:
@@ -100,10 +120,12 @@ class VllmRollout:
     """
 
     def __init__(
-        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None, worker_extension: str | None = None
+        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None, worker_extension: str | None = None,
+        engine_index: int = 0,
     ) -> None:
         """`worker_extension`: the qualified name of a RefitWorkerExtension subclass for the workers (benchmarks
-        and tests add their RPCs this way); None = RefitWorkerExtension."""
+        and tests add their RPCs this way); None = RefitWorkerExtension. `engine_index`: this engine's place
+        among `cfg.num_engines` (its cores or devices; see EngineGroup)."""
         from vllm import LLM
 
         self.cfg = cfg
@@ -112,9 +134,12 @@ class VllmRollout:
         self.vllm_version = installed_vllm_version()
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
         self.transfer = resolved_transfer(cfg, self.platform)
-        self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
+        tp = cfg.backend.tensor_parallel_size
+        with vllm_worker_env(self.platform.worker_env(engine_index, cfg.num_engines, tp)):
+            self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts)
+        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, tp)
+        self._receivers_open = False  # a refit reached the workers (this engine's or its group's): close() closes them
         self._pending_refit: tuple[int, float, bool] | None = None  # begin_refit: (version, start, was_asleep)
         self.version = 0  # the weights loaded from model_path
         self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
@@ -141,12 +166,15 @@ class VllmRollout:
         temperature: float = 1.0,
         seed: int | None = None,
         top_p: float = 1.0,
+        prompt_offset: int = 0,
     ) -> list[Sample]:
-        """`n` samples per prompt, grouped in prompt order. Prompt i's sample j uses seed `seed + i*n + j`."""
+        """`n` samples per prompt, grouped in prompt order. Prompt i's sample j uses seed `seed + i*n + j`.
+        `prompt_offset`: these prompts are prompts `prompt_offset`, ... of a larger batch (an EngineGroup's
+        share): their seeds and `Sample.prompt_index` are the batch's, so samples do not depend on the split."""
         self._state.check_can_generate()
-        params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p)
+        params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p, prompt_offset=prompt_offset)
         outputs = self.llm.generate(prompt_inputs(prompts), params, use_tqdm=False)
-        return [s for i, out in enumerate(outputs) for s in to_samples(i, out, self.version)]
+        return [s for i, out in enumerate(outputs) for s in to_samples(prompt_offset + i, out, self.version)]
 
     # -- colocate memory hand-off ----------------------------------------------------------------
     def sleep(self, level: int | None = None) -> None:
@@ -174,60 +202,67 @@ class VllmRollout:
 
     # -- refit ----------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
-        """One refit through the configured transfer; on any failure raises RefitError and the engine
-        refuses to generate until a later refit succeeds."""
-        start, was_asleep = self._before_refit()
+        """One refit of every worker through the configured transfer; on any failure raises RefitError and
+        the engine refuses to generate until a later refit succeeds."""
+        start = time.perf_counter()
+        was_asleep = self.prepare_refit()
         try:
-            send_stats, worker = self._channel.refit(self.transfer, named_tensors, version, self._receive, self.cfg.load_path)
+            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, [self._receive], self.cfg.load_path)
         except BaseException:
             self._state.failed_version = version
             raise
-        return self._after_refit(version, start, was_asleep, send_stats, worker)
+        return refit_stats(version, time.perf_counter() - start, send_stats, replies, self.refit_done(version, was_asleep))
 
     def begin_refit(self, version: int) -> RefitEndpoint:
         """The receiving half of a refit whose sender lives in another process on this node (a sharded
         trainer's rank): wakes the weights, starts the workers' receive, returns where the sender binds.
         That process keeps `endpoint.sender()` across refits and calls `send(named_tensors, version)`; then
         `finish_refit` here with its stats, or the error that stopped it."""
-        self._pending_refit = (version, *self._before_refit())
+        start = time.perf_counter()
+        was_asleep = self.prepare_refit()
         try:
-            return self._channel.begin(self.transfer, version, self._receive, self.cfg.load_path)
+            endpoint = self._channel.begin(self.transfer, version, [self._receive], self.cfg.load_path)
         except BaseException:
-            self._pending_refit = None
             self._state.failed_version = version
             raise
+        self._pending_refit = (version, start, was_asleep)
+        return endpoint
 
     def finish_refit(self, send_stats: Any = None, error: BaseException | None = None) -> RefitStats:
+        """The end of a refit begun with `begin_refit`: the sender's stats, or the error that stopped it."""
         if self._pending_refit is None:
             raise RuntimeError("finish_refit() without begin_refit()")
         (version, start, was_asleep), self._pending_refit = self._pending_refit, None
         try:
-            send_stats, worker = self._channel.finish(send_stats, error)
+            send_stats, replies = self._channel.finish(send_stats, error)
         except BaseException:
             self._state.failed_version = version
             raise
-        return self._after_refit(version, start, was_asleep, send_stats, worker)
+        return refit_stats(version, time.perf_counter() - start, send_stats, replies, self.refit_done(version, was_asleep))
 
-    def _before_refit(self) -> tuple[float, bool]:
+    # The steps of a refit around the transfer; EngineGroup runs each on all of its engines.
+    def prepare_refit(self) -> bool:
+        """Before the transfer: wakes the weights (colocate); returns whether the engine slept."""
         if self._state.closed:
             raise RuntimeError("update_weights() on a closed rollout")
-        start, was_asleep = time.perf_counter(), self._state.asleep
+        was_asleep = self._state.asleep
         if was_asleep and self._can_sleep:
             self.llm.wake_up(["weights"])  # weights first: the KV cache stays released during the transfer
-        return start, was_asleep
+        self._receivers_open = True
+        return was_asleep
 
-    def _after_refit(self, version: int, start: float, was_asleep: bool, send_stats: Any, worker: dict) -> RefitStats:
+    def refit_done(self, version: int, was_asleep: bool) -> tuple[Cache, ...]:
+        """After a transfer every worker confirmed: the new version, the KV cache back, caches reset."""
         self._state.refit_succeeded()
         self.version = version
         if was_asleep:
             if self._can_sleep:
                 self._wake(["kv_cache"])
             self._state.asleep = False
-        caches = self._reset_caches(after_sleep=was_asleep)
-        return refit_stats(version, time.perf_counter() - start, send_stats, worker, caches)
+        return self._reset_caches(after_sleep=was_asleep)
 
-    def _receive(self, args: tuple) -> dict[str, Any]:
-        return self.llm.collective_rpc("refit_receive", args=args)[0]
+    def _receive(self, args: tuple) -> list[dict[str, Any]]:
+        return self.llm.collective_rpc("refit_receive", args=args)
 
     def _reset_caches(self, after_sleep: bool) -> tuple[Cache, ...]:
         wanted = caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
@@ -240,8 +275,10 @@ class VllmRollout:
             return
         self._state.closed = True
         try:
-            if self._channel.connected:
+            if self._receivers_open:
                 self.llm.collective_rpc("refit_close", timeout=self.transfer.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a dead engine's receivers died with it; shut down regardless
+            logger.warning("closing the workers' receivers failed (engine dead?): %s", exc)
         finally:
             self._channel.close()
             # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
@@ -297,14 +334,16 @@ def engine_kwargs(
 
 
 def sampling_params(
-    num_prompts: int, n: int, max_tokens: int, temperature: float, seed: int | None, top_p: float, **extra: Any
+    num_prompts: int, n: int, max_tokens: int, temperature: float, seed: int | None, top_p: float,
+    prompt_offset: int = 0, **extra: Any,
 ) -> list[Any]:
-    """One SamplingParams per prompt; prompt i's seed is `seed + i*n` (vLLM gives child j `+ j`)."""
+    """One SamplingParams per prompt; prompt i's seed is `seed + (prompt_offset + i)*n` (vLLM gives child j
+    `+ j`): `prompt_offset` places these prompts in a larger batch split over engines."""
     from vllm import SamplingParams
 
     return [
         SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                       seed=None if seed is None else seed + i * n, **extra)
+                       seed=None if seed is None else seed + (prompt_offset + i) * n, **extra)
         for i in range(num_prompts)
     ]
 
@@ -333,11 +372,13 @@ def check_awake(result: Any, tags: list[str] | None, vllm_version: str) -> None:
         raise RuntimeError(f"vLLM {vllm_version} still sleeps after wake_up({tags}): it will not schedule")
 
 
-def refit_stats(version: int, seconds: float, send_stats: Any, worker: dict, caches: tuple[Cache, ...]) -> RefitStats:
+def refit_stats(version: int, seconds: float, send_stats: Any, replies: Sequence[WorkerReply],
+                caches: tuple[Cache, ...]) -> RefitStats:
+    loads = tuple(r.load_s for r in replies)
     return RefitStats(
         version, seconds, send_stats.num_bytes, send_stats.num_tensors, send_stats.num_buckets,
-        send_stats.seconds, worker["load_s"], worker["detached_bytes"], tuple(c.value for c in caches),
-        worker["load_path"],
+        send_stats.seconds, max(loads), sum(r.detached_bytes for r in replies), tuple(c.value for c in caches),
+        replies[0].load_path, loads,
     )
 
 

@@ -34,22 +34,29 @@ class RefitWorkerExtension:
     the worker's own. Only plain data crosses the RPC (tensors would arrive as lists): the endpoint,
     the TransferConfig fields and the version; the weights come through the transfer.
 
-    Example (trainer side, see rollout/engine.py):
-        thread: llm.collective_rpc("refit_receive", args=(endpoint, transfer_fields, version))
-        caller: sender.send(named_tensors, version); join the thread; check its result
+    Every worker of every engine is one receiver of the same sender: worker `self.rank` of an engine whose
+    workers start at receiver `rank_offset` is receiver `rank_offset + self.rank`.
+
+    Example (trainer side, see rollout/refit.py):
+        thread per engine: llm.collective_rpc("refit_receive", args=(endpoint, transfer_fields, version, rank_offset))
+        caller: sender.send(named_tensors, version); join the threads; check every worker's reply
     """
 
     def refit_receive(
-        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: dict[str, float], load_path: str = "auto"
+        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: dict[str, float], load_path: str = "auto",
+        rank_offset: int = 0,
     ) -> dict[str, Any]:
         """One refit (`timeouts`: the fields of rollout.config.RefitTimeouts; `load_path`: a LoadPath value).
         Never raises through vLLM's RPC (that could take the engine down): errors come back as
-        {"ok": False, "error": ...} and the trainer side raises them."""
+        {"ok": False, "error": ...} and the trainer side raises them. Every reply names its receiver: worker
+        `self.rank` of an engine whose workers start at receiver `rank_offset`."""
+        receiver = rank_offset + self.rank
         try:
-            result = self._refit_receive(endpoint, transfer, version, RefitTimeouts(**timeouts), LoadPath(load_path))
-            return {"ok": True, **result}
+            result = self._refit_receive(endpoint, transfer, version, RefitTimeouts(**timeouts), LoadPath(load_path), receiver)
+            return {"ok": True, "receiver": receiver, **result}
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            return {"ok": False, "receiver": receiver, "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()}
 
     def refit_close(self) -> None:
         """Close the receiver (unmaps the buffers, closes the socket). Called before the engine shuts down."""
@@ -58,12 +65,12 @@ class RefitWorkerExtension:
             receiver.close()
         self._refit_receiver = None
 
-    def _refit_get_receiver(self, endpoint: str, transfer: dict[str, Any]) -> WeightReceiver:
-        key = (endpoint, tuple(sorted(transfer.items())))
+    def _refit_get_receiver(self, endpoint: str, transfer: dict[str, Any], rank: int) -> WeightReceiver:
+        key = (endpoint, tuple(sorted(transfer.items())), rank)
         if getattr(self, "_refit_receiver", None) is not None and self._refit_receiver_key == key:
             return self._refit_receiver
         self.refit_close()
-        self._refit_receiver = WeightReceiver(TransferConfig(**transfer), endpoint, device=self._refit_device())
+        self._refit_receiver = WeightReceiver(TransferConfig(**transfer), endpoint, device=self._refit_device(), rank=rank)
         self._refit_receiver_key = key
         return self._refit_receiver
 
@@ -114,9 +121,10 @@ class RefitWorkerExtension:
         reprocess_tied_heads(self._refit_tied_heads)
 
     def _refit_receive(
-        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: RefitTimeouts, requested: LoadPath
+        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: RefitTimeouts, requested: LoadPath,
+        rank: int = 0,
     ) -> dict[str, Any]:
-        receiver = self._refit_get_receiver(endpoint, transfer)
+        receiver = self._refit_get_receiver(endpoint, transfer, rank)
         try:
             path = self._refit_prepare(requested)
         except ValueError as exc:  # e.g. load_path=direct where it cannot run: the sender must hear it too

@@ -2,7 +2,9 @@
 
 DEALER on both ends: unlike REQ/REP it has no lock-step state to get stuck in after a timeout, and a
 restarted peer simply reconnects. The sender binds, the receiver connects; ZMQ lets the connect
-come first on ipc:// and retries until the sender binds.
+come first on ipc:// and retries until the sender binds. A sender with N receivers binds one socket
+per receiver (`receiver_endpoint`): each conversation stays a plain ordered pair, and every wait for
+a receiver is a wait on its own socket, bounded like any other.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rollout.transfer.errors import TransferTimeout
 
 _IPC = "ipc://"
 _MAX_SOCKET_PATH = 107  # sun_path in struct sockaddr_un on Linux, minus the NUL
+_RANK_SUFFIX = 6  # room for receiver_endpoint's ".<rank>" up to rank 99999
 
 
 def new_endpoint(directory: str | None = None) -> str:
@@ -27,10 +30,18 @@ def new_endpoint(directory: str | None = None) -> str:
     collide and no other user can connect. The binding side removes both on close."""
     private_dir = tempfile.mkdtemp(prefix="refit-", dir=directory)
     path = os.path.join(private_dir, "sock")
-    if len(path.encode()) > _MAX_SOCKET_PATH:
+    if len(path.encode()) + _RANK_SUFFIX > _MAX_SOCKET_PATH:
         os.rmdir(private_dir)
         raise ValueError(f"socket path {path!r} exceeds {_MAX_SOCKET_PATH} bytes; pass a shorter directory")
     return _IPC + path
+
+
+def receiver_endpoint(endpoint: str, rank: int) -> str:
+    """The socket of receiver `rank`: receiver 0 uses `endpoint` itself (so one receiver is what it always
+    was), receiver r a sibling file in the same private directory."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"receiver rank must be an integer >= 0, got {rank!r}")
+    return endpoint if rank == 0 else f"{endpoint}.{rank}"
 
 
 def ipc_path(endpoint: str) -> str:
@@ -121,24 +132,24 @@ class Owned:
 
     def __init__(self) -> None:
         self.transport = None
-        self.channel: Channel | None = None
+        self.channels: list[Channel] = []  # the receiver's one; the sender's one per receiver
 
     def release(self) -> None:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
+        channels, self.channels = self.channels, []
+        for channel in channels:
+            channel.close()
 
 
 class End:
     """What the sender and the receiver share: their transport and channel live in an `Owned`, released
     by `close()` or, when close() is forgotten or an exception escapes, by a weakref.finalize."""
 
-    def _own(self, channel: Channel) -> None:
+    def _own(self, channels: list[Channel]) -> None:
         self._owned = Owned()
-        self._owned.channel = channel
+        self._owned.channels = channels
         self._finalizer = weakref.finalize(self, self._owned.release)
 
     @property
@@ -150,12 +161,13 @@ class End:
         self._owned.transport = value
 
     @property
-    def _channel(self) -> Channel | None:
-        return self._owned.channel
+    def _channels(self) -> list[Channel]:
+        return self._owned.channels
 
-    @_channel.setter
-    def _channel(self, value: Channel | None) -> None:
-        self._owned.channel = value
+    @property
+    def _channel(self) -> Channel | None:
+        """The first (a receiver's only) channel; None once closed."""
+        return self._owned.channels[0] if self._owned.channels else None
 
     def close(self) -> None:
         """Idempotent: frees the buffers, closes the socket; the binding end removes the socket file and its

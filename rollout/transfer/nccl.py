@@ -1,5 +1,6 @@
-"""The `nccl` transport: buckets broadcast over a private 2-rank torch.distributed group, for a rollout
-engine on other GPUs than the trainer (standalone mode).
+"""The `nccl` transport: buckets broadcast over a private torch.distributed group of the sender (rank 0) and
+its N receivers (rank 1 + receiver rank), for rollout engines on other GPUs than the trainer (standalone mode).
+One broadcast per bucket reaches every receiver.
 
 Unlike shm and cuda_ipc the two ends share no memory: the sender packs into its own buffers (one per
 sync-policy buffer) and `publish` starts one broadcast per bucket from rank 0; the receiver's `acquire`
@@ -10,8 +11,8 @@ cpu -> gloo, so this same code runs, and is tested, on CPU.
 The group is private: the sender runs a TCPStore on a free port of NcclConfig.store_host (the ZMQ
 channel is ipc://, so both ends share a host anyway) for each buffer generation and names it in the handshake;
 both ends build the backend object from that store and never call init_process_group, so a vLLM
-worker's or trainer's default group is left alone. The receiver claims the group with store.add:
-a second receiver (a restarted worker) finds it claimed and asks for a fresh generation, as with shm.
+worker's or trainer's default group is left alone. Receiver r claims its rank with store.add: a second
+receiver of that rank (a restarted worker) finds it claimed and asks for a fresh generation, as with shm.
 
 Every wait polls `work.is_completed()` against a deadline, since NCCL's work.wait() only orders
 streams. A failed refit may leave a broadcast unmatched, so both ends then close the group (abort)
@@ -35,8 +36,8 @@ import torch.distributed as dist
 from rollout.transfer import wire
 from rollout.transfer.errors import TransferError, TransferTimeout
 
-_CLAIM_KEY = "refit/receivers"
-_RANK_SENDER, _RANK_RECEIVER = 0, 1
+_CLAIM_KEY = "refit/receiver/{rank}"
+_RANK_SENDER = 0  # receiver r is rank 1 + r
 
 
 @dataclass
@@ -108,11 +109,12 @@ class NcclTransport:
     """
 
     def __init__(self, buffers: list[torch.Tensor], device: torch.device, rank: int, store: dist.Store,
-                 descs: list[wire.NcclBuffer], timeout_s: float, cfg: NcclConfig) -> None:
+                 descs: list[wire.NcclBuffer], timeout_s: float, cfg: NcclConfig, world_size: int = 2) -> None:
         self._buffers = buffers
         self._cfg = cfg
         self.device = device
         self._rank = rank
+        self._world_size = world_size
         self._store: dist.Store | None = store
         self._descs = descs
         self._timeout_s = timeout_s
@@ -123,16 +125,17 @@ class NcclTransport:
         self._works: dict[int, object] = {}
 
     @classmethod
-    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str, timeout_s: float, cfg: NcclConfig) -> NcclTransport:
+    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str, timeout_s: float, cfg: NcclConfig,
+                 num_receivers: int = 1) -> NcclTransport:
         device = _normalized(device)
         backend = backend_for(device)
         store = dist.TCPStore(cfg.store_host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
         buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
         descs = [wire.NcclBuffer(cfg.store_host, store.port, backend, nbytes) for _ in range(num_buffers)]
-        return cls(buffers, device, _RANK_SENDER, store, descs, timeout_s, cfg)
+        return cls(buffers, device, _RANK_SENDER, store, descs, timeout_s, cfg, 1 + num_receivers)
 
     @classmethod
-    def attach(cls, hello: wire.Hello, device: torch.device, timeout_s: float, cfg: NcclConfig) -> NcclTransport:
+    def attach(cls, hello: wire.Hello, device: torch.device, timeout_s: float, cfg: NcclConfig, rank: int = 0) -> NcclTransport:
         """Join the sender's store and claim its group. Raises FileNotFoundError when another receiver
         claimed it first (the caller then asks for fresh buffers), TransferError on a bad handshake."""
         device = _normalized(device)
@@ -146,13 +149,13 @@ class NcclTransport:
             raise TransferError(f"nccl buffer {d!r} does not fit the handshake")
         try:
             store = dist.TCPStore(d.store_host, d.store_port, is_master=False, timeout=timedelta(seconds=timeout_s))
-            claimed = store.add(_CLAIM_KEY, 1)
+            claimed = store.add(_CLAIM_KEY.format(rank=rank), 1)
         except RuntimeError as exc:  # DistNetworkError, DistStoreError
             raise TransferError(f"cannot reach the sender's rendezvous store at {d.store_host}:{d.store_port}: {exc}") from exc
         if claimed != 1:
-            raise FileNotFoundError(f"the group at {d.store_host}:{d.store_port} was claimed by an earlier receiver")
+            raise FileNotFoundError(f"receiver {rank}'s place in the group at {d.store_host}:{d.store_port} was claimed earlier")
         buffer = torch.empty(d.nbytes, dtype=torch.uint8, device=device)
-        return cls([buffer], device, _RANK_RECEIVER, store, list(descs), timeout_s, cfg)
+        return cls([buffer], device, 1 + rank, store, list(descs), timeout_s, cfg, 1 + hello.num_receivers)
 
     def describe(self) -> dict[str, list]:
         return {"shm_buffers": [], "cuda_buffers": [], "nccl_buffers": list(self._descs)}
@@ -206,9 +209,9 @@ class NcclTransport:
                 opts.is_high_priority_stream = False
                 opts._timeout = timedelta(seconds=self._cfg.watchdog_s)
                 with self._on_device():
-                    self._group = dist.ProcessGroupNCCL(self._store, self._rank, 2, opts)
-            else:  # gloo connects both ranks here, waiting up to timeout_s for the peer
-                self._group = dist.ProcessGroupGloo(self._store, self._rank, 2, timedelta(seconds=self._timeout_s))
+                    self._group = dist.ProcessGroupNCCL(self._store, self._rank, self._world_size, opts)
+            else:  # gloo connects all ranks here, waiting up to timeout_s for the peers
+                self._group = dist.ProcessGroupGloo(self._store, self._rank, self._world_size, timedelta(seconds=self._timeout_s))
         except RuntimeError as exc:
             raise TransferError(f"{what}: could not join the {self._backend} group (peer gone?): {exc}") from exc
         return self._group

@@ -11,7 +11,7 @@ import time
 import torch
 
 from rollout.transfer import layout, transports, wire
-from rollout.transfer.channel import Channel, End
+from rollout.transfer.channel import Channel, End, receiver_endpoint
 from rollout.transfer.config import TransferConfig, TransferMode, Transport
 from rollout.transfer.direct import DirectReceiver, check_mode
 from rollout.transfer.errors import IntegrityError, PeerError, TransferError
@@ -27,16 +27,18 @@ class WeightReceiver(End):
     order; `is_last` is True on the final call of a refit. The views are valid only during the call
     (with shm they are CPU tensors; with cuda_ipc they live on the receiver's GPU). A tensor larger
     than a bucket arrives whole, reassembled in a receiver-owned buffer that is reused across refits.
-    A refit of zero tensors completes without calling consume.
+    A refit of zero tensors completes without calling consume. `rank` is this receiver's place among
+    the sender's `num_receivers` (every worker of every engine has its own).
 
     Example:
-        with WeightReceiver(cfg, endpoint, device="cuda:0") as receiver:
+        with WeightReceiver(cfg, endpoint, device="cuda:0", rank=1) as receiver:
             stats = receiver.receive(lambda weights, is_last: model.load_weights(weights))
     """
 
-    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu", rank: int = 0) -> None:
         self.cfg = cfg
-        self.endpoint = endpoint
+        self.endpoint = receiver_endpoint(endpoint, rank)
+        self.rank = rank
         self.device = torch.device(device)
         self._policy = make_sync_policy(cfg.sync)
         self._attached: tuple[int, int] | None = None  # (session, generation) of the mapped buffers
@@ -47,7 +49,7 @@ class WeightReceiver(End):
         self._assembly: torch.Tensor | None = None
         self._chunked: tuple[str, int] | None = None  # (name, next chunk) of the tensor being reassembled
         self._direct = DirectReceiver(self.device) if cfg.mode is TransferMode.direct else None
-        self._own(Channel(endpoint, bind=False, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
+        self._own([Channel(self.endpoint, bind=False, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s)])
 
     def receive(self, consume: Consume) -> TransferStats:
         """One refit. Raises whatever consume raised (after telling the sender), PeerError if the
@@ -63,7 +65,7 @@ class WeightReceiver(End):
         start = time.perf_counter()
         try:
             if begin.hello.mode == TransferMode.direct.value:  # rollout/transfer/direct.py
-                self._check_compatible(begin.hello)
+                self._check_compatible(begin)
                 return self._direct.receive(begin, consume, self._next, self._channel, self._policy)
             self._handshake(begin)
             return self._stream(begin, consume, start)
@@ -90,26 +92,30 @@ class WeightReceiver(End):
     def _handshake(self, begin: wire.BeginRefit) -> None:
         for attempt in range(2):
             hello = begin.hello
-            self._check_compatible(hello)
+            self._check_compatible(begin)
             key = (begin.session, hello.generation)
             if self._attached != key:
                 self._detach()
                 try:
-                    self._transport = transports.attach(self.cfg, hello, self.device)
+                    self._transport = transports.attach(self.cfg, hello, self.device, self.rank)
                 except FileNotFoundError as exc:
                     if attempt:
                         raise
-                    self._channel.send(wire.Ready(begin.refit_id, False, str(exc)), "Ready")
+                    self._channel.send(wire.Ready(begin.refit_id, False, str(exc), self.rank), "Ready")
                     begin = self._next(begin.refit_id, wire.BeginRefit, "BeginRefit with fresh buffers")
                     continue
                 self._attached, self._hello = key, hello
-            self._channel.send(wire.Ready(begin.refit_id, True, ""), "Ready")
+            self._channel.send(wire.Ready(begin.refit_id, True, "", self.rank), "Ready")
             return
 
-    def _check_compatible(self, hello: wire.Hello) -> None:
+    def _check_compatible(self, begin: wire.BeginRefit) -> None:
+        hello = begin.hello
         if hello.protocol != wire.PROTOCOL_VERSION:
             raise TransferError(f"sender speaks protocol {hello.protocol}, this receiver {wire.PROTOCOL_VERSION}")
         check_mode(self.cfg, hello)
+        if begin.receiver != self.rank or not 0 <= self.rank < hello.num_receivers:
+            raise wire.ProtocolError(f"{self.endpoint}: receiver {self.rank} got the BeginRefit of receiver {begin.receiver} "
+                                     f"of {hello.num_receivers}")
         if hello.sync != self.cfg.sync.value:
             raise TransferError(f"sync mismatch: sender uses {hello.sync!r}, receiver is configured {self.cfg.sync.value!r}")
         wanted = self.cfg.transport
@@ -120,7 +126,12 @@ class WeightReceiver(End):
         refit_id = begin.refit_id
         num_buckets = num_tensors = num_bytes = 0
         while True:
-            msg = self._next(refit_id, (wire.BucketMeta, wire.EndOfRefit), f"bucket {num_buckets} or EndOfRefit")
+            msg = self._next(refit_id, (wire.BucketMeta, wire.EndOfRefit, wire.BeginRefit), f"bucket {num_buckets} or EndOfRefit")
+            if isinstance(msg, wire.BeginRefit) and not num_buckets:
+                self._handshake(msg)  # another receiver could not attach: the sender offers all of us fresh buffers
+                continue
+            if isinstance(msg, wire.BeginRefit):
+                raise wire.ProtocolError(f"{self.endpoint}: a second BeginRefit of refit {refit_id} after bucket {num_buckets - 1}")
             if isinstance(msg, wire.EndOfRefit):
                 break
             if msg.bucket_index != num_buckets:
@@ -128,7 +139,7 @@ class WeightReceiver(End):
             weights = self._unpack(msg)
 
             def ack(meta: wire.BucketMeta = msg) -> None:
-                self._channel.send(wire.Ack(refit_id, meta.bucket_index, meta.buffer_index), "Ack")
+                self._channel.send(wire.Ack(refit_id, meta.bucket_index, meta.buffer_index, self.rank), "Ack")
 
             self._policy.deliver(weights, msg.is_last, consume, self._fence, ack)
             num_buckets += 1
@@ -139,7 +150,7 @@ class WeightReceiver(End):
                 f"EndOfRefit counts {msg.num_buckets} buckets/{msg.num_tensors} tensors/{msg.num_bytes} bytes, "
                 f"received {num_buckets}/{num_tensors}/{num_bytes}"
             )
-        self._channel.send(wire.Done(refit_id), "Done")
+        self._channel.send(wire.Done(refit_id, self.rank), "Done")
         return TransferStats(begin.version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
 
     def _next(self, refit_id: int, expected: type | tuple[type, ...], what: str):

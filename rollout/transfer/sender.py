@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 import torch
 
 from rollout.transfer import layout, transports, wire
-from rollout.transfer.channel import Channel, End
+from rollout.transfer.channel import Channel, End, receiver_endpoint
 from rollout.transfer.config import TransferConfig, TransferMode
 from rollout.transfer.direct import DirectSender
 from rollout.transfer.errors import PeerError, TransferError
@@ -28,6 +28,12 @@ def _popped_then(box: list, rest: Iterator) -> Iterator:
 class WeightSender(End):
     """Binds the endpoint; one instance serves many refits, reusing its buffers and socket.
 
+    Fan-out: with `num_receivers=N` it serves receivers of rank 0..N-1 (one socket each, see
+    `receiver_endpoint`). Every bucket is packed ONCE into buffers all of them read (shm: one segment
+    mapped by each; cuda_ipc: each opens the same device buffer; nccl: one broadcast to a group of 1 + N),
+    and a buffer is packed again only after EVERY receiver acked it. A receiver that fails, dies or never
+    comes fails the refit within `timeout_s` with an error naming its rank.
+
     Buffers are allocated on the first send() (on `device`: the GPU for cuda_ipc, host shared memory
     for shm) and freed by close(). A tensor on another device than the buffers is moved by the
     packing copy itself (e.g. a CUDA tensor into shm); meta and sparse tensors raise ValueError.
@@ -38,13 +44,17 @@ class WeightSender(End):
     step) until send() returns: the receiver reads them, or their packed copies, until its final ack.
 
     Example:
-        with WeightSender(cfg, endpoint) as sender:
+        with WeightSender(cfg, endpoint, num_receivers=2) as sender:   # WeightReceiver(..., rank=0) and rank=1
             stats = sender.send(model.named_parameters(), version=step)
     """
 
-    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str | None = None) -> None:
+    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str | None = None,
+                 num_receivers: int = 1) -> None:
+        if isinstance(num_receivers, bool) or not isinstance(num_receivers, int) or num_receivers < 1:
+            raise ValueError(f"num_receivers must be an integer >= 1, got {num_receivers!r}")
         self.cfg = cfg
         self.endpoint = endpoint
+        self.num_receivers = num_receivers
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -53,12 +63,23 @@ class WeightSender(End):
         self._generation = 0
         self._session = secrets.randbits(62)  # distinguishes us from a previous sender on this endpoint
         self._next_refit_id = 1
+        if cfg.mode is TransferMode.direct and num_receivers != 1:
+            raise ValueError(f"rollout.transfer.mode=direct serves one receiver, got num_receivers={num_receivers} "
+                             "(fan-out reads packed buckets: use mode=bucketed)")
         self._direct = DirectSender(cfg, self.transport_kind, self.device) if cfg.mode is TransferMode.direct else None
-        self._own(Channel(endpoint, bind=True, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
+        channels: list[Channel] = []
+        try:
+            for rank in range(num_receivers):
+                channels.append(Channel(receiver_endpoint(endpoint, rank), bind=True, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
+        except BaseException:
+            for channel in channels:
+                channel.close()
+            raise
+        self._own(channels)
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> TransferStats:
-        """One refit: returns once the receiver has consumed every bucket. Raises PeerError with the
-        receiver's message if its consume failed, TransferTimeout if it did not answer in time."""
+        """One refit: returns once every receiver has consumed every bucket. Raises PeerError with a
+        receiver's message if its consume failed, TransferTimeout if one did not answer in time."""
         if self._channel is None:
             raise TransferError(f"{self.endpoint}: send() on a closed WeightSender")
         refit_id = self._next_refit_id
@@ -67,7 +88,7 @@ class WeightSender(End):
         if self._direct is not None:  # mode=direct (rollout/transfer/direct.py); None: this refit falls back
             named_tensors, direct = self._direct.prepare(named_tensors)
             if direct is not None:
-                return self._direct.send(self._channel, self._session, refit_id, version, direct, self._wait, start)
+                return self._direct.send(self._channel, self._session, refit_id, version, direct, self._wait_one, start)
         buckets = layout.plan_buckets(named_tensors, self.cfg.bucket_bytes)
         # Plan the first bucket before talking to the receiver: bad leading inputs (a meta tensor,
         # an unsupported dtype) fail here without starting a refit.
@@ -79,9 +100,9 @@ class WeightSender(End):
             self._begin(refit_id, version)
             return self._stream(refit_id, version, stream, start)
         except BaseException as exc:
-            if not isinstance(exc, PeerError):
-                # Tell the receiver now rather than let it wait out its timeout; then re-raise.
-                self._channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
+            # Tell the receivers now rather than let them wait out their timeout; then re-raise. After a
+            # receiver's Error (PeerError) the others still wait: they hear why; that one ignores it.
+            self._broadcast_try(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
             if self._transport is not None:
                 self._transport.close()  # a transfer may be in flight: the next refit starts afresh
                 self._transport = None
@@ -91,21 +112,24 @@ class WeightSender(End):
         detail = ""
         for _ in range(2):
             if self._transport is None:
-                self._transport = transports.allocate(self.cfg, self.transport_kind, self._policy.num_buffers, self.device)
+                self._transport = transports.allocate(
+                    self.cfg, self.transport_kind, self._policy.num_buffers, self.device, self.num_receivers)
                 self._generation += 1
             hello = wire.Hello(
                 wire.PROTOCOL_VERSION, self.transport_kind.value, self.cfg.sync.value, self.cfg.bucket_bytes,
-                self._generation, **self._transport.describe(),
+                self._generation, **self._transport.describe(), num_receivers=self.num_receivers,
             )
-            self._channel.send(wire.BeginRefit(self._session, refit_id, version, hello), "BeginRefit")
-            ready = self._wait(refit_id, wire.Ready, "Ready")
-            if ready.attached:
+            for rank, channel in enumerate(self._channels):
+                channel.send(wire.BeginRefit(self._session, refit_id, version, hello, rank), f"BeginRefit to receiver {rank}")
+            readies = self._wait_all(refit_id, wire.Ready, "Ready")
+            if all(r.attached for r in readies):
                 return
-            # A receiver that came after the names were unlinked (a restarted worker): start afresh.
-            detail = ready.detail
+            # A receiver that came after the names were unlinked (a restarted worker): start afresh, all
+            # receivers together (those that attached take the new BeginRefit as a second handshake).
+            detail = "; ".join(f"receiver {r.receiver}: {r.detail}" for r in readies if not r.attached)
             self._transport.close()
             self._transport = None
-        raise TransferError(f"{self.endpoint}: receiver could not attach fresh buffers: {detail}")
+        raise TransferError(f"{self.endpoint}: a receiver could not attach fresh buffers: {detail}")
 
     def _stream(self, refit_id: int, version: int, buckets: Iterator[layout.PlannedBucket], start: float) -> TransferStats:
         transport, bucket_bytes = self._transport, self.cfg.bucket_bytes
@@ -116,16 +140,16 @@ class WeightSender(End):
             entries = [p.entry for p in bucket.placements]
             # The layout goes out before buffer `index` is free: the receiver decodes it and builds its
             # views while we wait for the Ack and pack, and only the short Packed is left on the critical path.
-            self._channel.send(wire.BucketMeta(refit_id, k, index, bucket.nbytes, bucket.is_last, entries), f"BucketMeta {k}")
+            self._broadcast(wire.BucketMeta(refit_id, k, index, bucket.nbytes, bucket.is_last, entries), f"BucketMeta {k}")
             if k >= num_buffers:
-                self._wait_ack(refit_id, k - num_buffers, index)
+                self._wait_acks(refit_id, k - num_buffers, index)
             what = f"{self.endpoint}: bucket {k} of refit {refit_id}"
             transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
             buffer = transport.buffer(index)
             layout.pack(bucket, buffer, bucket_bytes)
             digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
             packed = wire.Packed(refit_id, k, digest)
-            transport.publish(index, bucket.nbytes, lambda: self._channel.send(packed, f"Packed {k}"), what)
+            transport.publish(index, bucket.nbytes, lambda: self._broadcast(packed, f"Packed {k}"), what)
             num_buckets += 1
             num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
             num_bytes += sum(e.nbytes for e in entries)
@@ -133,27 +157,48 @@ class WeightSender(End):
             # sharded trainer's gathered parameters) then live for one bucket, never the whole model.
             del bucket
         for k in range(max(0, num_buckets - num_buffers), num_buckets):
-            self._wait_ack(refit_id, k, k % num_buffers)
-        self._channel.send(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")
-        self._wait(refit_id, wire.Done, "Done")
+            self._wait_acks(refit_id, k, k % num_buffers)
+        self._broadcast(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")
+        self._wait_all(refit_id, wire.Done, "Done")
         return TransferStats(version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
 
-    def _wait_ack(self, refit_id: int, bucket_index: int, buffer_index: int) -> None:
-        ack = self._wait(refit_id, wire.Ack, f"Ack of bucket {bucket_index}")
-        if (ack.bucket_index, ack.buffer_index) != (bucket_index, buffer_index):
-            raise wire.ProtocolError(
-                f"{self.endpoint}: expected the Ack of bucket {bucket_index} (buffer {buffer_index}), "
-                f"got one of bucket {ack.bucket_index} (buffer {ack.buffer_index})"
-            )
+    def _broadcast(self, msg: wire.Message, what: str) -> None:
+        for rank, channel in enumerate(self._channels):
+            channel.send(msg, f"{what} to receiver {rank}")
 
-    def _wait(self, refit_id: int, expected: type, what: str):
-        deadline = self._channel.deadline()
+    def _broadcast_try(self, msg: wire.Message) -> None:
+        for channel in self._channels:
+            channel.try_send(msg)
+
+    def _wait_acks(self, refit_id: int, bucket_index: int, buffer_index: int) -> None:
+        """Every receiver's Ack of the bucket: only then may its buffer be packed again."""
+        for ack in self._wait_all(refit_id, wire.Ack, f"Ack of bucket {bucket_index}"):
+            if (ack.bucket_index, ack.buffer_index) != (bucket_index, buffer_index):
+                raise wire.ProtocolError(
+                    f"{self.endpoint}: expected the Ack of bucket {bucket_index} (buffer {buffer_index}) from receiver "
+                    f"{ack.receiver}, got one of bucket {ack.bucket_index} (buffer {ack.buffer_index})"
+                )
+
+    def _wait_all(self, refit_id: int, expected: type, what: str) -> list:
+        """`expected` from each receiver in rank order, all within one timeout_s: the answers that came
+        early wait in their sockets while we read the others."""
+        deadline = self._channels[0].deadline()
+        return [self._wait(rank, refit_id, expected, what, deadline) for rank in range(self.num_receivers)]
+
+    def _wait_one(self, refit_id: int, expected: type, what: str):
+        """The one receiver's answer (mode=direct)."""
+        return self._wait(0, refit_id, expected, what, self._channel.deadline())
+
+    def _wait(self, rank: int, refit_id: int, expected: type, what: str, deadline: float):
+        channel = self._channels[rank]
         while True:
-            msg = self._channel.recv(f"{what} of refit {refit_id}", deadline)
+            msg = channel.recv(f"{what} of refit {refit_id} from receiver {rank}", deadline)
             if getattr(msg, "refit_id", None) != refit_id:
                 continue  # a late answer from an aborted refit
             if isinstance(msg, wire.Error):
-                raise PeerError(f"{self.endpoint}: the receiver failed refit {refit_id}: {msg.message}")
+                raise PeerError(f"{self.endpoint}: receiver {rank} failed refit {refit_id}: {msg.message}")
             if not isinstance(msg, expected):
-                raise wire.ProtocolError(f"{self.endpoint}: got {type(msg).__name__} while waiting for {what}")
+                raise wire.ProtocolError(f"{self.endpoint}: got {type(msg).__name__} from receiver {rank} while waiting for {what}")
+            if msg.receiver != rank:
+                raise wire.ProtocolError(f"{self.endpoint}: receiver {rank}'s socket carried a {what} from receiver {msg.receiver}")
             return msg

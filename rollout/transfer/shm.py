@@ -3,8 +3,10 @@
 The sender creates one segment per buffer (`refit-<uuid>-<i>`, mode 0600) and names them in the
 handshake. As soon as the receiver has mapped them, both ends unlink the names: the memory lives on
 in the two mappings and disappears with the last of them, so no segment can outlive a SIGKILLed
-peer. A receiver that arrives later (a restarted worker) finds the names gone and asks the sender
-for fresh buffers. posix_fallocate reserves the pages up front, so a full /dev/shm fails here with
+peer. With several receivers (fan-out) every one maps the same segments and only the sender unlinks
+them, at its first publish (every Ready is in by then) or close: a sender SIGKILLed before that leaves
+them behind, as one receiver's would before it mapped them. A receiver that arrives later (a restarted
+worker) finds the names gone and asks the sender for fresh buffers. posix_fallocate reserves the pages up front, so a full /dev/shm fails here with
 ENOSPC instead of a SIGBUS in the middle of a copy. Files are mapped by torch.from_file, so the
 mapping is released when the last tensor viewing it dies, never under a live view.
 """
@@ -37,9 +39,11 @@ class ShmTransport:
     receiver_side.buffer(0)[offset : offset + nbytes]  # uint8 view of the sender's pages, no copy
     """
 
-    def __init__(self, buffers: list[torch.Tensor], names: list[str]) -> None:
+    def __init__(self, buffers: list[torch.Tensor], names: list[str], unlinks: bool = True) -> None:
         self._buffers = buffers
         self._names = names
+        self._unlinks = unlinks  # False for one of several receivers: the others may still have to map the names
+        self._named = True  # the names still exist
         self.device = torch.device("cpu")
 
     @classmethod
@@ -76,7 +80,7 @@ class ShmTransport:
                 raise TransferError(f"segment {desc.name} has {size} bytes, the handshake says {desc.nbytes}")
             buffers.append(torch.from_file(path, shared=True, size=desc.nbytes, dtype=torch.uint8))
             names.append(desc.name)
-        transport = cls(buffers, names)
+        transport = cls(buffers, names, unlinks=hello.num_receivers == 1)
         transport.unlink()
         return transport
 
@@ -93,19 +97,25 @@ class ShmTransport:
         """The receiver's Ack came after its consumer stopped reading (and nothing else reads)."""
 
     def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None:
-        """The packing copies have returned, so the bytes are in the shared pages: announce at once."""
+        """The packing copies have returned, so the bytes are in the shared pages: announce at once. Every
+        receiver has mapped the segments by now (all Readies came before the first bucket): drop the names."""
+        self.unlink()
         announce()
 
     def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None:
         """Packed was sent after the copies returned: the bytes are already here."""
 
     def unlink(self) -> None:
-        """Remove the names; the mappings stay valid. Idempotent."""
+        """Remove the names; the mappings stay valid. Idempotent. Not by one of several receivers (one that
+        gives up must not take the names from the others; the sender removes them)."""
+        if not (self._unlinks and self._named):
+            return
         for name in self._names:
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:
                 pass
+        self._named = False
 
     def close(self) -> None:
         """Idempotent. Views a consumer still holds keep their mapping alive until they die."""

@@ -57,8 +57,10 @@ def resolve_transport(cfg: TransferConfig, device: torch.device | str) -> Transp
     return platform_resolve(cfg.transport, torch.device(device).type)
 
 
-def allocate(cfg: TransferConfig, kind: Transport, num_buffers: int, device: torch.device | str | None) -> BucketTransport:
-    """The sender's end of a `kind` transport: `num_buffers` buffers of cfg.bucket_bytes each."""
+def allocate(cfg: TransferConfig, kind: Transport, num_buffers: int, device: torch.device | str | None,
+             num_receivers: int = 1) -> BucketTransport:
+    """The sender's end of a `kind` transport: `num_buffers` buffers of cfg.bucket_bytes each, read by
+    `num_receivers` receivers (shm and cuda_ipc share them as they are; nccl broadcasts to 1 + N ranks)."""
     if kind == Transport.shm:
         from rollout.transfer.shm import ShmTransport
 
@@ -70,12 +72,12 @@ def allocate(cfg: TransferConfig, kind: Transport, num_buffers: int, device: tor
     if kind == Transport.nccl:
         from rollout.transfer.nccl import NcclTransport
 
-        return NcclTransport.allocate(num_buffers, cfg.bucket_bytes, device, cfg.timeout_s, cfg.nccl)
+        return NcclTransport.allocate(num_buffers, cfg.bucket_bytes, device, cfg.timeout_s, cfg.nccl, num_receivers)
     raise ValueError(f"rollout.transfer.transport={kind.value!r} is not implemented by WeightSender (shm, cuda_ipc, nccl)")
 
 
-def attach(cfg: TransferConfig, hello: wire.Hello, device: torch.device) -> BucketTransport:
-    """The receiver's end of the sender's transport. Raises FileNotFoundError when another receiver
+def attach(cfg: TransferConfig, hello: wire.Hello, device: torch.device, rank: int = 0) -> BucketTransport:
+    """Receiver `rank`'s end of the sender's transport. Raises FileNotFoundError when another receiver
     took the buffers first (the caller asks for fresh ones), TransferError when they cannot serve `device`."""
     if hello.transport == Transport.shm.value:
         from rollout.transfer.shm import ShmTransport
@@ -88,5 +90,5 @@ def attach(cfg: TransferConfig, hello: wire.Hello, device: torch.device) -> Buck
     if hello.transport == Transport.nccl.value:
         from rollout.transfer.nccl import NcclTransport
 
-        return NcclTransport.attach(hello, device, cfg.timeout_s, cfg.nccl)
+        return NcclTransport.attach(hello, device, cfg.timeout_s, cfg.nccl, rank)
     raise ValueError(f"the sender offers transport {hello.transport!r}, which this receiver cannot attach")

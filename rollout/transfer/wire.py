@@ -5,7 +5,9 @@ dataclasses below from plain msgpack values (ints, floats, str, bytes, lists), s
 reaches the socket can at worst send a malformed message (ProtocolError) — never make the peer run
 code. No pickle anywhere. Tensor dtypes travel as names mapped through an explicit whitelist.
 
-One refit, in order (S = sender, R = receiver):
+One refit, in order (S = sender, R = receiver). A sender with N receivers (every worker of one or
+several engines) runs this exchange with each of them on its own socket, sending every message to all
+and awaiting every answer before it goes on; each answer names its receiver's rank.
     S->R BeginRefit (carries the Hello: transport, sync, buffer descriptors)
     R->S Ready (attached=False asks the sender for fresh buffers)
     per bucket k, with buffer k % num_buffers:
@@ -31,7 +33,9 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 5  # 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event; 4: Packed split from BucketMeta; 5: Hello.mode, DirectLayout
+# 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event; 4: Packed split from BucketMeta; 5: Hello.mode, DirectLayout;
+# 6: N receivers (Hello.num_receivers, the receiver's rank in BeginRefit, Ready, Ack and Done)
+PROTOCOL_VERSION = 6
 
 
 class ProtocolError(ValueError):
@@ -124,6 +128,7 @@ class Hello:
     cuda_buffers: list[CudaIpcBuffer]
     nccl_buffers: list[NcclBuffer] = field(default_factory=list)
     mode: str = "bucketed"  # or "direct": a DirectLayout follows instead of buckets
+    num_receivers: int = 1  # every receiver maps the same buffers (shm, cuda_ipc) or joins one group (nccl)
     _lists: ClassVar[dict[str, type]] = {"shm_buffers": ShmBuffer, "cuda_buffers": CudaIpcBuffer, "nccl_buffers": NcclBuffer}
 
     @property
@@ -151,6 +156,7 @@ class BeginRefit:
     refit_id: int
     version: int
     hello: Hello
+    receiver: int = 0  # the rank this BeginRefit is addressed to
     _nested: ClassVar[dict[str, type]] = {"hello": Hello}
 
 
@@ -159,6 +165,7 @@ class Ready:
     refit_id: int
     attached: bool  # False: the buffers named in the Hello could not be attached
     detail: str
+    receiver: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,8 @@ class Packed:
 class Ack:
     refit_id: int
     bucket_index: int
-    buffer_index: int  # the buffer the sender may overwrite now
+    buffer_index: int  # the buffer the sender may overwrite now (once every receiver acked it)
+    receiver: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,6 +209,7 @@ class EndOfRefit:
 @dataclass(frozen=True)
 class Done:
     refit_id: int
+    receiver: int = 0
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,21 @@ def extra_engine():
     for ro, pids in started:
         ro.close()
         assert not wait_gone(pids), "an extra engine's processes survived close()"
+
+
+@pytest.fixture(scope="module")
+def module_rollout():
+    """Start a rollout with its own config (a TP=2 engine, an engine group) that lives for one test module;
+    at the end it is closed (again: close() is idempotent) and its processes must be gone."""
+    started = []
+
+    def start(cfg, model_path):
+        before = child_pids()
+        ro = build_rollout(cfg, model_path, worker_extension=BENCH_WORKER_EXTENSION)  # as the shared engine
+        started.append((ro, child_pids() - before))
+        return ro
+
+    yield start
+    for ro, pids in started:
+        ro.close()
+        assert not wait_gone(pids), "a module rollout's processes survived close()"

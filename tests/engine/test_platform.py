@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from rollout.config import Backend
-from rollout.platform import get_platform, npu_ipc_supported, parse_ascend_version, probe_ascend_versions
+from rollout.platform import get_platform, npu_ipc_supported, parse_ascend_version, probe_ascend_versions, share_out
 from rollout.transfer import TransferConfig, resolve_transport
 from rollout.transfer.config import Transport
 
@@ -117,3 +118,32 @@ def test_auto_dtype_on_cpu_is_the_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     assert resolve_dtype("auto", "cpu", str(tmp_path)) == "bfloat16"
     assert resolve_dtype("auto", "cpu", str(tmp_path / "missing")) == "auto"
+
+
+def test_cpu_worker_env_gives_each_worker_its_own_cores():
+    """vLLM's default binding refuses 2 workers on a 1-NUMA-node host; the platform hands out cores instead."""
+    p = get_platform(Backend.vllm_cpu)
+    assert p.worker_env(0, 1, 1, units=[0, 1]) == {}  # one worker: vLLM's own choice
+    assert p.worker_env(0, 1, 2, units=[0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    assert p.worker_env(1, 2, 1, units=[0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert p.worker_env(1, 2, 2, units=list(range(8))) == {"VLLM_CPU_OMP_THREADS_BIND": "4,5|6,7"}
+    assert p.worker_env(1, 2, 2, units=[0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # fewer cores: shared in turn
+    assert set(p.worker_env(0, 1, 2)["VLLM_CPU_OMP_THREADS_BIND"].split("|")) <= {
+        ",".join(map(str, s)) for s in share_out(sorted(os.sched_getaffinity(0)), 2)}
+    with pytest.raises(ValueError, match="engine 2 of 2"):
+        p.worker_env(2, 2, 1, units=[0, 1])
+
+
+def test_gpu_worker_env_gives_each_engine_its_own_devices():
+    p = get_platform("vllm_gpu", device_api=FakeDeviceApi())
+    assert p.worker_env(0, 1, 2, units=[0, 1]) == {}  # one engine sees what this process sees
+    assert p.worker_env(1, 2, 2, units=[4, 5, 6, 7]) == {"CUDA_VISIBLE_DEVICES": "6,7"}
+    with pytest.raises(ValueError, match="need 4 cuda devices, 2 are visible"):
+        p.worker_env(0, 2, 2, units=[0, 1])
+
+
+def test_share_out():
+    assert share_out([0, 1, 2], 2) == [[0], [1, 2]]
+    assert share_out([0], 3) == [[0], [0], [0]]
+    with pytest.raises(ValueError, match="no cores or devices"):
+        share_out([], 1)

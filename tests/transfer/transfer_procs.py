@@ -129,10 +129,10 @@ class CorruptingSender(WeightSender):
         transport.publish, transport.corrupting = corrupt_then_publish, True
 
 
-def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool, device: str) -> list[tuple]:
+def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool, device: str, num_receivers: int = 1) -> list[tuple]:
     cls = CorruptingSender if corrupt else WeightSender
     results = []
-    with cls(TransferConfig(**cfg_kwargs), endpoint, device=device) as sender:
+    with cls(TransferConfig(**cfg_kwargs), endpoint, device=device, num_receivers=num_receivers) as sender:
         for spec in plan:
             try:
                 tensors = [(n, t.to(device)) for n, t in tensors_for(spec)]
@@ -166,8 +166,10 @@ class SenderServer:
         self.process = CTX.Process(target=sender_server, args=(child,), daemon=True)
         self.process.start()
 
-    def run(self, cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool = False, device: str = "cpu") -> None:
-        self._conn.send({"cfg_kwargs": cfg_kwargs, "endpoint": endpoint, "plan": plan, "corrupt": corrupt, "device": device})
+    def run(self, cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool = False, device: str = "cpu",
+            num_receivers: int = 1) -> None:
+        self._conn.send({"cfg_kwargs": cfg_kwargs, "endpoint": endpoint, "plan": plan, "corrupt": corrupt, "device": device,
+                         "num_receivers": num_receivers})
 
     def result(self, timeout_s: float = 60.0) -> list[tuple]:
         if not self._conn.poll(timeout_s):
@@ -216,11 +218,11 @@ def receiving_from_a_killed_sender(cfg_kwargs: dict, endpoint: str):
         yield receiver, error, seen
 
 
-def receiver_that_dies(cfg_kwargs: dict, endpoint: str, device: str = "cpu") -> None:
+def receiver_that_dies(cfg_kwargs: dict, endpoint: str, device: str = "cpu", rank: int = 0) -> None:
     """Receive one refit and SIGKILL itself inside consume, i.e. mid-refit, holding the buffers."""
     torch.set_num_threads(1)
     torch.zeros(1, device=device)  # a GPU's start-up now, not inside the sender's wait for Ready
-    receiver = WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device=device)
+    receiver = WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device=device, rank=rank)
     receiver.receive(lambda weights, is_last: os.kill(os.getpid(), signal.SIGKILL))
 
 
