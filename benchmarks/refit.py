@@ -59,6 +59,7 @@ from typing import Any, Optional
 import torch
 
 from rollout.config import Backend, BackendConfig, Mode, RefitTimeouts, RolloutConfig
+from rollout.load_path import LoadPath
 from rollout.transfer import Sync, TransferConfig, TransferMode
 from rollout.transfer.config import _coerce
 
@@ -103,6 +104,7 @@ class RefitBenchRollout:
     """The parts of `rollout` this benchmark lets you set; the backend node is built from `bench`."""
 
     mode: Mode = Mode.colocate
+    load_path: LoadPath = LoadPath.layerwise  # as rollout.load_path: auto | layerwise | direct
     # transport auto: shm on the CPU, cuda_ipc on a GPU; long waits: a 15 GB refit on a busy host
     transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))
     timeouts: RefitTimeouts = field(
@@ -111,6 +113,7 @@ class RefitBenchRollout:
 
     def __post_init__(self) -> None:
         self.mode = _coerce(Mode, self.mode, "rollout.mode")
+        self.load_path = _coerce(LoadPath, self.load_path, "rollout.load_path")
 
 
 @dataclass
@@ -288,7 +291,8 @@ def rollout_config(root: RefitBenchRoot, subject: Subject) -> RolloutConfig:
     if utilization is not None:
         backend["gpu_memory_utilization"] = utilization
     r = root.rollout
-    return RolloutConfig(backend=BackendConfig(**backend), mode=r.mode, transfer=r.transfer, timeouts=r.timeouts)
+    return RolloutConfig(backend=BackendConfig(**backend), mode=r.mode, transfer=r.transfer, timeouts=r.timeouts,
+                         load_path=r.load_path)
 
 
 def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, tmp: str, device) -> dict:

@@ -90,7 +90,7 @@ class EngineGroup:
         RefitError and no engine generates until a later refit succeeds."""
         start, was_asleep = self._prepare(version)
         try:
-            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, self._receives())
+            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, self._receives(), self.cfg.load_path)
         except BaseException:
             self._failed(version)
             raise
@@ -100,7 +100,7 @@ class EngineGroup:
         """As VllmRollout.begin_refit: one sender in another process feeds every worker of every engine."""
         start, was_asleep = self._prepare(version)
         try:
-            endpoint = self._channel.begin(self.transfer, version, self._receives())
+            endpoint = self._channel.begin(self.transfer, version, self._receives(), self.cfg.load_path)
         except BaseException:
             self._failed(version)
             raise
