@@ -190,6 +190,10 @@ class WeightReceiver(End):
         if chunk_copy is not None:
             destination, region = chunk_copy
             destination.copy_(region)
+            # The consumer may read on a stream of its own (vLLM's worker loads on a dedicated non-blocking
+            # one), which does not wait for this thread's: the copy must be complete before it sees the tensor.
+            if destination.device.type != "cpu":
+                getattr(torch, destination.device.type).current_stream(destination.device).synchronize()
         return weights
 
     def _views(self, meta: wire.BucketMeta) -> tuple[list[tuple[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]:

@@ -101,3 +101,33 @@ def test_cuda_ipc_verify_detects_corruption(sender_server):
         with pytest.raises(IntegrityError, match="layer.0"):
             receiver.receive(lambda w, last: None)
     assert sender_server.result()[0][1] == "PeerError"
+
+
+def test_cuda_ipc_reassembled_tensor_is_complete_for_a_consumer_on_another_stream(sender_server):
+    """A tensor larger than a bucket is reassembled by the receiver (a device copy per chunk); its last
+    chunk's copy must be complete before consume sees the tensor, whatever stream the consumer reads on.
+    vLLM's worker loads on a dedicated non-blocking stream of its own (vllm.utils.torch_utils.current_stream),
+    which does not wait for the receiver's stream: reading at once, as the direct load path does, saw a
+    half-copied embedding on a 15 GB refit (the 7B H200 run). Refit 2 overwrites refit 1's bytes, so a read
+    that runs ahead of the copy sees the old values."""
+    bucket = 256 << 20
+    cfg = _cfg(bucket_mb=256)
+    endpoint = new_endpoint()
+    seeds = [31, 32]
+    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": bucket, "seed": s, "version": s} for s in seeds],
+                      device="cuda")
+    loader = torch.cuda.Stream(device="cuda:0")  # non-blocking, as PyTorch's pool streams are
+    with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
+        for seed in seeds:
+            got = {}
+
+            def consume(weights, is_last):
+                with torch.cuda.stream(loader):  # read at once, on another stream, as vLLM's loader does
+                    for name, view in weights:
+                        got[name] = view.clone()
+                loader.synchronize()
+
+            receiver.receive(consume)
+            big = dict(mixed_tensors(bucket, seed))["big.3_5x"]
+            assert torch.equal(as_bytes(got["big.3_5x"].cpu()), as_bytes(big)), f"refit {seed}: a partial reassembly"
+    assert all(r[0] == "ok" for r in sender_server.result())
