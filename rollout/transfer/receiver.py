@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 
 import torch
 
@@ -73,6 +74,9 @@ class WeightReceiver(End):
             if not isinstance(exc, PeerError):
                 self._channel.try_send(wire.Error(begin.refit_id, f"{type(exc).__name__}: {exc}"))
             self._detach()  # a transfer may be in flight: the sender starts afresh next time
+            # The finished frames' locals (views over the buffers) would keep the closed segments mapped for as
+            # long as the caller keeps the exception: drop them, the traceback's lines stay.
+            traceback.clear_frames(exc.__traceback__)
             raise
 
     def _wait_begin(self) -> wire.BeginRefit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import traceback
 from typing import Iterable, Iterator
 
 import torch
@@ -106,6 +107,7 @@ class WeightSender(End):
             if self._transport is not None:
                 self._transport.close()  # a transfer may be in flight: the next refit starts afresh
                 self._transport = None
+            traceback.clear_frames(exc.__traceback__)  # no view over a closed buffer outlives it in a frame
             raise
 
     def _begin(self, refit_id: int, version: int) -> None:
