@@ -144,8 +144,7 @@ class WeightSender(End):
             if k >= num_buffers:
                 self._wait_acks(refit_id, k - num_buffers, index)
             what = f"{self.endpoint}: bucket {k} of refit {refit_id}"
-            transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
-            buffer = transport.buffer(index)
+            buffer = transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
             layout.pack(bucket, buffer, bucket_bytes)
             digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
             packed = wire.Packed(refit_id, k, digest)
