@@ -15,7 +15,7 @@ from rollout.transfer.channel import Channel, End, receiver_endpoint
 from rollout.transfer.config import TransferConfig, TransferMode, Transport
 from rollout.transfer.direct import DirectReceiver, check_mode
 from rollout.transfer.errors import IntegrityError, PeerError, TransferError
-from rollout.transfer.stats import TransferStats
+from rollout.transfer.stats import OnStep, TransferStats, no_observer
 from rollout.transfer.sync import Consume, make_sync_policy
 
 
@@ -33,15 +33,18 @@ class WeightReceiver(End):
     (with shm they are CPU tensors; with cuda_ipc they live on the receiver's GPU). A tensor larger
     than a bucket arrives whole, reassembled in a receiver-owned buffer that is reused across refits.
     A refit of zero tensors completes without calling consume. `rank` is this receiver's place among
-    the sender's `num_receivers` (every worker of every engine has its own).
+    the sender's `num_receivers` (every worker of every engine has its own). `on_step(step, k)` (see
+    stats.OnStep) hears, for each bucket k: "got BucketMeta", "got Packed", "send Ack".
 
     Example:
         with WeightReceiver(cfg, endpoint, device="cuda:0", rank=1) as receiver:
             stats = receiver.receive(lambda weights, is_last: model.load_weights(weights))
     """
 
-    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu", rank: int = 0) -> None:
+    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu", rank: int = 0,
+                 on_step: OnStep | None = None) -> None:
         self.cfg = cfg
+        self._on_step = on_step or no_observer
         self.endpoint = receiver_endpoint(endpoint, rank)
         self.rank = rank
         self.device = torch.device(device)
@@ -141,9 +144,11 @@ class WeightReceiver(End):
                 break
             if msg.bucket_index != num_buckets:
                 raise wire.ProtocolError(f"expected bucket {num_buckets}, got {msg.bucket_index}")
+            self._on_step("got BucketMeta", num_buckets)
             weights = self._unpack(msg)
 
             def ack(meta: wire.BucketMeta = msg) -> None:
+                self._on_step("send Ack", meta.bucket_index)
                 self._channel.send(wire.Ack(refit_id, meta.bucket_index, meta.buffer_index, self.rank), "Ack")
 
             self._policy.deliver(weights, msg.is_last, consume, self._fence, ack)
@@ -184,6 +189,7 @@ class WeightReceiver(End):
         packed = self._next(meta.refit_id, wire.Packed, f"Packed {meta.bucket_index}")
         if packed.bucket_index != meta.bucket_index:
             raise wire.ProtocolError(f"expected Packed {meta.bucket_index}, got Packed {packed.bucket_index}")
+        self._on_step("got Packed", meta.bucket_index)
         what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
         data = self._transport.acquire(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
         if not _starts_at(data, buffer) or data.numel() != meta.nbytes:
