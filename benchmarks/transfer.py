@@ -172,9 +172,10 @@ def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes,
         bucket = torch.zeros(cfg.bucket_bytes, dtype=torch.uint8, device=device)
         peer = None if receiver_device == device else torch.zeros_like(bucket, device=receiver_device)
     floors, refits, num_buckets = [], [], 0
+    trace = _Trace(device) if bench.trace else None
     memory = {"before": _memory(device)}
     _reset_peaks(device)
-    with WeightSender(cfg, endpoint, device=device) as sender:
+    with WeightSender(cfg, endpoint, device=device, on_step=trace and trace.on_step) as sender:
         for repeat in range(bench.num_repeats + 1):  # repeat 0 warms up buffers, caches, page tables
             if direct:
                 floor = _one_copy_floor(state, dests, device)
@@ -186,9 +187,8 @@ def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes,
                 refits.append(stats.seconds)
             num_buckets, num_bytes = stats.num_buckets, stats.num_bytes
         memory["after"] = _memory(device)
-        trace = None
-        if bench.trace:
-            with _Trace(sender._channel, device) as trace:
+        if trace:
+            with trace:
                 sender.send(state.items(), version=bench.num_repeats + 1)
     results.put({"floor_s": floors, "refit_s": refits, "num_buckets": num_buckets, "num_bytes": num_bytes,
                  "sender_memory": memory,
@@ -204,65 +204,61 @@ def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shape
         for name, view in weights:
             dests[name].copy_(view)
 
+    trace = _Trace(device) if bench.trace else None
     memory = {"before": _memory(device)}
-    with WeightReceiver(cfg, endpoint, device=device) as receiver:
+    with WeightReceiver(cfg, endpoint, device=device, on_step=trace and trace.on_step) as receiver:
         for _ in range(bench.num_repeats + 1):
             receiver.receive(consume)
         memory["after"] = _memory(device)
-        trace = None
-        if bench.trace:
-            with _Trace(receiver._channel, device) as trace:
+        if trace:
+            with trace:
                 receiver.receive(trace.timed("load", consume))
         results.put({"receiver_memory": memory, "receiver_trace": trace and trace.records()})
 
 
 class _Trace:
-    """Per-bucket timeline of one refit, for `bench.trace`: when each end sent and got each message (host
-    time on the clock both processes share) and how long each pack / load ran on the device (CUDA events
-    in its own process). Wraps the channel of one end and, on the sender, layout.pack, while active."""
+    """Per-bucket timeline of one refit, for `bench.trace`: when each end took each step of each bucket (the
+    steps its on_step argument hears, host time on the clock both processes share) and how long each pack /
+    load ran on the device (CUDA events in its own process). Records only inside `with trace:`."""
 
-    def __init__(self, channel, device: str) -> None:
-        self._channel, self._cuda = channel, torch.device(device).type == "cuda"
-        self._host: list[tuple[str, int, float]] = []  # (what, bucket, time)
+    def __init__(self, device: str) -> None:
+        self._cuda = torch.device(device).type == "cuda"
+        self._recording = False
+        self._host: list[tuple[str, int, float]] = []  # (step, bucket or -1, time)
         self._gpu: list[tuple[str, object, object]] = []  # (what, start event, end event)
 
     def __enter__(self):
-        from rollout.transfer import wire
-
-        recv, send, pack = self._channel.recv, self._channel.send, layout.pack
-
-        def traced_recv(*args):
-            msg = recv(*args)
-            if isinstance(msg, (wire.Ack, wire.BucketMeta, wire.Packed)):
-                self._host.append((f"got {type(msg).__name__}", msg.bucket_index, time.monotonic()))
-            return msg
-
-        def traced_send(msg, what):
-            if isinstance(msg, (wire.Ack, wire.BucketMeta, wire.Packed)):
-                self._host.append((f"sent {type(msg).__name__}", msg.bucket_index, time.monotonic()))
-            send(msg, what)
-
-        self._restore = (recv, send, pack)
-        self._channel.recv, self._channel.send = traced_recv, traced_send
-        layout.pack = self.timed("pack", pack)
+        self._recording = True
         return self
 
     def __exit__(self, *exc) -> None:
-        self._channel.recv, self._channel.send, layout.pack = self._restore
+        self._recording = False
+
+    def on_step(self, step: str, bucket_index: int) -> None:
+        if not self._recording:
+            return
+        self._host.append((step, bucket_index, time.monotonic()))
+        if self._cuda and step == "pack start":
+            self._pack_start = self._event()
+        elif self._cuda and step == "pack end":
+            self._gpu.append(("pack", self._pack_start, self._event()))
 
     def timed(self, what: str, fn):
         def wrapper(*args):
             self._host.append((f"{what} start", -1, time.monotonic()))
-            if self._cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+            start = self._event() if self._cuda else None
             fn(*args)
-            self._host.append((f"{what} launched", -1, time.monotonic()))
+            self._host.append((f"{what} end", -1, time.monotonic()))
             if self._cuda:
-                end.record()
-                self._gpu.append((what, start, end))
+                self._gpu.append((what, start, self._event()))
 
         return wrapper
+
+    @staticmethod
+    def _event():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def records(self) -> dict:
         if self._cuda:
@@ -272,7 +268,7 @@ class _Trace:
 
 def trace_table(sender: dict, receiver: dict) -> list[tuple[str, float]]:
     """Median over buckets 1.. of each step of the sender -> receiver -> sender cycle, in ms. Steps with no
-    bucket index (pack/load start, launched) take the index of the message that follows them."""
+    bucket index (the load's start and end) take the index of the step that follows them."""
 
     def by_bucket(host):
         out, pending = {}, []
@@ -289,13 +285,13 @@ def trace_table(sender: dict, receiver: dict) -> list[tuple[str, float]]:
     s, r = by_bucket(sender["host"]), by_bucket(receiver["host"])
     steps = [  # (label, from (end, key, bucket offset), to (end, key, bucket offset))
         ("sender: Ack in -> pack starts", (s, "got Ack", -1), (s, "pack start", 0)),
-        ("sender: pack launch loop", (s, "pack start", 0), (s, "pack launched", 0)),
-        ("sender: launched -> Packed out", (s, "pack launched", 0), (s, "sent Packed", 0)),
-        ("Packed on the wire (after the receiver's views)", (s, "sent Packed", 0), (r, "got Packed", 0)),
+        ("sender: pack launch loop", (s, "pack start", 0), (s, "pack end", 0)),
+        ("sender: launched -> Packed out", (s, "pack end", 0), (s, "send Packed", 0)),
+        ("Packed on the wire (after the receiver's views)", (s, "send Packed", 0), (r, "got Packed", 0)),
         ("receiver: wait for the packed event", (r, "got Packed", 0), (r, "load start", 0)),
-        ("receiver: load launch loop", (r, "load start", 0), (r, "load launched", 0)),
-        ("receiver: device sync after the loads", (r, "load launched", 0), (r, "sent Ack", 0)),
-        ("Ack on the wire (incl. the sender's wake-up)", (r, "sent Ack", 0), (s, "got Ack", 0)),
+        ("receiver: load launch loop", (r, "load start", 0), (r, "load end", 0)),
+        ("receiver: device sync after the loads", (r, "load end", 0), (r, "send Ack", 0)),
+        ("Ack on the wire (incl. the sender's wake-up)", (r, "send Ack", 0), (s, "got Ack", 0)),
     ]
 
     def median_span(a: dict, ka: str, da: int, b: dict, kb: str, db: int) -> float:

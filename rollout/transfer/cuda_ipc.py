@@ -38,9 +38,9 @@ class CudaIpcTransport:
     Example:
     sender_side = CudaIpcTransport.allocate(num_buffers=1, nbytes=256 << 20, device="cuda:0")
     receiver_side = CudaIpcTransport.attach(hello, device=torch.device("cuda:0"))
+    pack into sender_side.reclaim(0, deadline, what)   # the buffer, free since the last Ack
     sender_side.publish(0, nbytes, announce, what)     # records the event, then announce() sends Packed
-    receiver_side.acquire(0, nbytes, deadline, what)   # waits for that event
-    receiver_side.buffer(0)[offset : offset + n]       # uint8 view of the sender's GPU memory
+    receiver_side.acquire(0, nbytes, deadline, what)   # waits for that event: a uint8 view of the sender's GPU memory
     """
 
     def __init__(
@@ -97,11 +97,10 @@ class CudaIpcTransport:
     def describe(self) -> dict[str, list]:
         return {"shm_buffers": [], "cuda_buffers": list(self._descs)}
 
-    def buffer(self, index: int) -> torch.Tensor:
+    def reclaim(self, index: int, deadline: float, what: str) -> torch.Tensor:
+        """The buffer at once: every receiver acks only after synchronizing its device, so its reads of
+        `index` are done."""
         return self._buffers[index]
-
-    def reclaim(self, index: int, deadline: float, what: str) -> None:
-        """The receiver acks only after synchronizing its device, so its reads of `index` are done."""
 
     def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None:
         """Record the buffer's event behind the packing copies instead of blocking the host until they end,
@@ -110,15 +109,19 @@ class CudaIpcTransport:
         self._events[index].record(torch.cuda.current_stream(self.device))
         announce()
 
-    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None:
-        """Wait on the host until the sender's packing of `index` has finished on the GPU (a host wait, not a
-        stream wait, so it holds whatever streams or threads the consumer reads the views from). Polled, so
+    def buffer(self, index: int) -> torch.Tensor:
+        return self._buffers[index]
+
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> torch.Tensor:
+        """The sender's bytes, once its packing of `index` has finished on the GPU: a host wait, not a
+        stream wait, so it holds whatever streams or threads the consumer reads the views from. Polled, so
         a sender that died mid-pack costs at most the timeout."""
         event = self._events[index]
         while not event.query():
             if time.monotonic() > deadline:
                 raise TransferTimeout(f"timed out waiting for {what} (the sender's packing copies)")
             time.sleep(0)  # yield; a pack lasts about a millisecond
+        return self._buffers[index][:nbytes]
 
     def close(self) -> None:
         """Idempotent. Drops our references; the sender's memory is freed once the receiver's are gone."""

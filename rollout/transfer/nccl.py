@@ -103,9 +103,9 @@ class NcclTransport:
     sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60, cfg=NcclConfig())
     hello_fields = sender_side.describe()                # -> Hello(nccl_buffers=...)
     receiver_side = NcclTransport.attach(hello, torch.device("cuda:1"), timeout_s=60, cfg=NcclConfig())
-    sender_side.reclaim(i, deadline, what); pack into sender_side.buffer(i)
+    pack into sender_side.reclaim(i, deadline, what)     # once buffer i's last broadcast is done
     sender_side.publish(i, n, announce, what)            # announce() sends Packed, then the broadcast starts
-    receiver_side.acquire(i, n, deadline, what)          # the bytes are in receiver_side.buffer(i)
+    receiver_side.acquire(i, n, deadline, what)          # the bytes, received into receiver_side.buffer(i)
     """
 
     def __init__(self, buffers: list[torch.Tensor], device: torch.device, rank: int, store: dist.Store,
@@ -160,14 +160,12 @@ class NcclTransport:
     def describe(self) -> dict[str, list]:
         return {"shm_buffers": [], "cuda_buffers": [], "nccl_buffers": list(self._descs)}
 
-    def buffer(self, index: int) -> torch.Tensor:
-        return self._buffers[index if self._rank == _RANK_SENDER else 0]
-
-    def reclaim(self, index: int, deadline: float, what: str) -> None:
-        """Sender: wait until the last broadcast out of buffer `index` is done (its Ack says the receiver
-        has the bytes; this also orders our packing stream after NCCL's)."""
+    def reclaim(self, index: int, deadline: float, what: str) -> torch.Tensor:
+        """Sender: buffer `index`, once the last broadcast out of it is done (its Acks say the receivers
+        have the bytes; this also orders our packing stream after NCCL's)."""
         if index in self._works:
             self._finish(index, deadline, what)
+        return self._buffers[index]
 
     def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None:
         """Sender: wait for the packing copies on our stream only (a broadcast to a dead peer may hang
@@ -180,11 +178,17 @@ class NcclTransport:
         if nbytes:
             self._works[index] = self._broadcast(self._buffers[index][:nbytes], what)
 
-    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None:
-        """Receiver: the bucket's `nbytes` are in our buffer when this returns."""
+    def buffer(self, index: int) -> torch.Tensor:
+        """Our buffer `index`; a receiver's one buffer serves every index (see the module docstring)."""
+        return self._buffers[index if self._rank == _RANK_SENDER else 0]
+
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> torch.Tensor:
+        """Receiver: the bucket's `nbytes`, received into our buffer."""
+        received = self.buffer(index)[:nbytes]
         if nbytes:
-            self._works[index] = self._broadcast(self._buffers[0][:nbytes], what)
+            self._works[index] = self._broadcast(received, what)
             self._finish(index, deadline, what)
+        return received
 
     def _broadcast(self, tensor: torch.Tensor, what: str):
         opts = dist.BroadcastOptions()

@@ -16,9 +16,14 @@ from rollout.transfer.channel import Channel, End, receiver_endpoint
 from rollout.transfer.config import TransferConfig, TransferMode, Transport
 from rollout.transfer.direct import DirectReceiver, check_mode
 from rollout.transfer.errors import IntegrityError, PeerError, TransferError
-from rollout.transfer.stats import TransferStats
+from rollout.transfer.stats import OnStep, TransferStats, no_observer
 from rollout.transfer.sync import Consume, make_sync_policy
 
+
+def _starts_at(data: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether `data` begins where `buffer` does (its data_ptr says 0 when it is empty, its storage's does not)."""
+    same_storage = data.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    return same_storage and data.storage_offset() == buffer.storage_offset()
 
 
 class WeightReceiver(End):
@@ -29,15 +34,18 @@ class WeightReceiver(End):
     (with shm they are CPU tensors; with cuda_ipc they live on the receiver's GPU). A tensor larger
     than a bucket arrives whole, reassembled in a receiver-owned buffer that is reused across refits.
     A refit of zero tensors completes without calling consume. `rank` is this receiver's place among
-    the sender's `num_receivers` (every worker of every engine has its own).
+    the sender's `num_receivers` (every worker of every engine has its own). `on_step(step, k)` (see
+    stats.OnStep) hears, for each bucket k: "got BucketMeta", "got Packed", "send Ack".
 
     Example:
         with WeightReceiver(cfg, endpoint, device="cuda:0", rank=1) as receiver:
             stats = receiver.receive(lambda weights, is_last: model.load_weights(weights))
     """
 
-    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu", rank: int = 0) -> None:
+    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu", rank: int = 0,
+                 on_step: OnStep | None = None) -> None:
         self.cfg = cfg
+        self._on_step = on_step or no_observer
         self.endpoint = receiver_endpoint(endpoint, rank)
         self.rank = rank
         self.device = torch.device(device)
@@ -140,9 +148,11 @@ class WeightReceiver(End):
                 break
             if msg.bucket_index != num_buckets:
                 raise wire.ProtocolError(f"expected bucket {num_buckets}, got {msg.bucket_index}")
+            self._on_step("got BucketMeta", num_buckets)
             weights = self._unpack(msg)
 
             def ack(meta: wire.BucketMeta = msg) -> None:
+                self._on_step("send Ack", meta.bucket_index)
                 self._channel.send(wire.Ack(refit_id, meta.bucket_index, meta.buffer_index, self.rank), "Ack")
 
             self._policy.deliver(weights, msg.is_last, consume, self._fence, ack)
@@ -176,34 +186,39 @@ class WeightReceiver(End):
         hello = self._hello
         if not 0 <= meta.buffer_index < hello.num_buffers or not 0 <= meta.nbytes <= hello.bucket_bytes:
             raise wire.ProtocolError(f"bucket {meta.bucket_index} does not fit the handshake's buffers")
-        # The BucketMeta comes ahead of the bytes: validate it and build the views (they read nothing)
-        # while the sender still waits for the buffer or packs it.
-        weights, chunk_copy = self._views(meta)
+        # The BucketMeta comes ahead of the bytes: validate it and build the views over the buffer that
+        # acquire fills (they read nothing) while the sender still waits for the buffer or packs it.
+        buffer = self._transport.buffer(meta.buffer_index)
+        weights, chunk_copy = self._views(meta, buffer)
         packed = self._next(meta.refit_id, wire.Packed, f"Packed {meta.bucket_index}")
         if packed.bucket_index != meta.bucket_index:
             raise wire.ProtocolError(f"expected Packed {meta.bucket_index}, got Packed {packed.bucket_index}")
+        self._on_step("got Packed", meta.bucket_index)
         what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
-        self._transport.acquire(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
+        data = self._transport.acquire(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
+        if not _starts_at(data, buffer) or data.numel() != meta.nbytes:
+            raise TransferError(f"{what}: the transport delivered them elsewhere than in buffer {meta.buffer_index}, "
+                                "which the views read")
         if packed.checksum != -1:
-            digest = layout.checksum(self._transport.buffer(meta.buffer_index)[: meta.nbytes])
-            if digest != packed.checksum:
+            if layout.checksum(data) != packed.checksum:
                 names = sorted({e.name for e in meta.entries})
                 raise IntegrityError(f"checksum mismatch in bucket {meta.bucket_index}, tensors: {', '.join(names)}")
         elif self.cfg.verify:
             raise TransferError("verify=True on the receiver, but the sender sends no checksums (set it on both ends)")
         if chunk_copy is not None:
-            destination, region = chunk_copy
-            destination.copy_(region)
+            destination, offset = chunk_copy
+            destination.copy_(data[offset : offset + destination.numel()])
             # The consumer may read on a stream of its own (vLLM's worker loads on a dedicated non-blocking
             # one), which does not wait for this thread's: the copy must be complete before it sees the tensor.
             if destination.device.type != "cpu":
                 getattr(torch, destination.device.type).current_stream(destination.device).synchronize()
         return weights
 
-    def _views(self, meta: wire.BucketMeta) -> tuple[list[tuple[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]:
-        """Validate the entries and build their views, reading no bytes. A chunk of a tensor larger than
-        a bucket (at most one per bucket) is returned as a (destination, source) copy to make once the
-        bytes are there; its tensor's view, over the assembly buffer, is listed with its last chunk."""
+    def _views(self, meta: wire.BucketMeta,
+               buffer: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]], tuple[torch.Tensor, int] | None]:
+        """Validate the entries and build their views over `buffer`, reading no bytes. A chunk of a tensor
+        larger than a bucket (at most one per bucket) is returned as a (destination, offset) copy to make
+        once the bytes are there; its tensor's view, over the assembly buffer, is listed with its last chunk."""
         hello = self._hello
         weights, chunk_copy = [], None
         for e in meta.entries:
@@ -212,9 +227,8 @@ class WeightReceiver(End):
                 raise wire.ProtocolError(f"entry {e.name!r} lies outside bucket {meta.bucket_index}")
             if math.prod(e.shape) * dtype.itemsize != e.tensor_nbytes:
                 raise wire.ProtocolError(f"entry {e.name!r}: shape {e.shape} x {e.dtype} is not {e.tensor_nbytes} bytes")
-            region = self._transport.buffer(meta.buffer_index)[e.offset : e.offset + e.nbytes]
             if e.num_chunks == 1:
-                weights.append((e.name, layout.typed_view(region, dtype, e.shape)))
+                weights.append((e.name, layout.typed_view(buffer[e.offset : e.offset + e.nbytes], dtype, e.shape)))
                 continue
             start = e.chunk_index * hello.bucket_bytes
             if chunk_copy is not None:
@@ -223,7 +237,7 @@ class WeightReceiver(End):
                 raise wire.ProtocolError(f"chunk {e.chunk_index}/{e.num_chunks} of {e.name!r} out of order")
             self._chunked = (e.name, e.chunk_index + 1)
             assembly = self._assembly_buffer(e.tensor_nbytes)
-            chunk_copy = (assembly[start : start + e.nbytes], region)
+            chunk_copy = (assembly[start : start + e.nbytes], e.offset)
             if e.chunk_index == e.num_chunks - 1:
                 weights.append((e.name, layout.typed_view(assembly[: e.tensor_nbytes], dtype, e.shape)))
         return weights, chunk_copy

@@ -14,7 +14,7 @@ from rollout.transfer.channel import Channel, End, receiver_endpoint
 from rollout.transfer.config import TransferConfig, TransferMode
 from rollout.transfer.direct import DirectSender
 from rollout.transfer.errors import PeerError, TransferError
-from rollout.transfer.stats import TransferStats
+from rollout.transfer.stats import OnStep, TransferStats, no_observer
 from rollout.transfer.sync import make_sync_policy
 
 
@@ -44,18 +44,23 @@ class WeightSender(End):
     rollout/transfer/direct.py). Either way the trainer must not write the sent tensors (no optimizer
     step) until send() returns: the receiver reads them, or their packed copies, until its final ack.
 
+    `on_step(step, k)` (see stats.OnStep) hears, for each bucket k: "send BucketMeta", "got Ack" (every
+    receiver's), "pack start" (its buffer reclaimed), "pack end" (the packing copies issued: on a GPU they
+    may still run, so a CUDA event recorded at each of the two times them), "send Packed".
+
     Example:
         with WeightSender(cfg, endpoint, num_receivers=2) as sender:   # WeightReceiver(..., rank=0) and rank=1
             stats = sender.send(model.named_parameters(), version=step)
     """
 
     def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str | None = None,
-                 num_receivers: int = 1) -> None:
+                 num_receivers: int = 1, on_step: OnStep | None = None) -> None:
         if isinstance(num_receivers, bool) or not isinstance(num_receivers, int) or num_receivers < 1:
             raise ValueError(f"num_receivers must be an integer >= 1, got {num_receivers!r}")
         self.cfg = cfg
         self.endpoint = endpoint
         self.num_receivers = num_receivers
+        self._on_step = on_step or no_observer
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -142,16 +147,18 @@ class WeightSender(End):
             entries = [p.entry for p in bucket.placements]
             # The layout goes out before buffer `index` is free: the receiver decodes it and builds its
             # views while we wait for the Ack and pack, and only the short Packed is left on the critical path.
+            self._on_step("send BucketMeta", k)
             self._broadcast(wire.BucketMeta(refit_id, k, index, bucket.nbytes, bucket.is_last, entries), f"BucketMeta {k}")
             if k >= num_buffers:
                 self._wait_acks(refit_id, k - num_buffers, index)
             what = f"{self.endpoint}: bucket {k} of refit {refit_id}"
-            transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
-            buffer = transport.buffer(index)
+            buffer = transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
+            self._on_step("pack start", k)
             layout.pack(bucket, buffer, bucket_bytes)
+            self._on_step("pack end", k)
             digest = layout.checksum(buffer[: bucket.nbytes]) if self.cfg.verify else -1
             packed = wire.Packed(refit_id, k, digest)
-            transport.publish(index, bucket.nbytes, lambda: self._broadcast(packed, f"Packed {k}"), what)
+            transport.publish(index, bucket.nbytes, lambda: self._announce(packed), what)
             num_buckets += 1
             num_tensors += sum(e.chunk_index == e.num_chunks - 1 for e in entries)
             num_bytes += sum(e.nbytes for e in entries)
@@ -168,6 +175,10 @@ class WeightSender(End):
         for rank, channel in enumerate(self._channels):
             channel.send(msg, f"{what} to receiver {rank}")
 
+    def _announce(self, packed: wire.Packed) -> None:
+        self._on_step("send Packed", packed.bucket_index)
+        self._broadcast(packed, f"Packed {packed.bucket_index}")
+
     def _broadcast_try(self, msg: wire.Message) -> None:
         for channel in self._channels:
             channel.try_send(msg)
@@ -180,6 +191,7 @@ class WeightSender(End):
                     f"{self.endpoint}: expected the Ack of bucket {bucket_index} (buffer {buffer_index}) from receiver "
                     f"{ack.receiver}, got one of bucket {ack.bucket_index} (buffer {ack.buffer_index})"
                 )
+        self._on_step("got Ack", bucket_index)
 
     def _wait_all(self, refit_id: int, expected: type, what: str) -> list:
         """`expected` from each receiver in rank order, all within one timeout_s: the answers that came

@@ -30,13 +30,14 @@ _SEGMENT_NAME = re.compile(r"^refit-[0-9a-f]{32}-[0-9]+$")  # never a path: the 
 
 class ShmTransport:
     """Both ends map the same pages, and CPU copies are complete when copy_ returns: the Packed and Ack
-    messages alone hand a buffer over, so reclaim, publish and acquire have nothing to wait for.
+    messages alone hand a buffer over, so reclaim and acquire hand out the pages without waiting.
 
     Example:
     sender_side = ShmTransport.allocate(num_buffers=2, nbytes=64 << 20)
     hello_fields = sender_side.describe()            # -> Hello(shm_buffers=...)
     receiver_side = ShmTransport.attach(hello)       # maps the segments, drops their names
-    receiver_side.buffer(0)[offset : offset + nbytes]  # uint8 view of the sender's pages, no copy
+    pack into sender_side.reclaim(0, deadline, what); sender_side.publish(0, nbytes, announce, what)
+    receiver_side.acquire(0, nbytes, deadline, what)  # uint8 view of the sender's pages, no copy
     """
 
     def __init__(self, buffers: list[torch.Tensor], names: list[str], unlinks: bool = True) -> None:
@@ -90,11 +91,9 @@ class ShmTransport:
             "cuda_buffers": [],
         }
 
-    def buffer(self, index: int) -> torch.Tensor:
+    def reclaim(self, index: int, deadline: float, what: str) -> torch.Tensor:
+        """The pages at once: every receiver's Ack came after its consumer stopped reading (and nothing else reads)."""
         return self._buffers[index]
-
-    def reclaim(self, index: int, deadline: float, what: str) -> None:
-        """The receiver's Ack came after its consumer stopped reading (and nothing else reads)."""
 
     def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None:
         """The packing copies have returned, so the bytes are in the shared pages: announce at once. Every
@@ -102,8 +101,12 @@ class ShmTransport:
         self.unlink()
         announce()
 
-    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None:
-        """Packed was sent after the copies returned: the bytes are already here."""
+    def buffer(self, index: int) -> torch.Tensor:
+        return self._buffers[index]
+
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> torch.Tensor:
+        """The mapped bytes at once: Packed was sent after the copies returned, so they are already here."""
+        return self._buffers[index][:nbytes]
 
     def unlink(self) -> None:
         """Remove the names; the mappings stay valid. Idempotent. Not by one of several receivers (one that

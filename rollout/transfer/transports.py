@@ -14,22 +14,32 @@ class BucketTransport(Protocol):
     """What sender and receiver need from a transport. Buffers are flat uint8 tensors, indexed from 0;
     the sync policy decides which index a bucket uses and when the peer's Ack frees it.
 
-    Both ends call every method, for every transport, in this order (bucket k in buffer i):
+    For every transport, the end shown calls each verb in this order (bucket k in buffer i):
 
-        sender                                   receiver
+        sender                                     receiver
         describe() -> Hello fields  ──BeginRefit──►  (the factory's attach(hello) maps or joins them)
-        reclaim(i, deadline, what)               views over buffer(i), built before the bytes come
-        pack into buffer(i)
-        publish(i, nbytes, announce, what) ─Packed─► acquire(i, nbytes, deadline, what)
-                                                 consume, wait for `device`, then Ack (frees i)
+                                    ──BucketMeta──►  views over buffer(i), built before the bytes come
+        buf = reclaim(i, deadline, what)
+        pack into buf
+        publish(i, nbytes, announce, what) ─Packed─►  acquire(i, nbytes, deadline, what) -> buffer(i)[:nbytes]
+                                                   consume the views, wait for `device`, then Ack (frees i)
         close(): at the end, and on both ends after a failed refit (a transfer may still be in
         flight), so that the next refit starts from a fresh allocate/attach.
 
-    - `reclaim`: buffer i may be written again once it returns (its last transfer is finished).
-    - `publish`: makes the first nbytes of buffer i the receiver's, and calls `announce()` (which
-      sends Packed) exactly once, at the point from which the receiver may `acquire`: after an event
-      is recorded (cuda_ipc), before a rendezvous that needs the receiver in it (nccl).
-    - `acquire`: when it returns, buffer(i)[:nbytes] holds the bucket on `device`.
+    - `reclaim` (sender): buffer i, free to be packed: its last transfer is finished. shm and cuda_ipc
+      return it at once (every receiver acked it only after its consume and device sync, and nothing
+      else reads it); nccl first waits for the buffer's last broadcast.
+    - `publish` (sender): makes the first nbytes of buffer i the receivers', and calls `announce()`
+      (which sends Packed) exactly once, at the point from which they may `acquire`: at once (shm:
+      the copies have returned; it first drops the segment names, which every receiver has mapped),
+      after an event is recorded behind the packing copies (cuda_ipc), before a broadcast that
+      needs the receivers in it (nccl).
+    - `buffer` (receiver): the memory acquire(i) fills, so that the views are built while the sender
+      still packs: shm's mapped pages, the sender's GPU memory (cuda_ipc), our one receive buffer (nccl).
+    - `acquire` (receiver): the bucket's bytes on `device`, buffer(i)[:nbytes], once they are all
+      there: shm's are (Packed came after the copies returned); cuda_ipc waits for the sender's
+      event, nccl receives the broadcast. The receiver checks it is buffer(i)'s memory and reads
+      the checksum and a chunk's copy from it.
 
     Fit for what comes next without new members: a fan-out to N receivers is a transport whose
     describe() names one set of buffers for all (shm: one segment mapped by every receiver, its name
@@ -43,10 +53,10 @@ class BucketTransport(Protocol):
     device: torch.device  # where this end's buffers live; the receiver waits for it before an Ack
 
     def describe(self) -> dict[str, list]: ...
-    def buffer(self, index: int) -> torch.Tensor: ...
-    def reclaim(self, index: int, deadline: float, what: str) -> None: ...
+    def reclaim(self, index: int, deadline: float, what: str) -> torch.Tensor: ...
     def publish(self, index: int, nbytes: int, announce: Callable[[], None], what: str) -> None: ...
-    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> None: ...
+    def buffer(self, index: int) -> torch.Tensor: ...
+    def acquire(self, index: int, nbytes: int, deadline: float, what: str) -> torch.Tensor: ...
     def close(self) -> None: ...
 
 

@@ -1,5 +1,6 @@
 """A receiver fed bucket metadata that does not fit its buffers fails that refit with a ProtocolError that
-names the entry, tells the sender, and reads no byte outside the buffer. The sender here is driven by
+names the entry, tells the sender, and reads no byte outside the buffer; a transport whose acquire delivers
+the bytes elsewhere than in the buffer the views were built over fails it too. The sender here is driven by
 hand over a real channel and real shared memory, since WeightSender never produces such metadata."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from rollout.transfer import TransferConfig, WeightReceiver, new_endpoint, wire
+from rollout.transfer import TransferConfig, TransferError, WeightReceiver, new_endpoint, wire
 from rollout.transfer.channel import Channel
 from rollout.transfer.config import Transport
 from rollout.transfer.shm import ShmTransport
@@ -93,3 +94,15 @@ def test_well_formed_meta_from_the_same_hand_driven_sender_is_delivered():
         assert isinstance(channel.recv("Done", channel.deadline()), wire.Done)
     assert not raised
     torch.testing.assert_close(got["w.ok"], torch.arange(16, dtype=torch.float32))
+
+
+def test_bytes_acquired_elsewhere_than_the_views_read_fail_the_refit(monkeypatch):
+    """The views are built over buffer(i) before the bytes come, so acquire must hand back that memory:
+    a copy (right bytes, other memory) is refused rather than leaving the views on stale pages."""
+    monkeypatch.setattr(ShmTransport, "acquire", lambda self, index, nbytes, deadline, what: self.buffer(index)[:nbytes].clone())
+    with _hand_driven_refit(lambda weights, is_last: None) as (channel, _, raised):
+        channel.send(wire.BucketMeta(1, 0, 0, 64, True, [_entry("w.ok", 0, 64)]), "BucketMeta")
+        channel.send(wire.Packed(1, 0, -1), "Packed")
+        error = channel.recv("the receiver's Error", channel.deadline())
+    assert len(raised) == 1 and isinstance(raised[0], TransferError), raised
+    assert "elsewhere than in buffer 0" in str(raised[0]) and isinstance(error, wire.Error)

@@ -89,7 +89,7 @@ def test_cuda_ipc_receiver_waits_for_late_packs(sender_server):
 def test_cuda_ipc_late_pack_test_catches_a_missing_wait(sender_server, monkeypatch):
     from rollout.transfer.cuda_ipc import CudaIpcTransport
 
-    monkeypatch.setattr(CudaIpcTransport, "acquire", lambda self, index, nbytes, deadline, what: None)
+    monkeypatch.setattr(CudaIpcTransport, "acquire", lambda self, index, nbytes, deadline, what: self.buffer(index)[:nbytes])
     assert _late_packs(sender_server)
 
 

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from rollout.transfer import PeerError, TransferConfig, WeightReceiver, new_endpoint
-from transfer_procs import as_bytes, listening, mixed_tensors, our_segments, store_ports
+from rollout.transfer import PeerError, TransferConfig, WeightReceiver, WeightSender, new_endpoint
+from transfer_procs import as_bytes, listening, mixed_tensors, our_segments, send_in_thread, store_ports
 
 TIMEOUT_S = 20.0
 
@@ -143,3 +143,27 @@ def test_config_mismatch_is_reported_on_both_ends(sender_server):
     sent = sender_server.result()
     assert outcomes[0][0] == "error" and "sync mismatch" in str(outcomes[0][1])
     assert sent[0][1] == "PeerError" and "sync mismatch" in sent[0][2]
+
+
+@pytest.mark.parametrize(("sync", "num_buffers"), [("fenced", 1), ("double_buffer", 2)])
+def test_both_ends_tell_their_observer_every_step_of_every_bucket_in_order(sync, num_buffers):
+    """on_step, the public seam a timeline is built from: each bucket's steps, in order, on both ends."""
+    cfg = TransferConfig(**_cfg(sync=sync, bucket_mb=1))
+    endpoint = new_endpoint()
+    sent, got = [], []
+    with WeightSender(cfg, endpoint, device="cpu", on_step=lambda step, k: sent.append((step, k))) as sender:
+        with WeightReceiver(cfg, endpoint, on_step=lambda step, k: got.append((step, k))) as receiver:
+            thread, outcome = send_in_thread(sender, 1, num_tensors=20)
+            num_buckets = receiver.receive(lambda w, last: None).num_buckets
+            thread.join(20)
+    assert outcome[0].num_buckets == num_buckets >= 3
+
+    def by_bucket(steps):
+        return {k: [step for step, i in steps if i == k] for k in range(num_buckets)}
+
+    assert len(sent) == 5 * num_buckets and len(got) == 3 * num_buckets
+    sender_steps = ["send BucketMeta", "pack start", "pack end", "send Packed", "got Ack"]
+    assert by_bucket(sent) == dict.fromkeys(range(num_buckets), sender_steps)
+    assert by_bucket(got) == dict.fromkeys(range(num_buckets), ["got BucketMeta", "got Packed", "send Ack"])
+    # a buffer is packed again only after its previous bucket's Ack
+    assert all(sent.index(("got Ack", k - num_buffers)) < sent.index(("pack start", k)) for k in range(num_buffers, num_buckets))
