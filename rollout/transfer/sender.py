@@ -13,7 +13,7 @@ from rollout.transfer import layout, transports, wire
 from rollout.transfer.channel import Channel, End, receiver_endpoint
 from rollout.transfer.config import TransferConfig, TransferMode
 from rollout.transfer.direct import DirectSender
-from rollout.transfer.errors import PeerError, TransferError
+from rollout.transfer.errors import PeerError, TransferError, TransferTimeout
 from rollout.transfer.stats import OnStep, TransferStats, no_observer
 from rollout.transfer.sync import make_sync_policy
 
@@ -173,7 +173,23 @@ class WeightSender(End):
 
     def _broadcast(self, msg: wire.Message, what: str) -> None:
         for rank, channel in enumerate(self._channels):
-            channel.send(msg, f"{what} to receiver {rank}")
+            try:
+                channel.send(msg, f"{what} to receiver {rank}")
+            except TransferTimeout:
+                self._raise_if_failed(rank, getattr(msg, "refit_id", None))
+                raise
+
+    def _raise_if_failed(self, rank: int, refit_id: int | None) -> None:
+        """A send to receiver `rank` timed out: if it had failed the refit and gone (its socket closed after
+        its Error), raise its Error, the cause, rather than the timeout."""
+        channel = self._channels[rank]
+        while True:
+            try:
+                msg = channel.recv("an Error already sent", time.monotonic())
+            except TransferTimeout:
+                return
+            if isinstance(msg, wire.Error) and msg.refit_id == refit_id:
+                raise PeerError(f"{self.endpoint}: receiver {rank} failed refit {refit_id}: {msg.message}")
 
     def _announce(self, packed: wire.Packed) -> None:
         self._on_step("send Packed", packed.bucket_index)

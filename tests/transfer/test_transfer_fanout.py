@@ -127,6 +127,39 @@ def test_failing_receiver_fails_the_refit_naming_it_and_the_others_hear_why():
     assert not os.path.exists(_socket_dir(endpoint))
 
 
+def test_a_receiver_that_failed_and_closed_is_named_not_timed_out():
+    """The ordering the test above hits only sometimes, made certain: receiver 1 fails bucket 0 and closes
+    its socket before the sender sends the next BucketMeta, whose send then cannot go out. The sender must
+    raise receiver 1's Error (the cause), not the send's timeout."""
+    endpoint = new_endpoint()
+    cfg = TransferConfig(**{**SHORT, "timeout_s": 3.0})  # the send to the closed receiver waits this long
+    gone = threading.Event()
+
+    def receive(rank: int):
+        def consume(weights, is_last):
+            if rank == 1:
+                raise RuntimeError("receiver 1 cannot load this")
+
+        try:
+            return _receive_once({**SHORT, "timeout_s": 20.0}, endpoint, rank, consume)
+        finally:
+            if rank == 1:
+                gone.set()  # its receiver (and socket) closed
+
+    def tensors():
+        for i, (name, t) in enumerate(race_tensors(1, num_tensors=40, numel=200_000)):  # 0.8 MB each: a bucket each
+            if i == 2:  # planning bucket 1 (bucket 0 is out): wait until receiver 1 failed bucket 0 and closed
+                assert gone.wait(20), "receiver 1 did not fail"
+            yield name, t
+
+    with WeightSender(cfg, endpoint, num_receivers=3) as sender:
+        threads, results = _in_threads(3, receive)
+        with pytest.raises(PeerError, match="receiver 1 failed refit 1: RuntimeError: receiver 1 cannot load this"):
+            sender.send(tensors(), version=1)
+        _join(threads)
+    assert isinstance(results[1], RuntimeError)
+
+
 def test_sigkilled_receiver_fails_the_refit_within_timeout_naming_it(monkeypatch):
     made = recording_allocate(monkeypatch)
     endpoint = new_endpoint()
