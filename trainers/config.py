@@ -204,6 +204,9 @@ class PPOConfig:
         if self.trainer.max_staleness > 0 and self.rollout.engine is not EngineKind("async"):
             raise ValueError(f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.engine=async "
                              f"(got {self.rollout.engine.value}: the sync engine cannot generate while the trainer trains)")
+        if self.trainer.num_workers > 1 and self.rollout.engine is EngineKind("async"):
+            raise ValueError(f"trainer.num_workers={self.trainer.num_workers} runs the engine as a Ray actor, which "
+                             "takes rollout.engine=sync only (the async engine's submit/handle API stays in one process)")
 
 
 def register_configs() -> None:

@@ -182,13 +182,15 @@ class Learner:
 
 
 def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, backend: str,
-                  ray: Optional[RayConfig] = None) -> Learner:
-    """One process, or with `trainer.num_workers > 1` that many FSDP2 ranks on Ray (a ShardedLearner)."""
+                  ray: Optional[RayConfig] = None, engine_gpus: Optional[float] = None) -> Learner:
+    """One process, or with `trainer.num_workers > 1` that many FSDP2 ranks on Ray (a ShardedLearner) with
+    the engine's bundle: rank 0's (`engine_gpus=None`, colocate) or one of its own with that many GPUs."""
     device = trainer.device
     if device == "auto":
         device = {"vllm_cpu": "cpu", "vllm_gpu": "cuda", "vllm_ascend": "npu"}[backend]
     if trainer.num_workers > 1:
         from trainers.distributed.learner import ShardedLearner
 
-        return ShardedLearner(model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device).start()
+        return ShardedLearner(model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device,
+                              engine_gpus).start()
     return Learner(model_path, alg, trainer, torch.device(device))

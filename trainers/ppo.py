@@ -28,6 +28,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from rollout.config import Mode
+
 from trainers.algorithms import gae, grpo_advantages, masked_whiten, terminal_rewards
 from trainers.checkpoint import checkpoint_path, load_checkpoint
 from trainers.config import Algorithm, AlgorithmConfig, PPOConfig, TrainerConfig, register_configs, to_typed
@@ -139,7 +141,10 @@ def setup(cfg: PPOConfig) -> Setup:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    learner = build_learner(model_path, cfg.algorithm, t, cfg.rollout.backend.name.value, cfg.ray)
+    r = cfg.rollout
+    engine_gpus = None if r.mode is Mode.colocate else (
+        r.num_engines * r.backend.tensor_parallel_size if r.backend.name.value != "vllm_cpu" else 0)
+    learner = build_learner(model_path, cfg.algorithm, t, r.backend.name.value, cfg.ray, engine_gpus)
     try:
         return prepare(learner, cfg, out_dir, ckpt, model_path, task, reward_fn, tokenizer)
     except BaseException:
@@ -171,9 +176,9 @@ def resume(learner: Learner, ckpt: dict, t: TrainerConfig) -> RunState:
     return RunState(ckpt["step"], ckpt["history"], ckpt["baseline"])
 
 
-def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, rollout=None):
+def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, rollout=None, learner=None):
     """A new engine on `model_path` (its transfer endpoint in the run directory), or the caller's running one
-    (left open at the end)."""
+    (left open at the end). A sharded learner places it in its Ray placement group, beside its feeding rank."""
     if rollout is not None:
         return contextlib.nullcontext(rollout)
     from rollout import build_rollout
@@ -181,6 +186,8 @@ def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, rollout=None):
     rollout_cfg = cfg.rollout
     if rollout_cfg.endpoint_dir is None:
         rollout_cfg = dataclasses.replace(rollout_cfg, endpoint_dir=str(out_dir.resolve()))
+    if hasattr(learner, "engine"):
+        return learner.engine(rollout_cfg, model_path)
     return build_rollout(rollout_cfg, model_path)
 
 
@@ -194,7 +201,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     """
     wall_start = time.perf_counter()
     s = setup(cfg)
-    with contextlib.closing(s.learner), contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout) as ro:
+    with contextlib.closing(s.learner), contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout, s.learner) as ro:
         start_engine(ro, s, cfg)
         gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
         next_rollouts = rollout_producer(ro, s.task, cfg)
@@ -293,11 +300,13 @@ def staleness(samples: list, rollouts: Rollouts, step: int) -> dict:
 
 def refit(ro, learner: Learner, t: TrainerConfig, step: int) -> dict:
     """Every `refit_every` steps (and at the last): the engine samples the next step with these weights."""
-    refit_s, gbps = 0.0, None
+    refit_s, gbps, peak_mb = 0.0, None, None
     if step % t.refit_every == 0 or step == t.total_steps:
         stats = learner.refit(ro, version=step)
         refit_s, gbps = stats.seconds, stats.num_bytes / stats.seconds / 1e9
-    return {"refit/gbps": gbps, "timing/refit_s": refit_s}
+        report = getattr(learner, "last_refit", None)  # a sharded learner's feeding rank: its gather's peak
+        peak_mb = report["gather_peak_bytes"] / 2**20 if report else None
+    return {"refit/gbps": gbps, "timing/refit_s": refit_s, "refit/gather_peak_mb": peak_mb}
 
 
 def record(s: Setup, cfg: PPOConfig, step: int, metrics: dict) -> None:

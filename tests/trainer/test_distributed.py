@@ -82,6 +82,10 @@ def test_two_workers_train_their_first_step_like_one(trainer_engine, ray_session
     for key in ("loss", "entropy", "kl", "grad_norm", "clip_frac", "ppo_kl"):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert a["logprob_gap"] < 1e-5 and b["logprob_gap"] < 1e-5, (a["logprob_gap"], b["logprob_gap"])
+    # the sharded refit reports its gather's peak (here the model fits one bucket: all of it; with smaller
+    # buckets, far less: test_refit_from_two_sharded_ranks...)
+    model_mb = b["refit/gbps"] * 1e9 * b["timing/refit_s"] / 2**20  # the bytes this refit sent
+    assert a.get("refit/gather_peak_mb") is None and 0 < b["refit/gather_peak_mb"] <= model_mb * 1.001, b
 
 
 RESUME_SHAPE = ["trainer.prompts_per_step=3", "trainer.warmup_batch_size=6", "trainer.checkpoint_every=1"]
@@ -111,8 +115,13 @@ def test_a_two_worker_checkpoint_resumes_on_another_count_and_reproduces_the_nex
         assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
 
-def rank_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::TrainerRank")]
+def rank_processes(actor: str = "TrainerRank") -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith(f"ray::{actor}")]
+
+
+def vllm_processes() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if (p.info["name"] or "").startswith("VLLM::") or (p.info["cmdline"] or [""])[0].startswith("VLLM::")}
 
 
 def test_a_killed_rank_stops_the_step_with_a_clear_error_and_close_leaves_no_rank(trainer_engine, ray_session, tiny_path):
@@ -148,8 +157,12 @@ def ray_processes() -> set[int]:
     return found
 
 
-def test_a_killed_rank_ends_a_run_with_a_clear_error_and_no_ray_process_outlives_it(tmp_path, tiny_path):
-    """A real run (its own local Ray and engine, in a subprocess): SIGKILL a rank after step 1."""
+@pytest.mark.parametrize(("victim", "message"), [("TrainerRank", "a trainer rank died"),
+                                                 ("EngineHost", "the rollout engine actor died")])
+def test_a_killed_rank_ends_a_run_with_a_clear_error_and_no_ray_process_outlives_it(tmp_path, tiny_path, victim,
+                                                                                    message):
+    """A real run (its own local Ray; the engine a Ray actor on rank 0's bundle; in a subprocess): SIGKILL a
+    trainer rank, or the engine's actor, after step 1."""
     import os
     import signal
     import subprocess
@@ -158,6 +171,7 @@ def test_a_killed_rank_ends_a_run_with_a_clear_error_and_no_ray_process_outlives
     from trainer_helpers import ROOT
 
     before, segments = ray_processes(), set(Path("/dev/shm").glob("refit-*"))  # other jobs may own some
+    vllm_before = vllm_processes()
     out = tmp_path / "run"
     overrides = ["trainer.num_workers=2", "trainer.total_steps=200", "trainer.prompts_per_step=4",
                  "trainer.warmup_steps=0", "algorithm.num_samples=4", "algorithm.num_minibatches=2",
@@ -173,9 +187,10 @@ def test_a_killed_rank_ends_a_run_with_a_clear_error_and_no_ray_process_outlives
             assert time.monotonic() < deadline, "the run did not finish a step in time"
             time.sleep(0.5)
         ranks = [p for p in rank_processes() if p.pid not in before]
-        assert len(ranks) == 2
+        engines = [p for p in rank_processes("EngineHost") if p.pid not in before]
+        assert len(ranks) == 2 and len(engines) == 1, (ranks, engines)  # the engine runs in its own actor
         killed_at = time.monotonic()
-        os.kill(ranks[1].pid, signal.SIGKILL)
+        os.kill((ranks[1] if victim == "TrainerRank" else engines[0]).pid, signal.SIGKILL)
         assert proc.wait(timeout=60 + 120) != 0
         assert time.monotonic() - killed_at < 60 + 60, "the run outlived ray.timeout_s after its rank died"
     finally:
@@ -183,9 +198,12 @@ def test_a_killed_rank_ends_a_run_with_a_clear_error_and_no_ray_process_outlives
             proc.kill()
         log.close()
     output = (tmp_path / "run.log").read_text()
-    assert "a trainer rank died" in output, output[-3000:]
+    assert message in output, output[-3000:]
     deadline = time.monotonic() + 30
     while ray_processes() - before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not ray_processes() - before, f"Ray processes outlived the run: {ray_processes() - before}"
+    while vllm_processes() - vllm_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not vllm_processes() - vllm_before, "the engine's vLLM processes outlived the run"
     assert not set(Path("/dev/shm").glob("refit-*")) - segments, "the run left transfer segments behind"

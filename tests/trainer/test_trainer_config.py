@@ -113,6 +113,12 @@ def test_bad_config_fails_at_compose_or_conversion(override, error, match):
     assert re.search(match, "\n".join(chain)), chain
 
 
+def test_sharded_trainer_refuses_the_async_engine():
+    """trainer.num_workers > 1 runs the engine as a Ray actor: the sync engine's API only."""
+    with pytest.raises(ValueError, match="trainer.num_workers=2 runs the engine as a Ray actor"):
+        compose_typed(["trainer.num_workers=2", "rollout.engine=async"])
+
+
 def _vllm_children() -> list[str]:
     return [p.name() for p in psutil.Process().children(recursive=True) if "VLLM" in p.name()]
 

@@ -57,10 +57,13 @@ class RayCluster:
     """A context manager owning this run's Ray resources: the local instance it started (if any), one
     placement group of `num_bundles` bundles, and the actors created through `remote()`."""
 
-    def __init__(self, cfg: RayConfig, num_bundles: int, gpus_per_bundle: float = 0) -> None:
+    def __init__(self, cfg: RayConfig, num_bundles: int, gpus_per_bundle: float = 0,
+                 extra_bundles: Optional[list[dict[str, float]]] = None) -> None:
+        """`num_bundles` alike (one per trainer rank), then `extra_bundles` as given (a standalone engine's)."""
         self.cfg = cfg
         self.num_bundles = num_bundles
         self.gpus_per_bundle = gpus_per_bundle
+        self.extra_bundles = list(extra_bundles or [])
         self.started_ray = False  # a local instance for this run: stopped on close
         self.connected = False  # joined a cluster: disconnected on close
         self.group = None
@@ -78,18 +81,20 @@ class RayCluster:
                 ray.init(address="local", num_cpus=max(1, round(num_cpus)), include_dashboard=False,
                          object_store_memory=self.cfg.object_store_mb << 20, configure_logging=False)
                 self.started_ray = True
-                cpus = self.cfg.cpus_per_worker or num_cpus / self.num_bundles
+                cpus = self.cfg.cpus_per_worker or num_cpus / (self.num_bundles + len(self.extra_bundles))
             else:
                 if not ray.is_initialized():  # a driver already connected (a notebook, a test session) stays so
                     ray.init(address=self.cfg.address, configure_logging=False)
                     self.connected = True
                 cpus = self.cfg.cpus_per_worker or 1.0
             bundle = {"CPU": cpus, **({"GPU": self.gpus_per_bundle} if self.gpus_per_bundle else {})}
-            self.group = placement_group([dict(bundle) for _ in range(self.num_bundles)],
-                                         strategy=self.cfg.placement_strategy.value)
+            bundles = [dict(bundle) for _ in range(self.num_bundles)] + [
+                {"CPU": extra.get("CPU", cpus), **({"GPU": extra["GPU"]} if extra.get("GPU") else {})}
+                for extra in self.extra_bundles]
+            self.group = placement_group(bundles, strategy=self.cfg.placement_strategy.value)
             if not self.group.wait(timeout_seconds=self.cfg.timeout_s):
                 raise TimeoutError(
-                    f"Ray could not place {self.num_bundles} bundles of {bundle} ({self.cfg.placement_strategy.value}) "
+                    f"Ray could not place the bundles {bundles} ({self.cfg.placement_strategy.value}) "
                     f"within ray.timeout_s={self.cfg.timeout_s} s; free: {ray.available_resources()}"
                 )
         except BaseException:
@@ -102,13 +107,23 @@ class RayCluster:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        cpus = self.group.bundle_specs[bundle]["CPU"]
+        spec = self.group.bundle_specs[bundle]
         strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)
-        return _TrackedActorClass(self, ray.remote(cls).options(
-            num_cpus=cpus, num_gpus=self.gpus_per_bundle, scheduling_strategy=strategy, max_restarts=0, **options,
-        ))
+        resources = {"num_cpus": spec["CPU"], "num_gpus": spec.get("GPU", 0), **options}  # options may share a bundle
+        return _TrackedActorClass(self, ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, **resources))
 
-    def get(self, refs: list[Any], what: str, timeout_s: Optional[float] = None) -> list[Any]:
+    def kill(self, actor: Any) -> None:
+        """Kill one of this run's actors now (close() kills the rest)."""
+        import ray
+
+        if actor in self.actors:
+            self.actors.remove(actor)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead is fine
+            pass
+
+    def get(self, refs: list[Any], what: str, timeout_s: Optional[float] = None, role: str = "a trainer rank") -> list[Any]:
         """`ray.get(refs)` bounded by `ray.timeout_s`, failing at the FIRST rank that fails (the others may be
         blocked in a collective with it): a dead actor or a timeout raises RuntimeError naming `what`."""
         import time
@@ -126,9 +141,9 @@ class RayCluster:
                 ray.get(ready[0])  # raises that rank's error now
             return ray.get(list(refs))
         except ray.exceptions.RayActorError as exc:
-            raise RuntimeError(f"{what}: a trainer rank died ({exc.__class__.__name__}: {_first_line(exc)})") from exc
+            raise RuntimeError(f"{what}: {role} died ({exc.__class__.__name__}: {_first_line(exc)})") from exc
         except ray.exceptions.RayTaskError as exc:
-            raise RuntimeError(f"{what} failed on a trainer rank: {_first_line(exc)}") from exc
+            raise RuntimeError(f"{what} failed on {role}: {_first_line(exc)}") from exc
 
     def close(self) -> None:
         """Idempotent: kills this run's actors, removes its placement group, stops the Ray it started."""

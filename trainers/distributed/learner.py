@@ -32,13 +32,18 @@ class ShardedLearner:
     """
 
     def __init__(self, model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, ray_cfg: RayConfig,
-                 num_workers: int, device_type: str = "cpu") -> None:
+                 num_workers: int, device_type: str = "cpu", engine_gpus: Optional[float] = None) -> None:
+        """`engine_gpus`: a standalone engine's bundle of its own (its GPUs; 0 on the CPU), placed after the
+        ranks' bundles; None: the engine shares rank 0's bundle (colocate)."""
         if num_workers < 2:
             raise ValueError(f"trainer.num_workers={num_workers!r}: a ShardedLearner needs >= 2 ranks")
         self.num_workers = num_workers
         self.spec = RankSpec(model_path, alg, trainer, device_type, ray_cfg.timeout_s,
                              with_critic=alg.name.value == "ppo", with_reference=alg.kl_coef > 0)
-        self.cluster = RayCluster(ray_cfg, num_workers, gpus_per_bundle=1 if device_type == "cuda" else 0)
+        self.engine_bundle = 0 if engine_gpus is None else num_workers
+        extra = [] if engine_gpus is None else [{"GPU": engine_gpus}]
+        self.cluster = RayCluster(ray_cfg, num_workers, gpus_per_bundle=1 if device_type == "cuda" else 0,
+                                  extra_bundles=extra)
         self.ranks: list[Any] = []
         self.device = torch.device("cpu")  # the driver's copy of a batch; each rank moves its share to its device
         self.last_refit: Optional[dict[str, Any]] = None  # the feeding rank's report of the last refit
@@ -129,11 +134,19 @@ class ShardedLearner:
         metrics.setdefault("value_loss", None)
         return metrics
 
-    # -- refit, checkpoints -----------------------------------------------------------------------
+    # -- the engine, refit, checkpoints ------------------------------------------------------------
+    def engine(self, rollout_cfg: Any, model_path: str) -> Any:
+        """The rollout engine as an actor of this run's placement group (trainers/distributed/engine_actor.py):
+        on rank 0's bundle (colocate) or on its own (standalone)."""
+        from trainers.distributed.engine_actor import RayEngine
+
+        return RayEngine(self.cluster, self.engine_bundle, rollout_cfg, model_path,
+                         share_bundle=self.engine_bundle == 0)
+
     def refit(self, ro: Any, version: int, feeding_rank: int = 0) -> Any:
         """A refit of engine `ro` (in this process) from the sharded policy: every rank gathers, `feeding_rank`
         (the rank on the engine's host/device) streams each full tensor into its sender's buckets."""
-        self._check_beside_engine(feeding_rank)
+        self._check_beside_engine(ro, feeding_rank)
         endpoint = ro.begin_refit(version)
         refs = [r.send_weights.remote(endpoint if i == feeding_rank else None, version) for i, r in enumerate(self.ranks)]
         try:
@@ -143,16 +156,17 @@ class ShardedLearner:
         self.last_refit = answers[feeding_rank]
         return ro.finish_refit(self.last_refit["stats"])
 
-    def _check_beside_engine(self, rank: int) -> None:
+    def _check_beside_engine(self, ro: Any, rank: int) -> None:
         """The transfer's socket and shared memory are node-local: the feeding rank must share the engine's node."""
         import ray
 
-        here, there = ray.get_runtime_context().get_node_id(), self.node_ids[rank]
+        here = getattr(ro, "node_id", None) or ray.get_runtime_context().get_node_id()  # an engine actor's, or ours
+        there = self.node_ids[rank]
         if there != here:
             raise RuntimeError(
-                f"trainer rank {rank} was placed on Ray node {there}, the engine runs on {here} (the driver's): a "
-                "refit needs them on one node; give the driver's node free resources for the first bundle "
-                "(ray.placement_strategy=PACK fills nodes in order) or start the run on rank 0's node")
+                f"trainer rank {rank} was placed on Ray node {there}, the engine runs on {here}: a refit needs them "
+                "on one node (the transfer is node-local); use ray.placement_strategy=PACK or STRICT_PACK, or "
+                "rollout.mode=colocate, which puts the engine on rank 0's bundle")
 
     def save(self, path: str) -> None:
         """Every rank writes its shards into the directory `path`."""
