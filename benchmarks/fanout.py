@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rollout.config import Backend, BackendConfig, RolloutConfig
+from rollout.config import Backend, BackendConfig, RefitTimeouts, RolloutConfig
 from rollout.transfer import TransferConfig
 from rollout.transfer.config import _coerce
 
@@ -60,6 +60,10 @@ class FanoutBenchRollout:
     """The part of `rollout` this benchmark lets you set (auto: shm on the CPU, cuda_ipc on a GPU)."""
 
     transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))
+    # the engine's own waits must outlast the transfer's (RolloutConfig checks it): a 0.5B refit on a busy host
+    timeouts: RefitTimeouts = field(
+        default_factory=lambda: RefitTimeouts(next_bucket_s=600.0, receiver_exit_s=600.0, worker_reply_s=900.0)
+    )
 
 
 @dataclass
@@ -70,7 +74,8 @@ class FanoutBenchRoot:
 
 def _rollout_cfg(root: FanoutBenchRoot, dtype: str, num_engines: int, tp: int) -> RolloutConfig:
     backend = BackendConfig(name=root.bench.backend, dtype=dtype, max_model_len=512, max_num_seqs=16, tensor_parallel_size=tp)
-    return RolloutConfig(backend=backend, transfer=root.rollout.transfer, num_engines=num_engines)
+    return RolloutConfig(backend=backend, transfer=root.rollout.transfer, timeouts=root.rollout.timeouts,
+                         num_engines=num_engines)
 
 
 def _greedy(ro) -> list[list[int]]:
