@@ -107,7 +107,51 @@ def vllm_worker_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-class VllmRollout:
+class RefitPhases:
+    """A refit of an engine (or of a group of engines) around one RefitChannel: `update_weights` with the
+    sender here, or `begin_refit` + a sender in another process + `finish_refit`. The class supplies the
+    steps: `_prepare(version) -> (start, slept)`, `_receives()`, `_failed(version)`, `_done(...)`."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+        """One refit of every worker through the configured transfer, one pass over `named_tensors`; on any
+        failure raises RefitError and the engine refuses to generate until a later refit succeeds."""
+        start, slept = self._prepare(version)
+        try:
+            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, self._receives(),
+                                                      self.cfg.load_path)
+        except BaseException:
+            self._failed(version)
+            raise
+        return self._done(version, start, slept, send_stats, replies)
+
+    def begin_refit(self, version: int) -> RefitEndpoint:
+        """The receiving half of a refit whose sender lives in another process on this node (a sharded
+        trainer's rank): wakes the weights, starts the workers' receive, returns where the sender binds.
+        That process keeps `endpoint.sender()` across refits and calls `send(named_tensors, version)`; then
+        `finish_refit` here with its stats, or the error that stopped it."""
+        start, slept = self._prepare(version)
+        try:
+            endpoint = self._channel.begin(self.transfer, version, self._receives(), self.cfg.load_path)
+        except BaseException:
+            self._failed(version)
+            raise
+        self._pending_refit = (version, start, slept)
+        return endpoint
+
+    def finish_refit(self, send_stats: Any = None, error: BaseException | None = None) -> RefitStats:
+        """The end of a refit begun with `begin_refit`: the sender's stats, or the error that stopped it."""
+        if self._pending_refit is None:
+            raise RuntimeError("finish_refit() without begin_refit()")
+        (version, start, slept), self._pending_refit = self._pending_refit, None
+        try:
+            send_stats, replies = self._channel.finish(send_stats, error)
+        except BaseException:
+            self._failed(version)
+            raise
+        return self._done(version, start, slept, send_stats, replies)
+
+
+class VllmRollout(RefitPhases):
     """A vLLM engine plus the sending end of the weight transfer. Build it with `build_rollout`. With
     `backend.tensor_parallel_size=N` each of its N workers is a receiver of the same refit (refit_channel.py).
 
@@ -200,44 +244,17 @@ class VllmRollout:
     def _wake(self, tags: list[str] | None) -> None:
         check_awake(self.llm.wake_up(tags), tags, self.vllm_version)
 
-    # -- refit ----------------------------------------------------------------------------------
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
-        """One refit of every worker through the configured transfer; on any failure raises RefitError and
-        the engine refuses to generate until a later refit succeeds."""
-        start = time.perf_counter()
-        was_asleep = self.prepare_refit()
-        try:
-            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, [self._receive], self.cfg.load_path)
-        except BaseException:
-            self._state.failed_version = version
-            raise
-        return refit_stats(version, time.perf_counter() - start, send_stats, replies, self.refit_done(version, was_asleep))
+    # -- refit (update_weights, begin_refit, finish_refit: RefitPhases) --------------------------
+    def _prepare(self, version: int) -> tuple[float, bool]:
+        return time.perf_counter(), self.prepare_refit()
 
-    def begin_refit(self, version: int) -> RefitEndpoint:
-        """The receiving half of a refit whose sender lives in another process on this node (a sharded
-        trainer's rank): wakes the weights, starts the workers' receive, returns where the sender binds.
-        That process keeps `endpoint.sender()` across refits and calls `send(named_tensors, version)`; then
-        `finish_refit` here with its stats, or the error that stopped it."""
-        start = time.perf_counter()
-        was_asleep = self.prepare_refit()
-        try:
-            endpoint = self._channel.begin(self.transfer, version, [self._receive], self.cfg.load_path)
-        except BaseException:
-            self._state.failed_version = version
-            raise
-        self._pending_refit = (version, start, was_asleep)
-        return endpoint
+    def _receives(self) -> list[Any]:
+        return [self._receive]
 
-    def finish_refit(self, send_stats: Any = None, error: BaseException | None = None) -> RefitStats:
-        """The end of a refit begun with `begin_refit`: the sender's stats, or the error that stopped it."""
-        if self._pending_refit is None:
-            raise RuntimeError("finish_refit() without begin_refit()")
-        (version, start, was_asleep), self._pending_refit = self._pending_refit, None
-        try:
-            send_stats, replies = self._channel.finish(send_stats, error)
-        except BaseException:
-            self._state.failed_version = version
-            raise
+    def _failed(self, version: int) -> None:
+        self._state.failed_version = version
+
+    def _done(self, version: int, start: float, was_asleep: bool, send_stats: Any, replies: list) -> RefitStats:
         return refit_stats(version, time.perf_counter() - start, send_stats, replies, self.refit_done(version, was_asleep))
 
     # The steps of a refit around the transfer; EngineGroup runs each on all of its engines.

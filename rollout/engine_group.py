@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterable, Sequence
-
-import torch
+from typing import Any, Sequence
 
 from rollout.config import RolloutConfig
-from rollout.engine import RefitStats, Sample, VllmRollout, refit_stats
-from rollout.refit_channel import RefitChannel, RefitEndpoint
+from rollout.engine import RefitPhases, RefitStats, Sample, VllmRollout, refit_stats
+from rollout.refit_channel import RefitChannel
 
 
-class EngineGroup:
+class EngineGroup(RefitPhases):
     """`cfg.num_engines` engines of `cfg.backend.tensor_parallel_size` workers each. Build it with `build_rollout`.
 
     Example:
@@ -84,39 +82,6 @@ class EngineGroup:
             if isinstance(r, BaseException):
                 raise r
         return [s for r in results for s in r]
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
-        """One pass over `named_tensors` refits every worker of every engine; on any failure raises
-        RefitError and no engine generates until a later refit succeeds."""
-        start, was_asleep = self._prepare(version)
-        try:
-            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, self._receives(), self.cfg.load_path)
-        except BaseException:
-            self._failed(version)
-            raise
-        return self._done(version, start, was_asleep, send_stats, replies)
-
-    def begin_refit(self, version: int) -> RefitEndpoint:
-        """As VllmRollout.begin_refit: one sender in another process feeds every worker of every engine."""
-        start, was_asleep = self._prepare(version)
-        try:
-            endpoint = self._channel.begin(self.transfer, version, self._receives(), self.cfg.load_path)
-        except BaseException:
-            self._failed(version)
-            raise
-        self._pending_refit = (version, start, was_asleep)
-        return endpoint
-
-    def finish_refit(self, send_stats: Any = None, error: BaseException | None = None) -> RefitStats:
-        if self._pending_refit is None:
-            raise RuntimeError("finish_refit() without begin_refit()")
-        (version, start, was_asleep), self._pending_refit = self._pending_refit, None
-        try:
-            send_stats, replies = self._channel.finish(send_stats, error)
-        except BaseException:
-            self._failed(version)
-            raise
-        return self._done(version, start, was_asleep, send_stats, replies)
 
     def _prepare(self, version: int) -> tuple[float, list[bool]]:
         if self._closed:
