@@ -120,6 +120,15 @@ class RolloutConfig:
     pause_mode: PauseMode = PauseMode.keep  # async engine only
     # async engine only: the bound on every wait for its event loop (a batch's samples, a pause, a call).
     generate_timeout_s: float = 600.0
+    # async engine only: how long vLLM's workers busy-wait for the next step before they sleep (vLLM's own
+    # wait is 1 s; null keeps it). Beside training, a spinning worker takes a core from the trainer.
+    worker_idle_spin_s: Optional[float] = 0.002
+    # async engine on the CPU: how many of the cores this process may run on go to vLLM's processes (the last
+    # ones: its worker's threads are bound to them, its engine core runs there); its event loop and the trainer's
+    # thread (trainers/async_rollouts.py) run on the rest, so that generation and training do not take each
+    # other's core, nor hold the GIL while descheduled behind vLLM's processes.
+    # null: half of them; 0: no split (vLLM binds its worker as it likes, everything else floats).
+    engine_cores: Optional[int] = None
     # How refits enter vLLM's model (rollout/load_path.py). `layerwise` (vLLM's layerwise reload) by default:
     # `auto`/`direct` load through the model's weight loaders on CUDA, which has not run on a GPU yet.
     load_path: LoadPath = LoadPath.layerwise
@@ -144,6 +153,10 @@ class RolloutConfig:
         self.engine = _coerce(EngineKind, self.engine, "rollout.engine")
         self.pause_mode = _coerce(PauseMode, self.pause_mode, "rollout.pause_mode")
         self.load_path = _coerce(LoadPath, self.load_path, "rollout.load_path")
+        if self.worker_idle_spin_s is not None and not self.worker_idle_spin_s >= 0:
+            raise ValueError(f"rollout.worker_idle_spin_s must be >= 0 or null, got {self.worker_idle_spin_s!r}")
+        if self.engine_cores is not None and (isinstance(self.engine_cores, bool) or self.engine_cores < 0):
+            raise ValueError(f"rollout.engine_cores must be an integer >= 0 or null, got {self.engine_cores!r}")
         if not self.generate_timeout_s > 0:
             raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")
         if isinstance(self.num_engines, bool) or not isinstance(self.num_engines, int) or self.num_engines < 1:

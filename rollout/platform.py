@@ -48,7 +48,7 @@ class Platform:
         return resolve_transport(transport, self.device_type)
 
     def worker_env(self, engine_index: int, num_engines: int, tensor_parallel_size: int,
-                   units: Sequence[int | str] | None = None) -> dict[str, str]:
+                   units: Sequence[int | str] | None = None, bind_alone: bool = False) -> dict[str, str]:
         """vLLM's own environment variables for the processes of engine `engine_index` of `num_engines`, each
         with `tensor_parallel_size` workers: vLLM offers no argument for either setting. `units` are the
         cores (CPU) or device indices to share out, one slice per worker; by default the cores this process
@@ -56,11 +56,14 @@ class Platform:
 
         On the CPU, vLLM binds each worker's OpenMP threads to a NUMA node by default and refuses two
         workers on a one-node host: each worker gets its own cores instead (VLLM_CPU_OMP_THREADS_BIND,
-        workers separated by '|'). On GPUs and NPUs, engine k sees only its own devices."""
+        workers separated by '|'). On GPUs and NPUs, engine k sees only its own devices.
+
+        `bind_alone` (CPU): one worker alone is bound to `units` too (the async engine keeps its cores apart from
+        the trainer's, rollout.engine_cores)."""
         num_workers = num_engines * tensor_parallel_size
         if not 0 <= engine_index < num_engines or tensor_parallel_size < 1:
             raise ValueError(f"engine {engine_index} of {num_engines} with tensor_parallel_size {tensor_parallel_size}")
-        if num_workers == 1:
+        if num_workers == 1 and not (bind_alone and self.device_type == "cpu"):
             return {}
         if units is None:
             units = sorted(os.sched_getaffinity(0)) if self.device_type == "cpu" else self._visible_devices()

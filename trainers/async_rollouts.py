@@ -10,6 +10,7 @@ of version s-1: it is exactly k versions old when trained (tokens generated afte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -36,6 +37,13 @@ class AsyncRollouts:
         self.max_staleness = cfg.trainer.max_staleness
         self._pending: dict[int, tuple[list[Example], Any, float]] = {}  # step -> (examples, handle, submitted)
         self._handed_over: float | None = None  # when the previous batch went to the trainer
+        # The trainer's thread off the cores of vLLM's processes (rollout.engine_cores) until close().
+        self._pinned = contextlib.ExitStack()
+        if hasattr(ro, "off_engine_cores"):
+            self._pinned.enter_context(ro.off_engine_cores())
+
+    def close(self) -> None:
+        self._pinned.close()
 
     def __call__(self, step: int) -> Rollouts:
         start = time.perf_counter()

@@ -205,15 +205,19 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
         start_engine(ro, s, cfg)
         gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
         next_rollouts = rollout_producer(ro, s.task, cfg)
-        for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
-            step_start = time.perf_counter()
-            rollouts = next_rollouts(step)
-            metrics = train(s, rollouts, cfg, step)
-            check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit, cfg.trainer.strict_refit,
-                            s.log.message)
-            metrics.update(refit(ro, s.learner, cfg.trainer, step))
-            metrics["timing/step_s"] = time.perf_counter() - step_start
-            record(s, cfg, step, metrics)
+        try:
+            for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
+                step_start = time.perf_counter()
+                rollouts = next_rollouts(step)
+                metrics = train(s, rollouts, cfg, step)
+                check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit,
+                                cfg.trainer.strict_refit, s.log.message)
+                metrics.update(refit(ro, s.learner, cfg.trainer, step))
+                metrics["timing/step_s"] = time.perf_counter() - step_start
+                record(s, cfg, step, metrics)
+        finally:
+            if hasattr(next_rollouts, "close"):  # the async producer: its trainer thread back on every core
+                next_rollouts.close()
         final_eval = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.log_eval({"eval/reward": final_eval}, step=cfg.trainer.total_steps)
         s.log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {s.state.baseline:.3f})")

@@ -139,6 +139,42 @@ def test_after_refits_equals_a_fresh_engine(async_engine, fresh_async, base_stat
         assert same[:-1] == [True] * len(PROMPTS) and not same[-1], "stale prefix blocks changed nothing"
 
 
+def test_split_cores(monkeypatch):
+    from rollout.async_engine import split_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert split_cores(None) == ({0, 1}, {2, 3})  # half each
+    assert split_cores(1) == ({0, 1, 2}, {3})
+    assert split_cores(0) is None  # no split: vLLM's own binding
+    with pytest.raises(ValueError, match="leaves the trainer no core"):
+        split_cores(4)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {5})
+    assert split_cores(None) is None and split_cores(1) is None  # one core: nothing to split
+
+
+def test_engine_and_trainer_run_on_their_own_cores(async_engine):
+    """rollout.engine_cores (default: half): vLLM's processes on the last cores, the loop and a thread inside
+    off_engine_cores() on the rest; the worker sleeps after rollout.worker_idle_spin_s without work."""
+    ro = async_engine
+    if ro.trainer_cores is None:
+        pytest.skip("one core: nothing to split")
+    import os
+
+    cores = ro.engine.engine_core.resources.engine_manager.processes  # the engine core; its worker below
+    procs = [psutil.Process(p.pid) for p in cores]
+    procs += [c for p in procs for c in p.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+    engine_cores = {c for p in procs for c in p.cpu_affinity()}
+    assert len(procs) >= 2, procs
+    assert engine_cores and not engine_cores & ro.trainer_cores, (engine_cores, ro.trainer_cores)
+    assert os.sched_getaffinity(ro._thread.native_id) == ro.trainer_cores
+    before = os.sched_getaffinity(0)
+    with ro.off_engine_cores():
+        assert os.sched_getaffinity(0) == ro.trainer_cores
+    assert os.sched_getaffinity(0) == before
+    readers = ro._call(ro.engine.collective_rpc("refit_set_idle_spin", args=(ro.cfg.worker_idle_spin_s,)), "spin")
+    assert all(n >= 1 for n in readers), readers
+
+
 def test_close_with_requests_in_flight_returns_within_the_timeout(fresh_async):
     _, ro = fresh_async
     handle = ro.submit(["12+7="] * 16, n=8, max_tokens=400, seed=0)

@@ -132,6 +132,9 @@ def test_cpu_worker_env_gives_each_worker_its_own_cores():
         ",".join(map(str, s)) for s in share_out(sorted(os.sched_getaffinity(0)), 2)}
     with pytest.raises(ValueError, match="engine 2 of 2"):
         p.worker_env(2, 2, 1, units=[0, 1])
+    # the async engine binds even one worker to the cores it keeps apart from the trainer's
+    assert p.worker_env(0, 1, 1, units=[1], bind_alone=True) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert p.worker_env(0, 1, 2, units=[2, 3], bind_alone=True) == {"VLLM_CPU_OMP_THREADS_BIND": "2|3"}
 
 
 def test_gpu_worker_env_gives_each_engine_its_own_devices():

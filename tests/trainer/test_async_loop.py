@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 from trainer_helpers import compose_typed, small_run_config
@@ -51,10 +52,12 @@ def test_every_trained_sample_is_within_max_staleness(async_engine, tmp_path, pa
                            f"rollout.pause_mode={pause_mode.value}", "logger=[console,jsonl,tensorboard]")
     original = async_engine.cfg
     async_engine.cfg = dataclasses.replace(original, pause_mode=pause_mode)
+    cores = os.sched_getaffinity(0)
     try:
         summary = run(cfg, rollout=async_engine)
     finally:
         async_engine.cfg = original
+    assert os.sched_getaffinity(0) == cores, "the trainer's thread stayed on the trainer's cores after the run"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["version_lag"] == 0  # the first batch waits for nothing older than the start
