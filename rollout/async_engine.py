@@ -422,7 +422,8 @@ class AsyncWorkerExtension(RefitWorkerExtension):
 
         from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
-        readers = [o for o in gc.get_objects() if isinstance(o, SpinCondition) and o.is_reader]
+        # type(), not isinstance(): gc also holds weak proxies, and touching a dead one raises ReferenceError
+        readers = [o for o in gc.get_objects() if issubclass(type(o), SpinCondition) and o.is_reader]
         for reader in readers:
             reader.busy_loop_s = seconds
         return len(readers)
