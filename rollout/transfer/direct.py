@@ -5,6 +5,11 @@ place, rollout/transfer/direct_shm.py; cuda: its CUDA IPC handle, direct_cuda.py
 Every refit then sends only its layout (a DirectLayout: the segments and where each tensor lies); the
 receiver maps what it has not mapped yet, drops what is no longer named, hands out views of the trainer's
 memory in ONE consume call, fences its device and answers Done, and only then does send() return.
+A refit whose tensors are exactly where the last completed one's were (same storages, offsets, shapes, dtypes:
+the common case, an optimizer steps in place) sends a DirectRepeat instead, and the receiver hands out the
+views it built then: per refit the sender checks each tensor against its plan (a few attribute reads) and
+nothing else is encoded, decoded or validated again. A receiver without that plan (restarted) asks for the
+layout and gets it.
 A storage is recognised by its Python storage object (weakly held, so a dead one is dropped) together with
 its data pointer and size, never by a tensor's name: a parameter re-allocated between refits (`p.data = ...`,
 `.to()`, a resized storage) is exported again. A replaced storage stays mapped by the receiver until the
@@ -66,12 +71,33 @@ class _Export:
 class DirectRefit:
     """What one direct refit sends, planned (and its new storages exported) before anything goes out."""
 
+    plan_id: int
     shm_segments: list[wire.ShmSegment]
     cuda_segments: list[wire.CudaSegment]
     entries: list[wire.DirectEntry]
 
     def layout(self, refit_id: int) -> wire.DirectLayout:
-        return wire.DirectLayout(refit_id, self.shm_segments, self.cuda_segments, self.entries)
+        return wire.DirectLayout(refit_id, self.plan_id, self.shm_segments, self.cuda_segments, self.entries)
+
+
+def _where(name: str, t: torch.Tensor) -> tuple:
+    """What must be unchanged for a tensor to lie where a plan said (its storage is compared by identity)."""
+    return name, t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+@dataclass
+class _Plan:
+    refit: DirectRefit
+    storages: list[weakref.ref]  # one per tensor, weakly held: a dead storage never matches
+    where: list[tuple]
+
+    def matches(self, tensors: Tensors) -> bool:
+        if len(tensors) != len(self.where):
+            return False
+        for (name, t), ref, where in zip(tensors, self.storages, self.where):
+            if _where(name, t) != where or ref() is not t.untyped_storage():
+                return False
+        return True
 
 
 class DirectSender:
@@ -90,11 +116,15 @@ class DirectSender:
         self._exports: dict[int, _Export] = {}  # by id() of the storage object, checked against the weakref
         self._next_segment_id = 1
         self._warned: set[str] = set()
+        self._plan: _Plan | None = None  # the last refit's layout
+        self._receiver_plan: int | None = None  # the plan the receiver completed a refit with, if any
 
     def prepare(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[Tensors, DirectRefit | None]:
         """Check every tensor and export the storages not exported yet. Raises ValueError naming a tensor
         that cannot be mapped, or (direct_fallback=bucketed) returns no refit: send the tensors bucketed."""
         tensors = _pairs(named_tensors)
+        if self._plan is not None and self._plan.matches(tensors):
+            return tensors, self._plan.refit  # every tensor where it was: nothing to check or export
         for name, t in tensors:
             reason = self._cannot_map(t)
             if reason is None:
@@ -122,7 +152,11 @@ class DirectSender:
         self._exports = live  # storages this refit does not send are forgotten; the receiver drops them too
         segments = [e.segment for e in live.values()]
         shm = [s for s in segments if isinstance(s, wire.ShmSegment)]
-        return tensors, DirectRefit(shm, [s for s in segments if isinstance(s, wire.CudaSegment)], entries)
+        plan_id = 1 if self._plan is None else self._plan.refit.plan_id + 1
+        refit = DirectRefit(plan_id, shm, [s for s in segments if isinstance(s, wire.CudaSegment)], entries)
+        self._plan = _Plan(refit, [weakref.ref(t.untyped_storage()) for _, t in tensors],
+                           [_where(name, t) for name, t in tensors])
+        return tensors, refit
 
     def _cannot_map(self, t: torch.Tensor) -> str | None:
         if _is_dtensor(t):
@@ -163,9 +197,19 @@ class DirectSender:
                            mode=TransferMode.direct.value)
         try:
             channel.send(wire.BeginRefit(session, refit_id, version, hello), "BeginRefit")
-            channel.send(refit.layout(refit_id), "DirectLayout")
-            self._wait_done(wait, refit_id)
+            if refit.plan_id == self._receiver_plan:
+                channel.send(wire.DirectRepeat(refit_id, refit.plan_id), "DirectRepeat")
+                answer = self._wait_done(wait, refit_id, layout_wanted=True)
+                if isinstance(answer, wire.Ready):  # a restarted receiver, without our plan
+                    logger.info("mode=direct: the receiver has no plan %d (%s): sending the layout", refit.plan_id, answer.detail)
+                    channel.send(refit.layout(refit_id), "DirectLayout")
+                    self._wait_done(wait, refit_id)
+            else:
+                channel.send(refit.layout(refit_id), "DirectLayout")
+                self._wait_done(wait, refit_id)
+            self._receiver_plan = refit.plan_id
         except BaseException as exc:
+            self._receiver_plan = None  # the receiver dropped its mappings: the next refit sends its layout
             if not isinstance(exc, PeerError):
                 channel.try_send(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
             raise
@@ -176,8 +220,10 @@ class DirectSender:
         if self.kind == Transport.cuda_ipc:
             torch.cuda.synchronize(self.device)  # the trainer's last writes must land before the engine reads
 
-    def _wait_done(self, wait, refit_id: int) -> None:
-        wait(refit_id, wire.Done, "Done")  # the receiver consumed and fenced: the trainer may write again
+    def _wait_done(self, wait, refit_id: int, layout_wanted: bool = False):
+        """The receiver's Done: it consumed and fenced, the trainer may write again. `layout_wanted`: a Ready
+        asking for the layout (after a DirectRepeat) is an answer too."""
+        return wait(refit_id, (wire.Done, wire.Ready) if layout_wanted else wire.Done, "Done")
 
 
 class DirectReceiver:
@@ -194,15 +240,14 @@ class DirectReceiver:
         self.device = _device(device)
         self._session: int | None = None
         self._segments: dict[int, tuple[object, torch.Tensor]] = {}  # id -> (descriptor, flat uint8 tensor)
+        self._plan: tuple[int, Tensors] | None = None  # (plan id, the views built for it) of the last refit
 
     def receive(self, begin: wire.BeginRefit, consume: Consume, next_msg, channel, policy: SyncPolicy) -> TransferStats:
         """`next_msg(refit_id, type, what)` is the receiver's wait for a message of this refit. A failed
         refit drops every mapping: a dead trainer's memory must not stay pinned by us."""
         start = time.perf_counter()
         try:
-            layout = next_msg(begin.refit_id, wire.DirectLayout, "DirectLayout")
-            self._map(begin, layout)
-            weights = self._views(layout)
+            weights = self._weights(begin, next_msg, channel)
             fence = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
 
             def ack() -> None:
@@ -212,8 +257,23 @@ class DirectReceiver:
         except BaseException:
             self.close()
             raise
-        num_bytes = sum(e.nbytes for e in layout.entries)
+        num_bytes = sum(v.numel() * v.element_size() for _, v in weights)
         return TransferStats(begin.version, num_bytes, len(weights), 0, time.perf_counter() - start)
+
+    def _weights(self, begin: wire.BeginRefit, next_msg, channel) -> Tensors:
+        """The views of this refit: the last plan's for a DirectRepeat of it, else built from the layout."""
+        msg = next_msg(begin.refit_id, (wire.DirectLayout, wire.DirectRepeat), "DirectLayout")
+        if isinstance(msg, wire.DirectRepeat):
+            if self._plan is not None and self._plan[0] == msg.plan_id and begin.session == self._session:
+                return self._plan[1]
+            have = "none" if self._plan is None or begin.session != self._session else f"plan {self._plan[0]}"
+            channel.send(wire.Ready(begin.refit_id, False, f"asked to repeat plan {msg.plan_id}, have {have}"), "Ready")
+            msg = next_msg(begin.refit_id, wire.DirectLayout, "DirectLayout")
+        self._plan = None
+        self._map(begin, msg)
+        weights = self._views(msg)
+        self._plan = (msg.plan_id, weights)
+        return weights
 
     def _map(self, begin: wire.BeginRefit, layout: wire.DirectLayout) -> None:
         if begin.session != self._session:
@@ -267,6 +327,7 @@ class DirectReceiver:
         """Idempotent: drops every mapping (the memory goes once the consumer's views are gone too)."""
         self._segments = {}
         self._session = None
+        self._plan = None
         if self.device.type == "cuda" and torch.cuda.is_initialized():
             torch.cuda.ipc_collect()
 

@@ -21,7 +21,9 @@ Either side may send Error instead; it aborts that refit on both ends.
 
 A refit of mode=direct (rollout/transfer/direct.py) has no buckets:
     S->R BeginRefit (Hello.mode == "direct", no buffers)
-    S->R DirectLayout (every segment the refit uses and where each tensor lies in one)
+    S->R DirectLayout (every segment the refit uses and where each tensor lies in one, numbered as plan p)
+         or DirectRepeat p (every tensor lies where plan p, the last one the receiver completed, said)
+    R->S Ready(attached=False) only if it has no plan p (a restarted receiver): S->R DirectLayout follows
     R->S Done (after consume and the device fence: the trainer may write its tensors again)
 """
 
@@ -34,8 +36,9 @@ import msgpack
 import torch
 
 # 2: Hello.nccl_buffers; 3: CudaIpcBuffer.packed_event; 4: Packed split from BucketMeta; 5: Hello.mode, DirectLayout;
-# 6: N receivers (Hello.num_receivers, the receiver's rank in BeginRefit, Ready, Ack and Done)
-PROTOCOL_VERSION = 6
+# 6: N receivers (Hello.num_receivers, the receiver's rank in BeginRefit, Ready, Ack and Done);
+# 7: DirectLayout.plan_id, DirectRepeat
+PROTOCOL_VERSION = 7
 
 
 class ProtocolError(ValueError):
@@ -257,17 +260,27 @@ class DirectLayout:
     rest) and where each tensor lies."""
 
     refit_id: int
+    plan_id: int  # the sender's number for this layout; a later DirectRepeat names it
     shm_segments: list[ShmSegment]
     cuda_segments: list[CudaSegment]
     entries: list[DirectEntry]
     _lists: ClassVar[dict[str, type]] = {"shm_segments": ShmSegment, "cuda_segments": CudaSegment, "entries": DirectEntry}
 
 
+@dataclass(frozen=True)
+class DirectRepeat:
+    """A direct refit whose tensors lie exactly where the DirectLayout of plan `plan_id` said (the same storages,
+    offsets, shapes and dtypes): the receiver reuses what it built for that plan, nothing is decoded or checked again."""
+
+    refit_id: int
+    plan_id: int
+
+
 _TAGS: dict[int, type] = {
-    1: BeginRefit, 2: Ready, 3: BucketMeta, 4: Ack, 5: EndOfRefit, 6: Done, 7: Error, 8: Packed, 9: DirectLayout,
+    1: BeginRefit, 2: Ready, 3: BucketMeta, 4: Ack, 5: EndOfRefit, 6: Done, 7: Error, 8: Packed, 9: DirectLayout, 10: DirectRepeat,
 }
 _TAG_OF: dict[type, int] = {cls: tag for tag, cls in _TAGS.items()}
-Message = BeginRefit | Ready | BucketMeta | Packed | Ack | EndOfRefit | Done | Error | DirectLayout
+Message = BeginRefit | Ready | BucketMeta | Packed | Ack | EndOfRefit | Done | Error | DirectLayout | DirectRepeat
 
 
 # Plain-value checks per annotation, so a malformed peer fails here and not deep inside a refit.

@@ -52,8 +52,8 @@ class ReturnsBeforeDone(DirectSender):
     """The bug this mode must not have: send() returns as soon as the layout is out, so the trainer's next
     in-place update races the receiver's reads."""
 
-    def _wait_done(self, wait, refit_id: int) -> None:
-        pass
+    def _wait_done(self, wait, refit_id: int, layout_wanted: bool = False):
+        return None
 
 
 class NoTrainerFence(DirectSender):

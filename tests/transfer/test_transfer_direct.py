@@ -155,6 +155,28 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one():
     assert not shm_entries_of(os.getpid())
 
 
+def test_a_receiver_restarted_between_refits_gets_the_layout_it_lacks(caplog):
+    """Refit 2 repeats refit 1's plan (the weights changed in place), but the receiver that completed refit 1
+    is gone: the new one asks for the layout instead of failing."""
+    endpoint = new_endpoint()
+    model, _ = tiny_trainer()
+    with WeightSender(TransferConfig(**DIRECT), endpoint) as sender:
+        for version in (1, 2, 3):
+            queue = CTX.Queue()
+            receiver = CTX.Process(target=receiver_once, args=(DIRECT, endpoint, queue))
+            receiver.start()
+            with torch.no_grad():
+                model[2].weight.add_(1.0)
+            with caplog.at_level(logging.INFO, logger="rollout.transfer.direct"):
+                stats = sender.send(tensors(model), version=version)
+            got_version, got = queue.get(timeout=30)
+            receiver.join(30)
+            assert stats.version == got_version == version and got == snapshot(tensors(model))
+    asked = [r.getMessage() for r in caplog.records if "has no plan" in r.getMessage()]
+    assert len(asked) == 2 and "have none" in asked[0]
+    assert not shm_entries_of(os.getpid())
+
+
 def test_consume_error_reaches_the_sender_and_the_next_refit_maps_afresh():
     endpoint = new_endpoint()
     proc, queue = start_sender("refits", DIRECT, endpoint, 2)

@@ -29,9 +29,10 @@ def _samples() -> list:
         wire.Done(4),
         wire.Error(4, "boom"),
         wire.BeginRefit(123, 7, 10, wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", 0, 0, [], [], mode="direct")),
-        wire.DirectLayout(7, [wire.ShmSegment(1, 4242, 17, 99, 4096)], [], [wire.DirectEntry("w", "bfloat16", [3, 4], 1, 256, 24),
+        wire.DirectLayout(7, 3, [wire.ShmSegment(1, 4242, 17, 99, 4096)], [], [wire.DirectEntry("w", "bfloat16", [3, 4], 1, 256, 24),
                                                                           wire.DirectEntry("e", "float32", [0], 0, 0, 0)]),
-        wire.DirectLayout(8, [], [wire.CudaSegment(2, cuda)], []),
+        wire.DirectLayout(8, 4, [], [wire.CudaSegment(2, cuda)], []),
+        wire.DirectRepeat(9, 4),
     ]
 
 
