@@ -53,6 +53,7 @@ class RefitStats:
     caches_reset: tuple[str, ...] = field(default_factory=tuple)
     load_path: str = "layerwise"  # how the worker loaded it: "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
     worker_load_s: tuple[float, ...] = ()  # each worker's load_s, by receiver rank (engine k, worker w: k * TP + w)
+    load_plan: str = ""  # direct path: "recorded" (first refit), "replayed", or "off: <why>" (load_weights each time)
 
 
 @dataclass
@@ -395,7 +396,7 @@ def refit_stats(version: int, seconds: float, send_stats: Any, replies: Sequence
     return RefitStats(
         version, seconds, send_stats.num_bytes, send_stats.num_tensors, send_stats.num_buckets,
         send_stats.seconds, max(loads), sum(r.detached_bytes for r in replies), tuple(c.value for c in caches),
-        replies[0].load_path, loads,
+        replies[0].load_path, loads, replies[0].load_plan,
     )
 
 

@@ -77,6 +77,7 @@ class WorkerReply:
     load_s: float
     detached_bytes: int
     load_path: str  # how it loaded: "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
+    load_plan: str = ""  # direct path: "recorded", "replayed" or "off: <why>" (rollout/load_path.py LoadPlan)
 
 
 class RefitChannel:
@@ -208,7 +209,7 @@ class RefitChannel:
         ranks, expected = sorted(r["receiver"] for r in replies), list(range(k * tp, (k + 1) * tp))
         if ranks != expected:
             raise RefitError(f"refit to version {version}: engine {k}'s workers answered as receivers {ranks}, expected {expected}")
-        return [WorkerReply(k, r["receiver"], r["load_s"], r["detached_bytes"], r["load_path"])
+        return [WorkerReply(k, r["receiver"], r["load_s"], r["detached_bytes"], r["load_path"], r.get("load_plan", ""))
                 for r in sorted(replies, key=lambda r: r["receiver"])]
 
     def _close_sender(self) -> None:

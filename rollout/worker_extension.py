@@ -16,7 +16,7 @@ import torch
 
 from rollout.bucket_stream import BucketStream
 from rollout.config import RefitTimeouts
-from rollout.load_path import LoadPath, choose_load_path, direct_load_blocker, load_direct
+from rollout.load_path import LoadPath, LoadPlan, choose_load_path, direct_load_blocker, load_direct
 from rollout.tied_heads import find_tied_heads, reprocess_tied_heads
 from rollout.transfer import TransferConfig, WeightReceiver
 from rollout.vllm_compat import (
@@ -113,12 +113,35 @@ class RefitWorkerExtension:
             from vllm.config import set_current_vllm_config
 
             with set_current_vllm_config(self.vllm_config):
-                load_direct(self.model_runner.get_model(), source["weights_iterator"])
+                self._refit_load_plan_used = self._refit_load_direct(self.model_runner.get_model(), source["weights_iterator"])
             for reset in ("reset_encoder_cache", "reset_mm_cache"):  # as vLLM's reload_weights does
                 getattr(self.model_runner, reset, lambda: None)()
         else:
             self.reload_weights(**source, is_checkpoint_format=True)
         reprocess_tied_heads(self._refit_tied_heads)
+
+    def _refit_load_direct(self, model: torch.nn.Module, weights: Any) -> str:
+        """The direct path: the first refit runs the weight loaders under a recorder, later ones replay what
+        they wrote (rollout/load_path.py LoadPlan). Returns what ran, for RefitStats.load_plan."""
+        blocked = getattr(self, "_refit_plan_blocked", None)
+        if blocked is not None:
+            load_direct(model, weights)
+            return f"off: {blocked}"
+        plan = getattr(self, "_refit_load_plan", None)
+        stale = plan and plan.stale()
+        if plan is not None and stale is None:
+            missed = plan.replay(weights, lambda name, t: load_direct(model, [(name, t)]))
+            return f"replayed ({missed} tensors through load_weights)" if missed else "replayed"
+        plan, why = LoadPlan.record(model, weights)
+        self._refit_load_plan = plan
+        log = logging.getLogger(__name__)
+        if why is not None:
+            self._refit_plan_blocked = why
+            log.info("direct refits keep calling load_weights: its writes cannot be replayed (%s)", why)
+            return f"off: {why}"
+        log.info("recorded the weight loaders' %d writes%s; later refits replay them", plan.num_writes,
+                 f" again ({stale})" if stale else "")
+        return "recorded"
 
     def _refit_receive(
         self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: RefitTimeouts, requested: LoadPath,
@@ -130,6 +153,7 @@ class RefitWorkerExtension:
         except ValueError as exc:  # e.g. load_path=direct where it cannot run: the sender must hear it too
             receiver.receive(_refuse(exc))
             raise
+        self._refit_load_plan_used = ""
         stream = BucketStream(receiver.cfg.timeout_s, self._refit_detach, timeouts.next_bucket_s)
         exit_s = timeouts.receiver_exit_s
         outcome: dict[str, Any] = {}
@@ -178,6 +202,7 @@ class RefitWorkerExtension:
             "load_s": load_s,
             "detached_bytes": stream.detached_bytes,
             "load_path": path.value,
+            "load_plan": self._refit_load_plan_used,
         }
 
     def _refit_cleanup_failed_reload(self) -> None:

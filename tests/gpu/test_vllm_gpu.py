@@ -118,13 +118,18 @@ def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_for
             before = None
         else:
             before = greedy(ro)
-        stats = ro.update_weights(new.items(), version=1)
-        assert stats.num_buckets > 1 and stats.version == 1
-        assert stats.load_path == ("layerwise" if load_path is LoadPath.layerwise else "direct")
+        # Two refits: the direct path records its weight loaders' writes at the first, replays them at the second.
+        plans = []
+        for version, state in ((1, perturbed(base[1], seed=2)), (2, new)):
+            stats = ro.update_weights(state.items(), version=version)
+            assert stats.num_buckets > 1 and stats.version == version
+            assert stats.load_path == ("layerwise" if load_path is LoadPath.layerwise else "direct")
+            plans.append(stats.load_plan)
         refitted = greedy(ro)
+    assert plans == (["", ""] if load_path is LoadPath.layerwise else ["recorded", "replayed"])
     if before is not None:
         assert [s.token_ids for s in before] != [s.token_ids for s in refitted], "the perturbation changed nothing"
-    assert all(s.version == 1 for s in refitted)
+    assert all(s.version == 2 for s in refitted)
     assert_same(refitted, expected, atol=1e-3)
 
 
