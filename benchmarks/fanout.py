@@ -16,7 +16,6 @@ after the last refit. Prints the JSON and writes it to `bench.out` in Hydra's ou
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import hydra_app
 from rollout.config import Backend, BackendConfig, RefitTimeouts, RolloutConfig
 from rollout.transfer import TransferConfig
 from rollout.transfer.config import _coerce
@@ -135,24 +135,7 @@ def run(root: FanoutBenchRoot) -> dict[str, Any]:
     return result
 
 
-def _hydra_main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    ConfigStore.instance().store(name="fanout_bench_schema", node=FanoutBenchRoot)
-
-    @hydra.main(version_base="1.3", config_path="conf", config_name="fanout")
-    def main(dcfg) -> None:
-        root: FanoutBenchRoot = OmegaConf.to_object(dcfg)  # DictConfig stops here; __post_init__ validates
-        text = json.dumps(run(root), indent=2)
-        print(text)
-        with open(os.path.join(HydraConfig.get().runtime.output_dir, root.bench.out), "w") as f:
-            f.write(text + "\n")
-
-    main()
-
+_hydra_main = hydra_app("fanout", FanoutBenchRoot, run)
 
 if __name__ == "__main__":
     _hydra_main()

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import shutil
 import statistics
@@ -58,6 +57,7 @@ from typing import Any, Optional
 
 import torch
 
+from benchmarks import hydra_app, register_schema
 from rollout.config import Backend, BackendConfig, Mode, RefitTimeouts, RolloutConfig
 from rollout.load_path import LoadPath
 from rollout.transfer import Sync, TransferConfig, TransferMode
@@ -467,28 +467,10 @@ def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measu
 
 
 def _register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="refit_bench_schema", node=RefitBenchRoot)
+    register_schema("refit", RefitBenchRoot)
 
 
-def _hydra_main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    _register()
-
-    @hydra.main(version_base="1.3", config_path="conf", config_name="refit")
-    def main(dcfg) -> None:
-        root: RefitBenchRoot = OmegaConf.to_object(dcfg)  # DictConfig stops here; __post_init__ validates
-        text = json.dumps(run(root), indent=2)
-        print(text)
-        with open(os.path.join(HydraConfig.get().runtime.output_dir, root.bench.out), "w") as f:
-            f.write(text + "\n")
-
-    main()
-
+_hydra_main = hydra_app("refit", RefitBenchRoot, run)
 
 if __name__ == "__main__":
     _hydra_main()

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from benchmarks import hydra_app, register_schema
 from rollout.transfer import TransferConfig, WeightReceiver, WeightSender, layout, new_endpoint
 from rollout.transfer.config import TransferMode, Transport
 
@@ -432,31 +433,18 @@ def summarize(sweep_dir: str) -> list[dict]:
 
 
 def _register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="transfer_bench_schema", node=BenchRoot)
+    register_schema("transfer", BenchRoot)
 
 
-def _hydra_main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
+def _report(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print_table([result], f"refit vs {result['floor']} floor -> {path}")
+    for label, ms in result.get("trace_ms", []):
+        print(f"{label:>48}: {ms:8.3f} ms")
 
-    _register()
 
-    @hydra.main(version_base="1.3", config_path="conf", config_name="transfer")
-    def main(dcfg) -> None:
-        root: BenchRoot = OmegaConf.to_object(dcfg)  # DictConfig stops here; __post_init__ validates
-        result = run(root.rollout.transfer, root.bench)
-        path = os.path.join(HydraConfig.get().runtime.output_dir, root.bench.out)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print_table([result], f"refit vs {result['floor']} floor -> {path}")
-        for label, ms in result.get("trace_ms", []):
-            print(f"{label:>48}: {ms:8.3f} ms")
-
-    main()
-
+_hydra_main = hydra_app("transfer", BenchRoot, lambda root: run(root.rollout.transfer, root.bench), _report)
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--summary":

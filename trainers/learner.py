@@ -19,10 +19,20 @@ from trainers.checkpoint import SHARDS, save_checkpoint
 from trainers.config import Algorithm, AlgorithmConfig, TrainerConfig
 from trainers.distributed.cluster import RayConfig
 from trainers.policy import TokenBatch, ValueModel, collate, load_policy, token_logprobs
-from trainers.tasks import Task
+from trainers.tasks import Example, Task
 from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
 
 UPDATE_METRICS = ("loss", "clip_frac", "ppo_kl", "entropy", "kl", "grad_norm", "value_loss")
+
+
+def warm_start_batch(tokenizer: Any, examples: list[Example]) -> TokenBatch:
+    """The supervised warm-start's batch (on the CPU): each example's prompt, then its reference completion
+    + EOS as the response."""
+    return collate(
+        [tokenizer(e.prompt).input_ids for e in examples],
+        [tokenizer(e.completion).input_ids + [tokenizer.eos_token_id] for e in examples],
+        pad_id=tokenizer.pad_token_id or 0,
+    )
 
 
 @dataclass
@@ -70,11 +80,7 @@ class Learner:
         loss = torch.tensor(float("nan"))
         for step in range(1, t.warmup_steps + 1):
             examples = task.batch(-step, t.warmup_batch_size)  # negative steps: disjoint from the RL batches
-            batch = collate(
-                [tokenizer(e.prompt).input_ids for e in examples],
-                [tokenizer(e.completion).input_ids + [tokenizer.eos_token_id] for e in examples],
-                pad_id=tokenizer.pad_token_id or 0,
-            ).to(self.device)
+            batch = warm_start_batch(tokenizer, examples).to(self.device)
             logp, _ = token_logprobs(self.policy, batch)
             loss = -masked_mean(logp, batch.mask)
             optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 
 import pytest
 import torch
@@ -19,14 +18,13 @@ from rollout.transfer import (
     new_endpoint,
 )
 from transfer_procs import (
-    CTX,
     our_segments,
     race_tensors,
-    receiver_process,
-    receiver_that_dies,
+    receivers_in_turn,
     receiving_from_a_killed_sender,
     recording_allocate,
-    send_in_thread,
+    refit_to_a_receiver_that_dies,
+    refit_to_a_restarted_receiver,
 )
 
 SHORT = {"transport": "shm", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
@@ -88,23 +86,11 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one(monkeypat
     endpoint = new_endpoint()
     cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})
     with WeightSender(cfg, endpoint) as sender:
-        dying = CTX.Process(target=receiver_that_dies, args=(SHORT, endpoint))
-        dying.start()
-        sender._channel.timeout_s = 1.5  # only after connecting: the child's start-up takes seconds
-        with pytest.raises(TransferTimeout, match="Ack") as err:
-            sender.send(race_tensors(1), version=1)
-        dying.join()
-        assert dying.exitcode == -signal.SIGKILL and endpoint in str(err.value)
+        refit_to_a_receiver_that_dies(sender, SHORT, endpoint)
         first_names = _names(made[0])
         assert not our_segments(first_names) and sender._transport is None  # a failed refit drops its buffers
 
-        queue = CTX.Queue()
-        sender._channel.timeout_s = 20.0
-        restarted = CTX.Process(target=receiver_process, args=(SHORT, endpoint, 1, queue))
-        restarted.start()
-        stats = sender.send(race_tensors(2), version=2)  # fresh buffers for a fresh receiver
-        assert stats.version == 2 and queue.get(timeout=20)[:2] == ("ok", 2)
-        restarted.join(20)
+        refit_to_a_restarted_receiver(sender, SHORT, endpoint)  # fresh buffers for a fresh receiver
         second_names = _names(sender._transport.describe())
         assert len(made) == 2 and second_names == _names(made[1]) != first_names
     assert not our_segments(first_names + second_names)
@@ -118,15 +104,10 @@ def test_names_go_once_mapped_and_a_second_receiver_gets_fresh_buffers():
     endpoint = new_endpoint()
     hellos = []
     with WeightSender(cfg, endpoint) as sender:
-        for version in (1, 2):
-            with WeightReceiver(cfg, endpoint) as receiver:  # the previous one closed between refits
-                thread, sent = send_in_thread(sender, version)
-                assert receiver.receive(lambda w, last: None).num_tensors == 4
-                thread.join(20)
-                assert sent[0].version == version
-                names = _names(sender._transport.describe())
-                assert names == _names({"shm_buffers": receiver._hello.shm_buffers}) and not our_segments(names)
-                hellos.append(receiver._hello)
+        for receiver in receivers_in_turn(sender, cfg, endpoint):  # the previous one closed between refits
+            names = _names(sender._transport.describe())
+            assert names == _names({"shm_buffers": receiver._hello.shm_buffers}) and not our_segments(names)
+            hellos.append(receiver._hello)
     assert [h.generation for h in hellos] == [1, 2] and _names(vars(hellos[0])) != _names(vars(hellos[1]))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import os
 import re
-import signal
 
 import pytest
 import torch
@@ -14,13 +13,13 @@ import torch
 from rollout.transfer import TransferConfig, TransferError, TransferTimeout, WeightReceiver, WeightSender, new_endpoint, wire
 from rollout.transfer.nccl import NcclConfig, NcclTransport, nccl_environment
 from transfer_procs import (
-    CTX,
     listening,
     race_tensors,
-    receiver_process,
-    receiver_that_dies,
+    receivers_in_turn,
     receiving_from_a_killed_sender,
     recording_allocate,
+    refit_to_a_receiver_that_dies,
+    refit_to_a_restarted_receiver,
     send_in_thread,
     store_ports,
 )
@@ -46,22 +45,10 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one(monkeypat
     made = recording_allocate(monkeypatch)
     endpoint = new_endpoint()
     with WeightSender(TransferConfig(**{**SHORT, "timeout_s": 20.0}), endpoint, device="cpu") as sender:
-        dying = CTX.Process(target=receiver_that_dies, args=(SHORT, endpoint))
-        dying.start()
-        sender._channel.timeout_s = 1.5  # only after connecting: the child's start-up takes seconds
-        with pytest.raises(TransferTimeout, match="Ack") as err:
-            sender.send(race_tensors(1), version=1)
-        dying.join()
-        assert dying.exitcode == -signal.SIGKILL and endpoint in str(err.value)
+        refit_to_a_receiver_that_dies(sender, SHORT, endpoint)
         assert len(made) == 1 and sender._transport is None and not listening(_port(made[0]))
 
-        queue = CTX.Queue()
-        sender._channel.timeout_s = 20.0
-        restarted = CTX.Process(target=receiver_process, args=(SHORT, endpoint, 1, queue))
-        restarted.start()
-        stats = sender.send(race_tensors(2), version=2)  # a fresh group: the old one died with its peer
-        assert stats.version == 2 and queue.get(timeout=20)[:2] == ("ok", 2)
-        restarted.join(20)
+        refit_to_a_restarted_receiver(sender, SHORT, endpoint)  # a fresh group: the old one died with its peer
         assert len(made) == 2 and listening(_port(made[1]))
     assert not listening(_port(made[1]))  # close() stopped the store
     assert not os.path.exists(os.path.dirname(endpoint[len("ipc://"):]))
@@ -71,15 +58,8 @@ def test_a_second_receiver_gets_a_fresh_group():
     """A restarted worker must not join the group its predecessor claimed: it asks for a new one."""
     cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})
     endpoint = new_endpoint()
-    hellos = []
-    with WeightSender(cfg, endpoint, device="cpu") as sender:
-        for version in (1, 2):
-            with WeightReceiver(cfg, endpoint) as receiver:  # the previous one closed between refits
-                thread, sent = send_in_thread(sender, version)
-                assert receiver.receive(lambda w, last: None).num_tensors == 4
-                thread.join(20)
-                assert sent[0].version == version
-                hellos.append(receiver._hello)
+    with WeightSender(cfg, endpoint, device="cpu") as sender:  # each receiver closes before the next one
+        hellos = [receiver._hello for receiver in receivers_in_turn(sender, cfg, endpoint)]
     assert [h.generation for h in hellos] == [1, 2] and store_ports(hellos[0]) != store_ports(hellos[1])
     assert not any(listening(p) for h in hellos for p in store_ports(h))
 

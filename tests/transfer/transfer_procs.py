@@ -15,7 +15,7 @@ import traceback
 
 import torch
 
-from rollout.transfer import TransferConfig, WeightReceiver, WeightSender, new_endpoint
+from rollout.transfer import TransferConfig, TransferTimeout, WeightReceiver, WeightSender, new_endpoint
 from rollout.transfer.sync import Fenced
 
 SHM_DIR = "/dev/shm"
@@ -271,6 +271,46 @@ def send_in_thread(sender: WeightSender, version: int, num_tensors: int = 4) -> 
     thread = threading.Thread(target=run)
     thread.start()
     return thread, outcome
+
+
+def refit_to_a_receiver_that_dies(sender: WeightSender, cfg_kwargs: dict, endpoint: str) -> None:
+    """Refit 1 from `sender` (made with a timeout_s long enough for a child's start-up) to a receiver_that_dies
+    process: the sender's wait for its Ack must end at cfg_kwargs["timeout_s"] with an error naming the endpoint."""
+    dying = CTX.Process(target=receiver_that_dies, args=(cfg_kwargs, endpoint))
+    dying.start()
+    sender._channel.timeout_s = cfg_kwargs["timeout_s"]  # only after connecting: the child's start-up takes seconds
+    try:
+        sender.send(race_tensors(1), version=1)
+    except TransferTimeout as exc:
+        error = str(exc)
+    else:
+        raise AssertionError("send() returned although its receiver was killed mid-refit")
+    dying.join()
+    assert dying.exitcode == -signal.SIGKILL and "Ack" in error and endpoint in error, (dying.exitcode, error)
+
+
+def refit_to_a_restarted_receiver(sender: WeightSender, cfg_kwargs: dict, endpoint: str) -> None:
+    """Refit 2 from `sender` to a fresh receiver_process on the same endpoint (after a failed refit 1): it
+    must get it whole."""
+    queue = CTX.Queue()
+    sender._channel.timeout_s = 20.0
+    restarted = CTX.Process(target=receiver_process, args=(cfg_kwargs, endpoint, 1, queue))
+    restarted.start()
+    stats = sender.send(race_tensors(2), version=2)
+    assert stats.version == 2 and queue.get(timeout=20)[:2] == ("ok", 2)
+    restarted.join(20)
+
+
+def receivers_in_turn(sender: WeightSender, cfg: TransferConfig, endpoint: str, versions=(1, 2)):
+    """For each version, a new receiver in this process gets the refit (4 tensors) that `sender` sends from
+    a thread, and is yielded still open; it closes before the next one starts."""
+    for version in versions:
+        with WeightReceiver(cfg, endpoint) as receiver:
+            thread, sent = send_in_thread(sender, version)
+            assert receiver.receive(lambda w, last: None).num_tensors == 4
+            thread.join(20)
+            assert sent[0].version == version
+            yield receiver
 
 
 def our_segments(names: list[str]) -> list[str]:

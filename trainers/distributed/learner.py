@@ -18,8 +18,8 @@ from trainers.config import AlgorithmConfig, TrainerConfig
 from trainers.distributed.cluster import RayCluster, RayConfig
 from trainers.checkpoint import SHARDS, save_sharded_checkpoint
 from trainers.distributed.rank import RankSpec, TrainerRank
-from trainers.learner import OldScores
-from trainers.policy import TokenBatch, collate
+from trainers.learner import OldScores, warm_start_batch
+from trainers.policy import TokenBatch
 
 
 class ShardedLearner:
@@ -91,11 +91,7 @@ class ShardedLearner:
         loss = None
         for step in range(1, t.warmup_steps + 1):
             examples = task.batch(-step, t.warmup_batch_size)  # negative steps: disjoint from the RL batches
-            batch = collate(
-                [tokenizer(e.prompt).input_ids for e in examples],
-                [tokenizer(e.completion).input_ids + [tokenizer.eos_token_id] for e in examples],
-                pad_id=tokenizer.pad_token_id or 0,
-            )
+            batch = warm_start_batch(tokenizer, examples)
             self._check_rows(batch.tokens.shape[0], "a warm-start batch (trainer.warmup_batch_size)")
             loss = sum(self._all("warm_start_step", batch))
         return loss
