@@ -78,9 +78,17 @@ class Channel:
         else:
             self._sock.connect(endpoint)
 
-    def send(self, msg: wire.Message, what: str) -> None:
+    def send(self, msg: wire.Message, what: str, if_blocked=None) -> None:
+        """Send, waiting up to timeout_s for a peer. `if_blocked()` runs first when the message cannot go out at
+        once (no peer connected: e.g. one that failed and closed); it may raise the real cause instead."""
+        frame = wire.encode(msg)
+        if if_blocked is not None:
+            try:
+                return self._sock.send(frame, flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                if_blocked()
         try:
-            self._sock.send(wire.encode(msg), copy=True)
+            self._sock.send(frame, copy=True)
         except zmq.Again:
             raise TransferTimeout(
                 f"{self.endpoint}: could not send {what} within {self.timeout_s}s (no peer connected)"

@@ -172,11 +172,13 @@ class WeightSender(End):
         return TransferStats(version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
 
     def _broadcast(self, msg: wire.Message, what: str) -> None:
+        refit_id = getattr(msg, "refit_id", None)
         for rank, channel in enumerate(self._channels):
+            gone = lambda: self._raise_if_failed(rank, refit_id)  # noqa: E731 - a receiver that failed and closed
             try:
-                channel.send(msg, f"{what} to receiver {rank}")
+                channel.send(msg, f"{what} to receiver {rank}", if_blocked=gone)
             except TransferTimeout:
-                self._raise_if_failed(rank, getattr(msg, "refit_id", None))
+                gone()
                 raise
 
     def _raise_if_failed(self, rank: int, refit_id: int | None) -> None:

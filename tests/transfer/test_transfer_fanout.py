@@ -130,10 +130,11 @@ def test_failing_receiver_fails_the_refit_naming_it_and_the_others_hear_why():
 def test_a_receiver_that_failed_and_closed_is_named_not_timed_out():
     """The ordering the test above hits only sometimes, made certain: receiver 1 fails bucket 0 and closes
     its socket before the sender sends the next BucketMeta, whose send then cannot go out. The sender must
-    raise receiver 1's Error (the cause), not the send's timeout."""
+    raise receiver 1's Error (the cause) at once, not after the send's timeout, and the others hear why before
+    their own timeout runs out."""
     endpoint = new_endpoint()
-    cfg = TransferConfig(**{**SHORT, "timeout_s": 3.0})  # the send to the closed receiver waits this long
-    gone = threading.Event()
+    cfg = TransferConfig(**{**SHORT, "timeout_s": 20.0})  # a blocking send to the closed receiver waits this long
+    gone, gone_at = threading.Event(), []
 
     def receive(rank: int):
         def consume(weights, is_last):
@@ -144,6 +145,7 @@ def test_a_receiver_that_failed_and_closed_is_named_not_timed_out():
             return _receive_once({**SHORT, "timeout_s": 20.0}, endpoint, rank, consume)
         finally:
             if rank == 1:
+                gone_at.append(time.monotonic())
                 gone.set()  # its receiver (and socket) closed
 
     def tensors():
@@ -156,8 +158,11 @@ def test_a_receiver_that_failed_and_closed_is_named_not_timed_out():
         threads, results = _in_threads(3, receive)
         with pytest.raises(PeerError, match="receiver 1 failed refit 1: RuntimeError: receiver 1 cannot load this"):
             sender.send(tensors(), version=1)
+        raised = time.monotonic()
         _join(threads)
     assert isinstance(results[1], RuntimeError)
+    assert all(isinstance(results[r], PeerError) and "receiver 1 cannot load" in str(results[r]) for r in (0, 2)), results
+    assert raised - gone_at[0] < 10.0  # not the 20 s of a blocking send to the gone receiver
 
 
 def test_sigkilled_receiver_fails_the_refit_within_timeout_naming_it(monkeypatch):
