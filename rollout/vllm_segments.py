@@ -211,8 +211,8 @@ class EngineSegments:
             logger.warning("%s: removed %d shared-memory segment(s) that vLLM's exited processes left in %s: %s",
                            self.owner, len(removed), SHM_DIR, ", ".join(removed))
         if kept:
-            logger.warning("%s: vLLM segment(s) %s kept: still in use (processes %s of this engine still run)",
-                           self.owner, ", ".join(kept), sorted(alive) or "none")
+            holders = f"this engine's processes {sorted(alive)} still run" if alive else "another live process holds them"
+            logger.warning("%s: vLLM segment(s) %s kept: still in use (%s)", self.owner, ", ".join(kept), holders)
         return removed
 
 
