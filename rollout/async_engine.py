@@ -29,6 +29,7 @@ from rollout.engine import (
 from rollout.platform import Platform, get_platform
 from rollout.refit_channel import RefitChannel
 from rollout.vllm_compat import has_weight_versions, installed_vllm_version, pause_generation_kwargs, token_versions
+from rollout.vllm_segments import EngineSegments
 from rollout.worker_extension import RefitWorkerExtension
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class AsyncVllmRollout:
         except BaseException:
             self._stop_loop()
             raise
+        self.vllm_segments = EngineSegments.of_client(self.engine.engine_core, "async engine")  # see VllmRollout
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
         self._tokenizer = self.engine.get_tokenizer()
@@ -354,11 +356,13 @@ class AsyncVllmRollout:
                            "refit_close", self.transfer.timeout_s)
         finally:
             self._channel.close()
+            self.vllm_segments.record()
             try:
                 self._call(self._cancel_requests(), "cancelling in-flight requests", timeout_s)
                 self._call(self._shutdown(timeout_s), "engine shutdown", timeout_s)
             finally:
                 self._stop_loop()
+                self.vllm_segments.release()
 
     async def _cancel_requests(self) -> None:
         tasks = list(self._tasks)

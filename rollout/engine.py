@@ -18,6 +18,7 @@ from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
 from rollout.refit_channel import RefitChannel, RefitEndpoint, RefitError, WorkerReply, new_endpoint_in  # noqa: F401 - re-exported
 from rollout.vllm_compat import fully_awake, has_layerwise_reload, installed_vllm_version
+from rollout.vllm_segments import EngineSegments
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,9 @@ class VllmRollout(RefitPhases):
         tp = cfg.backend.tensor_parallel_size
         with vllm_worker_env(self.platform.worker_env(engine_index, cfg.num_engines, tp)):
             self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
+        # vLLM's own shared memory (message queues, locks, CPU all-reduce), removed by close() if its processes
+        # leave any (a SIGKILLed worker does)
+        self.vllm_segments = EngineSegments.of_client(self.llm.llm_engine.engine_core, f"engine {engine_index}")
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
         self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, tp)
         self._receivers_open = False  # a refit reached the workers (this engine's or its group's): close() closes them
@@ -288,7 +292,8 @@ class VllmRollout(RefitPhases):
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Idempotent: closes the transfer on both ends, then shuts vLLM's processes down."""
+        """Idempotent: closes the transfer on both ends, then shuts vLLM's processes down and removes the
+        shared memory they left (rollout/vllm_segments.py)."""
         if self._state.closed:
             return
         self._state.closed = True
@@ -299,8 +304,12 @@ class VllmRollout(RefitPhases):
             logger.warning("closing the workers' receivers failed (engine dead?): %s", exc)
         finally:
             self._channel.close()
-            # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
-            self.llm.llm_engine.engine_core.shutdown(timeout=self.cfg.backend.shutdown_timeout_s)
+            self.vllm_segments.record()
+            try:
+                # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
+                self.llm.llm_engine.engine_core.shutdown(timeout=self.cfg.backend.shutdown_timeout_s)
+            finally:
+                self.vllm_segments.release()
 
     def __enter__(self) -> "VllmRollout":
         return self

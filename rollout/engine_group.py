@@ -57,6 +57,13 @@ class EngineGroup(RefitPhases):
     def _endpoint(self) -> str | None:
         return self._channel.endpoint
 
+    @property
+    def vllm_segments(self) -> Any:
+        """vLLM's shared memory of every engine (each engine's close() removes its own leftovers)."""
+        from rollout.vllm_segments import EngineSegments
+
+        return EngineSegments.merge("engine group", [engine.vllm_segments for engine in self.engines])
+
     def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
                  temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0) -> list[Sample]:
         """As VllmRollout.generate, over all engines; refuses (before any engine starts) if one cannot generate."""

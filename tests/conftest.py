@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_shm import vllm_segments_held_by, vllm_segments_left
+
 
 def _cuda_available() -> bool:
     try:
@@ -43,7 +45,10 @@ def async_engine():
     ro = build_rollout(cfg, ensure_tiny_model())
     spawned = [p for p in me.children(recursive=True)  # Python's resource tracker lives until exit
                if p.pid not in before and not any("resource_tracker" in part for part in p.cmdline())]
+    segments = vllm_segments_held_by([p.pid for p in spawned])
     yield ro
     ro.close()
     _, alive = psutil.wait_procs(spawned, timeout=30)
     assert not alive, f"async engine processes survived close(): {alive}"
+    assert not vllm_segments_left(segments), f"the async engine's vLLM shared memory survived close(): " \
+                                             f"{vllm_segments_left(segments)}"

@@ -14,6 +14,7 @@ from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
 from rollout import BackendConfig, RolloutConfig, build_rollout
 from rollout.tiny_model import ensure_tiny_model
 from rollout.transfer import TransferConfig
+from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 # fp32 engine, 1 MB buckets so every refit of the tiny model (1.8 MB) spans several buckets.
 ENGINE_CFG = RolloutConfig(
@@ -67,10 +68,12 @@ def engine(tiny_path):
     before = child_pids()
     ro = build_rollout(ENGINE_CFG, tiny_path, worker_extension=BENCH_WORKER_EXTENSION)
     spawned = child_pids() - before
+    segments = vllm_segments_held_by(spawned)
     yield ro
     endpoint = ro._endpoint
     ro.close()
     assert not wait_gone(spawned), "vLLM processes survived close()"
+    assert not vllm_segments_left(segments), f"vLLM's shared memory survived close(): {vllm_segments_left(segments)}"
     if endpoint is not None:
         assert not os.path.exists(endpoint.removeprefix("ipc://")), "the transfer socket survived close()"
     # Other jobs on the host may own refit-* segments: check that none stays mapped in this process.
@@ -87,13 +90,16 @@ def extra_engine():
     def start(model_path, worker_extension=None):
         before = child_pids()
         ro = build_rollout(ENGINE_CFG, model_path, worker_extension=worker_extension)
-        started.append((ro, child_pids() - before))
+        pids = child_pids() - before
+        started.append((ro, pids, vllm_segments_held_by(pids)))
         return ro
 
     yield start
-    for ro, pids in started:
+    for ro, pids, segments in started:
         ro.close()
         assert not wait_gone(pids), "an extra engine's processes survived close()"
+        assert not vllm_segments_left(segments), f"an extra engine's vLLM shared memory survived close(): " \
+                                                 f"{vllm_segments_left(segments)}"
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +111,13 @@ def module_rollout():
     def start(cfg, model_path):
         before = child_pids()
         ro = build_rollout(cfg, model_path, worker_extension=BENCH_WORKER_EXTENSION)  # as the shared engine
-        started.append((ro, child_pids() - before))
+        pids = child_pids() - before
+        started.append((ro, pids, vllm_segments_held_by(pids)))
         return ro
 
     yield start
-    for ro, pids in started:
+    for ro, pids, segments in started:
         ro.close()
         assert not wait_gone(pids), "a module rollout's processes survived close()"
+        assert not vllm_segments_left(segments), f"a module rollout's vLLM shared memory survived close(): " \
+                                                 f"{vllm_segments_left(segments)}"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from trainer_helpers import compose_typed
+from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 from rollout.tiny_model import ensure_tiny_model
 
@@ -20,9 +21,19 @@ def trainer_engine(tiny_path):
     from rollout import build_rollout
 
     cfg = compose_typed().rollout  # the default run's engine settings
+    before = _children()
     ro = build_rollout(cfg, tiny_path)
+    segments = vllm_segments_held_by(_children() - before)
     yield ro
     ro.close()
+    assert not vllm_segments_left(segments), f"the trainer engine's vLLM shared memory survived close(): " \
+                                             f"{vllm_segments_left(segments)}"
+
+
+def _children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 @pytest.fixture(scope="session")

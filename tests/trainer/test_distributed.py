@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainer_helpers import small_run_config
+from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 from trainers.checkpoint import load_checkpoint
 from trainers.config import AlgorithmConfig, TrainerConfig
@@ -189,6 +190,9 @@ def test_a_killed_rank_ends_a_run_with_a_clear_error_and_no_ray_process_outlives
         ranks = [p for p in rank_processes() if p.pid not in before]
         engines = [p for p in rank_processes("EngineHost") if p.pid not in before]
         assert len(ranks) == 2 and len(engines) == 1, (ranks, engines)  # the engine runs in its own actor
+        # vLLM's own shared memory of THIS run's engine (its processes are the actor's children)
+        vllm_segments = vllm_segments_held_by({engines[0].pid, *(c.pid for c in engines[0].children(recursive=True))})
+        assert any(name.startswith("psm_") for name in vllm_segments), vllm_segments
         killed_at = time.monotonic()
         os.kill((ranks[1] if victim == "TrainerRank" else engines[0]).pid, signal.SIGKILL)
         assert proc.wait(timeout=60 + 120) != 0
@@ -207,3 +211,4 @@ def test_a_killed_rank_ends_a_run_with_a_clear_error_and_no_ray_process_outlives
         time.sleep(0.5)
     assert not vllm_processes() - vllm_before, "the engine's vLLM processes outlived the run"
     assert not set(Path("/dev/shm").glob("refit-*")) - segments, "the run left transfer segments behind"
+    assert not vllm_segments_left(vllm_segments), f"the run left vLLM's shared memory: {vllm_segments_left(vllm_segments)}"

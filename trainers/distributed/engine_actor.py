@@ -8,10 +8,14 @@ train, as the one-process engine does; standalone: it gets a bundle of its own, 
 strategy (a refit still checks that it shares rank 0's node).
 
 Every call waits at most `ray.timeout_s`; an engine actor that dies fails the call with an error naming it.
+A killed actor cannot remove vLLM's shared memory (Ray kills its processes, Python's resource tracker
+included): where the driver shares the actor's node, `close()` removes what the engine's processes left
+(rollout/vllm_segments.py), and only that.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from trainers.distributed.cluster import RayCluster
@@ -28,8 +32,14 @@ class EngineHost:
     def info(self) -> dict[str, Any]:
         import ray
 
+        from rollout.vllm_segments import EngineSegments
+
+        # vLLM's shared memory of the engine, and the processes holding it: this actor's and the engine's
+        segments = getattr(self.ro, "vllm_segments", None) or EngineSegments("engine actor")
+        segments = EngineSegments.merge("the rollout engine actor", [segments], tracked=False)
+        segments.pids.add(os.getpid())
         return {"node_id": ray.get_runtime_context().get_node_id(), "dtype": getattr(self.ro, "dtype", None),
-                "version": self.ro.version}
+                "version": self.ro.version, "vllm_segments": segments}
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.ro, method)(*args, **kwargs)
@@ -57,6 +67,7 @@ class RayEngine:
         self.node_id: str = info["node_id"]
         self.dtype = info["dtype"]
         self.version: int = info["version"]
+        self._segments = info["vllm_segments"] if self.node_id == _driver_node_id() else None  # /dev/shm is per node
         self._closed = False
 
     def _get(self, what: str, *args: Any, timeout_s: Optional[float] = None, method: str = "call", **kwargs: Any) -> Any:
@@ -90,9 +101,20 @@ class RayEngine:
             self._get("close", method="close", timeout_s=min(120.0, self._cluster.cfg.timeout_s))
         finally:
             self._cluster.kill(self._actor)
+            if self._segments is not None:  # after a clean close in the actor there is nothing left
+                self._segments.release()
 
     def __enter__(self) -> "RayEngine":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _driver_node_id() -> Optional[str]:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not connected: no node to share
+        return None
