@@ -292,10 +292,10 @@ class AsyncVllmRollout:
             raise RuntimeError("update_weights() on a closed rollout")
         start = time.perf_counter()
         slept = self._state.asleep and self._can_sleep  # sleep() already paused the scheduler
+        # Two loop round trips around the transfer (not one per call): this process's loop shares a core
+        # and the GIL with the trainer, whose step waits for the refit.
         if not slept:
-            self._call(self._clear_resumed(), "clearing the resume event")
-            kwargs = pause_generation_kwargs(self.cfg.pause_mode.value)
-            self._call(self.engine.pause_generation(**kwargs), f"pause_generation({kwargs})")
+            self._call(self._pause(), f"pausing generation ({self.cfg.pause_mode.value})")
         else:
             self._call(self.engine.wake_up(["weights"]), "wake_up(['weights'])")  # the KV cache stays released
         try:
@@ -305,14 +305,35 @@ class AsyncVllmRollout:
             raise
         self._state.refit_succeeded()
         self.version = version
-        self._tag_version(version)  # before anything runs again: later tokens carry the new version
-        if slept:
-            check_awake(self._call(self.engine.wake_up(["kv_cache"]), "wake_up(['kv_cache'])"), ["kv_cache"],
-                        self.vllm_version)
         was_asleep, self._state.asleep = self._state.asleep, False
-        caches = self._reset_caches(after_sleep=was_asleep)
-        self._resume()
+        wanted = self._caches_wanted(after_sleep=was_asleep)
+        caches = self._call(self._after_refit(version, slept, wanted), "tagging the version, cache reset, resume")
         return refit_stats(version, time.perf_counter() - start, send_stats, replies, caches)
+
+    async def _pause(self) -> None:
+        """Stop scheduling (`rollout.pause_mode`); what is aborted waits for the resume event to retry."""
+        self._resumed.clear()
+        kwargs = pause_generation_kwargs(self.cfg.pause_mode.value)
+        core = getattr(self.engine, "engine_core", None)
+        if has_weight_versions(self.vllm_version) and hasattr(core, "pause_scheduler_async"):
+            # What AsyncLLM.pause_generation does with the caches kept (clear_cache=False: no mm-cache
+            # clear either), less its closing 20 ms sleep, there "not required for correctness, just more
+            # intuitive ordering": a request drained or aborted by the pause finishes on its own task.
+            await core.pause_scheduler_async(**kwargs)
+        else:
+            await self.engine.pause_generation(**kwargs)
+
+    async def _after_refit(self, version: int, slept: bool, wanted: tuple[Cache, ...]) -> tuple[Cache, ...]:
+        """The new version's tag (before anything runs again: later tokens carry it), the KV cache back
+        after a sleep, the cache reset, resume: one coroutine, so one round trip from the trainer."""
+        if has_weight_versions(self.vllm_version):
+            await self.engine.update_weight_version(str(version))
+        if slept:
+            check_awake(await self.engine.wake_up(["kv_cache"]), ["kv_cache"], self.vllm_version)
+        caches = await self._reset_caches_async(wanted)
+        await self.engine.resume_generation()
+        self._resumed.set()
+        return caches
 
     def _receive(self, args: tuple) -> list[dict[str, Any]]:
         rpc = self.engine.collective_rpc("refit_receive", args=args)
@@ -322,13 +343,24 @@ class AsyncVllmRollout:
         if has_weight_versions(self.vllm_version):
             self._call(self.engine.update_weight_version(str(version)), "update_weight_version")
 
+    def _caches_wanted(self, after_sleep: bool) -> tuple[Cache, ...]:
+        return caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
+
     def _reset_caches(self, after_sleep: bool) -> tuple[Cache, ...]:
-        wanted = caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
+        return self._call(self._reset_caches_async(self._caches_wanted(after_sleep)), "cache reset")
+
+    async def _reset_caches_async(self, wanted: tuple[Cache, ...]) -> tuple[Cache, ...]:
+        """On the loop: each reset awaited in turn (reset_caches' calls, its policy and its checks)."""
         # Requests kept across the refit hold KV blocks of the old weights: preempting them makes vLLM
         # recompute those blocks with the new weights (and lets the reset succeed).
-        return reset_caches(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
-                            run=lambda coro: self._call(coro, "cache reset"),
+        calls = []
+        done = reset_caches(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
+                            run=lambda coro: calls.append(coro) or None,
                             prefix_kwargs={"reset_running_requests": True})
+        for cache, coro in zip(done, calls):
+            if await coro is False:  # as reset_caches: False means requests still run
+                raise RuntimeError(f"vLLM refused to reset the {cache.value} cache (requests still running?)")
+        return done
 
     def _resume(self) -> None:
         self._call(self.engine.resume_generation(), "resume_generation")
