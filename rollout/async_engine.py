@@ -142,6 +142,11 @@ class AsyncVllmRollout:
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
         self._tokenizer = self.engine.get_tokenizer()
+        try:  # what AsyncLLM itself parses a raw prompt with (vLLM 0.32); else prompts go to it raw
+            from vllm.renderers.inputs.preprocess import parse_model_prompt
+            self._parse_prompt: Any = parse_model_prompt
+        except ImportError:
+            self._parse_prompt = None
 
     async def _start(self) -> Any:
         from vllm import AsyncEngineArgs
@@ -222,8 +227,7 @@ class AsyncVllmRollout:
         params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p,
                                  output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
         handle = Handle(len(prompts), self.cfg.generate_timeout_s)
-        for i, (prompt, p) in enumerate(zip(prompt_inputs(prompts), params)):
-            self._loop.call_soon_threadsafe(self._spawn, handle, i, prompt, p)
+        self._loop.call_soon_threadsafe(self._spawn, handle, prompt_inputs(prompts), params)
         return handle
 
     def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
@@ -231,10 +235,27 @@ class AsyncVllmRollout:
         """`n` samples per prompt, grouped in prompt order: submit() and wait (the sync engine's call)."""
         return self.submit(prompts, n, max_tokens, temperature, seed, top_p).result()
 
-    def _spawn(self, handle: Handle, index: int, prompt: Any, params: Any) -> None:
-        task = self._loop.create_task(self._request(handle, index, prompt, params))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, handle: Handle, prompts: list[Any], params: list[Any]) -> None:
+        """On the loop, once per submit(): the batch's prompts tokenized in one call, one task per prompt."""
+        try:
+            prompts = self._render(prompts)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller waiting on the handle
+            handle._fail(exc)
+            return
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            task = self._loop.create_task(self._request(handle, i, prompt, p))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _render(self, prompts: list[Any]) -> list[Any]:
+        """The prompts as vLLM's engine inputs, rendered (tokenized) here in one call where vLLM has the
+        renderer (0.32): AsyncLLM hands a raw prompt to its renderer's thread pool instead, one hop per
+        prompt through a thread that shares this process's GIL. Elsewhere the prompts as they are."""
+        renderer = getattr(self.engine, "renderer", None)
+        if self._parse_prompt is None or not hasattr(renderer, "render_cmpl"):
+            return prompts
+        model_config = self.engine.model_config
+        return renderer.render_cmpl([self._parse_prompt(model_config, p) for p in prompts])
 
     async def _request(self, handle: Handle, index: int, prompt: Any, params: Any) -> None:
         try:
