@@ -268,8 +268,11 @@ class AsyncVllmRollout:
                     await self._resumed.wait()  # aborted by a refit (pause_mode=abort): again, on the new weights
                     continue
                 samples = to_samples(index, final, version, self._versions_of)
-                for sample in samples:  # as the sync engine's text: special tokens skipped
-                    sample.text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+                # as the sync engine's text: special tokens skipped; one call per prompt (vLLM's tokenizer
+                # lends a copy from its pool per call)
+                texts = self._tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+                for sample, text in zip(samples, texts):
+                    sample.text = text
                 handle._finish(index, samples)
                 return
         except asyncio.CancelledError:
