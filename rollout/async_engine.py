@@ -142,7 +142,7 @@ class AsyncVllmRollout:
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
         self._tokenizer = self.engine.get_tokenizer()
-        try:  # what AsyncLLM itself parses a raw prompt with (vLLM 0.32); else prompts go to it raw
+        try:  # what AsyncLLM itself parses a raw prompt with (vLLM 0.24, 0.32); else prompts go to it raw
             from vllm.renderers.inputs.preprocess import parse_model_prompt
             self._parse_prompt: Any = parse_model_prompt
         except ImportError:
@@ -249,8 +249,9 @@ class AsyncVllmRollout:
 
     def _render(self, prompts: list[Any]) -> list[Any]:
         """The prompts as vLLM's engine inputs, rendered (tokenized) here in one call where vLLM has the
-        renderer (0.32): AsyncLLM hands a raw prompt to its renderer's thread pool instead, one hop per
-        prompt through a thread that shares this process's GIL. Elsewhere the prompts as they are."""
+        renderer (0.32 and 0.24, read in both sources): AsyncLLM 0.32 hands a raw prompt to its renderer's
+        thread pool instead, one hop per prompt through a thread that shares this process's GIL (0.24
+        renders it inline, one at a time). Elsewhere the prompts as they are."""
         renderer = getattr(self.engine, "renderer", None)
         if self._parse_prompt is None or not hasattr(renderer, "render_cmpl"):
             return prompts
