@@ -144,6 +144,11 @@ class AsyncVllmRollout:
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
         self._tokenizer = self.engine.get_tokenizer()
+        try:  # what AsyncLLM itself parses a raw prompt with (vLLM 0.24, 0.32); else prompts go to it raw
+            from vllm.renderers.inputs.preprocess import parse_model_prompt
+            self._parse_prompt: Any = parse_model_prompt
+        except ImportError:
+            self._parse_prompt = None
 
     async def _start(self) -> Any:
         from vllm import AsyncEngineArgs
@@ -224,8 +229,7 @@ class AsyncVllmRollout:
         params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p,
                                  output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
         handle = Handle(len(prompts), self.cfg.generate_timeout_s)
-        for i, (prompt, p) in enumerate(zip(prompt_inputs(prompts), params)):
-            self._loop.call_soon_threadsafe(self._spawn, handle, i, prompt, p)
+        self._loop.call_soon_threadsafe(self._spawn, handle, prompt_inputs(prompts), params)
         return handle
 
     def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
@@ -233,10 +237,28 @@ class AsyncVllmRollout:
         """`n` samples per prompt, grouped in prompt order: submit() and wait (the sync engine's call)."""
         return self.submit(prompts, n, max_tokens, temperature, seed, top_p).result()
 
-    def _spawn(self, handle: Handle, index: int, prompt: Any, params: Any) -> None:
-        task = self._loop.create_task(self._request(handle, index, prompt, params))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, handle: Handle, prompts: list[Any], params: list[Any]) -> None:
+        """On the loop, once per submit(): the batch's prompts tokenized in one call, one task per prompt."""
+        try:
+            prompts = self._render(prompts)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller waiting on the handle
+            handle._fail(exc)
+            return
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            task = self._loop.create_task(self._request(handle, i, prompt, p))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _render(self, prompts: list[Any]) -> list[Any]:
+        """The prompts as vLLM's engine inputs, rendered (tokenized) here in one call where vLLM has the
+        renderer (0.32 and 0.24, read in both sources): AsyncLLM 0.32 hands a raw prompt to its renderer's
+        thread pool instead, one hop per prompt through a thread that shares this process's GIL (0.24
+        renders it inline, one at a time). Elsewhere the prompts as they are."""
+        renderer = getattr(self.engine, "renderer", None)
+        if self._parse_prompt is None or not hasattr(renderer, "render_cmpl"):
+            return prompts
+        model_config = self.engine.model_config
+        return renderer.render_cmpl([self._parse_prompt(model_config, p) for p in prompts])
 
     async def _request(self, handle: Handle, index: int, prompt: Any, params: Any) -> None:
         try:
@@ -249,8 +271,11 @@ class AsyncVllmRollout:
                     await self._resumed.wait()  # aborted by a refit (pause_mode=abort): again, on the new weights
                     continue
                 samples = to_samples(index, final, version, self._versions_of)
-                for sample in samples:  # as the sync engine's text: special tokens skipped
-                    sample.text = self._tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+                # as the sync engine's text: special tokens skipped; one call per prompt (vLLM's tokenizer
+                # lends a copy from its pool per call)
+                texts = self._tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+                for sample, text in zip(samples, texts):
+                    sample.text = text
                 handle._finish(index, samples)
                 return
         except asyncio.CancelledError:
@@ -294,10 +319,10 @@ class AsyncVllmRollout:
             raise RuntimeError("update_weights() on a closed rollout")
         start = time.perf_counter()
         slept = self._state.asleep and self._can_sleep  # sleep() already paused the scheduler
+        # Two loop round trips around the transfer (not one per call): this process's loop shares a core
+        # and the GIL with the trainer, whose step waits for the refit.
         if not slept:
-            self._call(self._clear_resumed(), "clearing the resume event")
-            kwargs = pause_generation_kwargs(self.cfg.pause_mode.value)
-            self._call(self.engine.pause_generation(**kwargs), f"pause_generation({kwargs})")
+            self._call(self._pause(), f"pausing generation ({self.cfg.pause_mode.value})")
         else:
             self._call(self.engine.wake_up(["weights"]), "wake_up(['weights'])")  # the KV cache stays released
         try:
@@ -307,14 +332,35 @@ class AsyncVllmRollout:
             raise
         self._state.refit_succeeded()
         self.version = version
-        self._tag_version(version)  # before anything runs again: later tokens carry the new version
-        if slept:
-            check_awake(self._call(self.engine.wake_up(["kv_cache"]), "wake_up(['kv_cache'])"), ["kv_cache"],
-                        self.vllm_version)
         was_asleep, self._state.asleep = self._state.asleep, False
-        caches = self._reset_caches(after_sleep=was_asleep)
-        self._resume()
+        wanted = self._caches_wanted(after_sleep=was_asleep)
+        caches = self._call(self._after_refit(version, slept, wanted), "tagging the version, cache reset, resume")
         return refit_stats(version, time.perf_counter() - start, send_stats, replies, caches)
+
+    async def _pause(self) -> None:
+        """Stop scheduling (`rollout.pause_mode`); what is aborted waits for the resume event to retry."""
+        self._resumed.clear()
+        kwargs = pause_generation_kwargs(self.cfg.pause_mode.value)
+        core = getattr(self.engine, "engine_core", None)
+        if has_weight_versions(self.vllm_version) and hasattr(core, "pause_scheduler_async"):
+            # What AsyncLLM.pause_generation does with the caches kept (clear_cache=False: no mm-cache
+            # clear either), less its closing 20 ms sleep, there "not required for correctness, just more
+            # intuitive ordering": a request drained or aborted by the pause finishes on its own task.
+            await core.pause_scheduler_async(**kwargs)
+        else:
+            await self.engine.pause_generation(**kwargs)
+
+    async def _after_refit(self, version: int, slept: bool, wanted: tuple[Cache, ...]) -> tuple[Cache, ...]:
+        """The new version's tag (before anything runs again: later tokens carry it), the KV cache back
+        after a sleep, the cache reset, resume: one coroutine, so one round trip from the trainer."""
+        if has_weight_versions(self.vllm_version):
+            await self.engine.update_weight_version(str(version))
+        if slept:
+            check_awake(await self.engine.wake_up(["kv_cache"]), ["kv_cache"], self.vllm_version)
+        caches = await self._reset_caches_async(wanted)
+        await self.engine.resume_generation()
+        self._resumed.set()
+        return caches
 
     def _receive(self, args: tuple) -> list[dict[str, Any]]:
         rpc = self.engine.collective_rpc("refit_receive", args=args)
@@ -324,13 +370,24 @@ class AsyncVllmRollout:
         if has_weight_versions(self.vllm_version):
             self._call(self.engine.update_weight_version(str(version)), "update_weight_version")
 
+    def _caches_wanted(self, after_sleep: bool) -> tuple[Cache, ...]:
+        return caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
+
     def _reset_caches(self, after_sleep: bool) -> tuple[Cache, ...]:
-        wanted = caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
+        return self._call(self._reset_caches_async(self._caches_wanted(after_sleep)), "cache reset")
+
+    async def _reset_caches_async(self, wanted: tuple[Cache, ...]) -> tuple[Cache, ...]:
+        """On the loop: each reset awaited in turn (reset_caches' calls, its policy and its checks)."""
         # Requests kept across the refit hold KV blocks of the old weights: preempting them makes vLLM
         # recompute those blocks with the new weights (and lets the reset succeed).
-        return reset_caches(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
-                            run=lambda coro: self._call(coro, "cache reset"),
+        calls = []
+        done = reset_caches(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
+                            run=lambda coro: calls.append(coro) or None,
                             prefix_kwargs={"reset_running_requests": True})
+        for cache, coro in zip(done, calls):
+            if await coro is False:  # as reset_caches: False means requests still run
+                raise RuntimeError(f"vLLM refused to reset the {cache.value} cache (requests still running?)")
+        return done
 
     def _resume(self) -> None:
         self._call(self.engine.resume_generation(), "resume_generation")

@@ -65,6 +65,7 @@ LAYERWISE_INTERNALS = ("LAYERWISE_INFO", "finalize_layerwise_reload", "_place_ke
 LAYER_INFO_INTERNALS = ("loaded_weights", "kernel_tensors", "can_load", "reset")
 
 
+@lru_cache(maxsize=64)  # asked per finished completion on the async engine's loop
 def version_tuple(version: str) -> tuple[int, int, int]:
     """'0.32.0+cpu' -> (0, 32, 0); '0.17' -> (0, 17, 0); '0.11.0rc2' -> (0, 11, 0)."""
     match = re.match(r"\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)

@@ -95,3 +95,14 @@ def test_encoder_reset_after_sleep_reaches_the_async_llm_calls():
     done = reset_caches(engine, wanted, "0.24.0", ASYNC_LLM_CALLS, run=asyncio.run,
                         prefix_kwargs={"reset_running_requests": True})
     assert done == wanted and engine.calls == [("prefix", True), ("encoder",)]
+
+
+def test_pause_shortcut_fits_the_installed_engine_core_client():
+    """The refit pauses through AsyncLLM's engine-core client where vLLM tags weight versions (0.32:
+    pause_generation less its closing sleep): the call and its arguments are there."""
+    if not has_weight_versions(installed_vllm_version()):
+        pytest.skip("vLLM before weight versions: the refit calls AsyncLLM.pause_generation")
+    from vllm.v1.engine.core_client import AsyncMPClient
+
+    for mode in ("abort", "wait", "keep"):
+        inspect.signature(AsyncMPClient.pause_scheduler_async).bind(None, **pause_generation_kwargs(mode))
