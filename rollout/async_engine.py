@@ -28,7 +28,13 @@ from rollout.engine import (
 )
 from rollout.platform import Platform, get_platform
 from rollout.refit_channel import RefitChannel
-from rollout.vllm_compat import has_weight_versions, installed_vllm_version, pause_generation_kwargs, token_versions
+from rollout.vllm_compat import (
+    has_weight_versions,
+    installed_vllm_version,
+    pause_generation_kwargs,
+    renders_in_one_call,
+    token_versions,
+)
 from rollout.vllm_segments import EngineSegments
 from rollout.worker_extension import RefitWorkerExtension
 
@@ -251,11 +257,12 @@ class AsyncVllmRollout:
 
     def _render(self, prompts: list[Any]) -> list[Any]:
         """The prompts as vLLM's engine inputs, rendered (tokenized) here in one call where vLLM has the
-        renderer (0.32 and 0.24, read in both sources): AsyncLLM 0.32 hands a raw prompt to its renderer's
+        renderer and the path ran (0.32; 0.24 has the renderer but keeps raw prompts: never run there): AsyncLLM 0.32 hands a raw prompt to its renderer's
         thread pool instead, one hop per prompt through a thread that shares this process's GIL (0.24
         renders it inline, one at a time). Elsewhere the prompts as they are."""
         renderer = getattr(self.engine, "renderer", None)
-        if self._parse_prompt is None or not hasattr(renderer, "render_cmpl"):
+        if (self._parse_prompt is None or not hasattr(renderer, "render_cmpl")
+                or not renders_in_one_call(self.vllm_version)):
             return prompts
         model_config = self.engine.model_config
         return renderer.render_cmpl([self._parse_prompt(model_config, p) for p in prompts])

@@ -59,6 +59,9 @@ WAKE_UP_REPORTS_STATE_SINCE = "0.32"
 # AsyncLLM.update_weight_version and per-token CompletionOutput.weight_versions: in 0.32.0, not in 0.24.0
 # (first release with them not known here: the gate says "since 0.32", where they were read).
 WEIGHT_VERSIONS_SINCE = "0.32"
+# Rendering a submit()'s prompts in one renderer call on the loop (rollout/async_engine.py): run on 0.32 only;
+# 0.24 has the renderer too, but that path never ran there, so it keeps handing AsyncLLM the raw prompts.
+BATCH_RENDER_SINCE = "0.32.0"
 # The parts of vllm.model_executor.model_loader.reload.layerwise that detach_layerwise_pending and
 # finalize_failed_reload use (present in 0.24.0 and 0.32.0). Checked before the first refit.
 LAYERWISE_INTERNALS = ("LAYERWISE_INFO", "finalize_layerwise_reload", "_place_kernel_tensors")
@@ -92,6 +95,10 @@ def wake_up_reports_state(version: str) -> bool:
 
 def has_weight_versions(version: str) -> bool:
     return at_least(version, WEIGHT_VERSIONS_SINCE)
+
+
+def renders_in_one_call(version: str) -> bool:
+    return at_least(version, BATCH_RENDER_SINCE)
 
 
 def pause_generation_kwargs(mode: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from rollout.vllm_compat import (
     has_weight_versions,
     installed_vllm_version,
     pause_generation_kwargs,
+    renders_in_one_call,
     token_versions,
 )
 
@@ -20,6 +21,11 @@ from rollout.vllm_compat import (
 @pytest.mark.parametrize(("version", "expected"), [("0.24.0", False), ("0.31.9", False), ("0.32.0+cpu", True)])
 def test_weight_versions_gate(version, expected):
     assert has_weight_versions(version) is expected
+
+
+@pytest.mark.parametrize(("version", "expected"), [("0.24.0", False), ("0.32.0+cpu", True)])
+def test_batch_render_gate(version, expected):
+    assert renders_in_one_call(version) is expected
 
 
 @pytest.mark.parametrize(("result", "version", "expected"), [(None, "0.24.0", None), (True, "0.32.0", True),
