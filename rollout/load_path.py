@@ -114,12 +114,12 @@ class LoadPlan:
         with recorder:
             loaded = set(model.load_weights(recorder.watch(weights)) or ())
         why = recorder.why_not
+        written = {op[1].untyped_storage().data_ptr() for _, _, ops in recorder.tensors.values() for op in ops}
         if why is None:
             moved = [n for n, p in model.named_parameters() if p.numel() and p.untyped_storage().data_ptr() not in owners]
             if moved:
                 why = f"the loader replaced the storage of {moved[0]!r}"
         if why is None:
-            written = {ptr for _, _, ops in recorder.tensors.values() for op in ops for ptr in [op[1].untyped_storage().data_ptr()]}
             params = dict(model.named_parameters())
             unwritten = [n for n in sorted(loaded) if n in params and params[n].numel()
                          and params[n].untyped_storage().data_ptr() not in written]
@@ -127,8 +127,7 @@ class LoadPlan:
                 why = f"{unwritten[0]!r} was loaded without a write the recorder saw"
         if why is not None:
             return None, why
-        used = {op[1].untyped_storage().data_ptr() for _, _, ops in recorder.tensors.values() for op in ops}
-        return cls(recorder.tensors, [(owners[p], p) for p in used]), None
+        return cls(recorder.tensors, [(owners[p], p) for p in written]), None
 
     def stale(self) -> str | None:
         """Why the plan no longer fits the model (a parameter it writes owns another storage now), or None."""

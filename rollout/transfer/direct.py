@@ -240,14 +240,14 @@ class DirectReceiver:
         self.device = _device(device)
         self._session: int | None = None
         self._segments: dict[int, tuple[object, torch.Tensor]] = {}  # id -> (descriptor, flat uint8 tensor)
-        self._plan: tuple[int, Tensors] | None = None  # (plan id, the views built for it) of the last refit
+        self._plan: tuple[int, Tensors, int] | None = None  # (plan id, the views built for it, their bytes) of the last refit
 
     def receive(self, begin: wire.BeginRefit, consume: Consume, next_msg, channel, policy: SyncPolicy) -> TransferStats:
         """`next_msg(refit_id, type, what)` is the receiver's wait for a message of this refit. A failed
         refit drops every mapping: a dead trainer's memory must not stay pinned by us."""
         start = time.perf_counter()
         try:
-            weights = self._weights(begin, next_msg, channel)
+            weights, num_bytes = self._weights(begin, next_msg, channel)
             fence = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
 
             def ack() -> None:
@@ -257,23 +257,23 @@ class DirectReceiver:
         except BaseException:
             self.close()
             raise
-        num_bytes = sum(v.numel() * v.element_size() for _, v in weights)
         return TransferStats(begin.version, num_bytes, len(weights), 0, time.perf_counter() - start)
 
-    def _weights(self, begin: wire.BeginRefit, next_msg, channel) -> Tensors:
-        """The views of this refit: the last plan's for a DirectRepeat of it, else built from the layout."""
+    def _weights(self, begin: wire.BeginRefit, next_msg, channel) -> tuple[Tensors, int]:
+        """The views of this refit and their bytes: the last plan's for a DirectRepeat of it, else built from
+        the layout."""
         msg = next_msg(begin.refit_id, (wire.DirectLayout, wire.DirectRepeat), "DirectLayout")
         if isinstance(msg, wire.DirectRepeat):
             if self._plan is not None and self._plan[0] == msg.plan_id and begin.session == self._session:
-                return self._plan[1]
+                return self._plan[1], self._plan[2]
             have = "none" if self._plan is None or begin.session != self._session else f"plan {self._plan[0]}"
             channel.send(wire.Ready(begin.refit_id, False, f"asked to repeat plan {msg.plan_id}, have {have}"), "Ready")
             msg = next_msg(begin.refit_id, wire.DirectLayout, "DirectLayout")
         self._plan = None
         self._map(begin, msg)
         weights = self._views(msg)
-        self._plan = (msg.plan_id, weights)
-        return weights
+        self._plan = (msg.plan_id, weights, sum(e.nbytes for e in msg.entries))
+        return weights, self._plan[2]
 
     def _map(self, begin: wire.BeginRefit, layout: wire.DirectLayout) -> None:
         if begin.session != self._session:

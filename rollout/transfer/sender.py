@@ -182,8 +182,8 @@ class WeightSender(End):
                 raise
 
     def _raise_if_failed(self, rank: int, refit_id: int | None) -> None:
-        """A send to receiver `rank` timed out: if it had failed the refit and gone (its socket closed after
-        its Error), raise its Error, the cause, rather than the timeout."""
+        """A send to receiver `rank` could not go out at once, or timed out: if it had failed the refit and gone
+        (its socket closed after its Error), raise its Error, the cause, rather than wait or time out."""
         channel = self._channels[rank]
         while True:
             try:
