@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Iterable, Iterator, Sequence
 
 import torch
 
-from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset, reset_caches
+from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset, check_reset, reset_calls
 from rollout.config import Mode, RolloutConfig
 from rollout.engine import (
     EngineState, RefitStats, Sample, check_awake, check_engine_setup, engine_kwargs, prompt_inputs, refit_stats,
@@ -256,10 +256,10 @@ class AsyncVllmRollout:
             task.add_done_callback(self._tasks.discard)
 
     def _render(self, prompts: list[Any]) -> list[Any]:
-        """The prompts as vLLM's engine inputs, rendered (tokenized) here in one call where vLLM has the
-        renderer and the path ran (0.32; 0.24 has the renderer but keeps raw prompts: never run there): AsyncLLM 0.32 hands a raw prompt to its renderer's
-        thread pool instead, one hop per prompt through a thread that shares this process's GIL (0.24
-        renders it inline, one at a time). Elsewhere the prompts as they are."""
+        """The prompts as vLLM's engine inputs, rendered (tokenized) here in one call, on vLLM 0.32, where
+        AsyncLLM would hand each raw prompt to its renderer's thread pool, one hop per prompt through a thread
+        that shares this process's GIL. Elsewhere the prompts as they are (0.24 has the renderer too, but this
+        path never ran there)."""
         renderer = getattr(self.engine, "renderer", None)
         if (self._parse_prompt is None or not hasattr(renderer, "render_cmpl")
                 or not renders_in_one_call(self.vllm_version)):
@@ -384,17 +384,15 @@ class AsyncVllmRollout:
         return self._call(self._reset_caches_async(self._caches_wanted(after_sleep)), "cache reset")
 
     async def _reset_caches_async(self, wanted: tuple[Cache, ...]) -> tuple[Cache, ...]:
-        """On the loop: each reset awaited in turn (reset_caches' calls, its policy and its checks)."""
+        """On the loop: each reset awaited in turn."""
         # Requests kept across the refit hold KV blocks of the old weights: preempting them makes vLLM
         # recompute those blocks with the new weights (and lets the reset succeed).
-        calls = []
-        done = reset_caches(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
-                            run=lambda coro: calls.append(coro) or None,
-                            prefix_kwargs={"reset_running_requests": True})
-        for cache, coro in zip(done, calls):
-            if await coro is False:  # as reset_caches: False means requests still run
-                raise RuntimeError(f"vLLM refused to reset the {cache.value} cache (requests still running?)")
-        return done
+        done = []
+        for cache, call in reset_calls(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
+                                       prefix_kwargs={"reset_running_requests": True}):
+            check_reset(cache, await call())
+            done.append(cache)
+        return tuple(done)
 
     def _resume(self) -> None:
         self._call(self.engine.resume_generation(), "resume_generation")

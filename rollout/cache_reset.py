@@ -44,19 +44,19 @@ def caches_to_reset(
 
 _WHAT = {Cache.prefix: "prefix-cache reset", Cache.encoder: "encoder-cache reset", Cache.mm: "multimodal-cache reset"}
 # Where each reset lives: on the sync `LLM` the encoder reset sits on its LLMEngine; the AsyncLLM has all
-# three itself, as coroutines (its `run` awaits them).
+# three itself, as coroutines (the async engine awaits them).
 LLM_CALLS = {Cache.prefix: "reset_prefix_cache", Cache.encoder: "llm_engine.reset_encoder_cache", Cache.mm: "reset_mm_cache"}
 ASYNC_LLM_CALLS = {Cache.prefix: "reset_prefix_cache", Cache.encoder: "reset_encoder_cache", Cache.mm: "reset_mm_cache"}
 
 
-def reset_caches(
+def reset_calls(
     llm: Any, caches: tuple[Cache, ...], vllm_version: str, calls: Mapping[Cache, str] = LLM_CALLS,
-    run: Callable[[Any], Any] = lambda result: result, prefix_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[Cache, ...]:
-    """Reset `caches` on a vLLM `LLM` (or, with ASYNC_LLM_CALLS and a `run` that awaits, an AsyncLLM);
-    return those actually reset (a missing call logs once, never crashes). `prefix_kwargs` go to
-    reset_prefix_cache (e.g. reset_running_requests=True: requests kept across a refit recompute their KV)."""
-    done = []
+    prefix_kwargs: Mapping[str, Any] | None = None,
+) -> list[tuple[Cache, Callable[[], Any]]]:
+    """The reset of each of `caches` this vLLM has, as a call with its arguments bound, in order (a missing
+    call logs once and is left out, never crashes). `prefix_kwargs` go to reset_prefix_cache (e.g.
+    reset_running_requests=True: requests kept across a refit recompute their KV)."""
+    out = []
     for cache in caches:
         if cache is Cache.encoder and not has_encoder_cache_reset(vllm_version):
             logger.warning("vLLM %s predates the encoder-cache reset (>= 0.17): encoder cache kept", vllm_version)
@@ -65,8 +65,21 @@ def reset_caches(
         if call is None:
             continue
         kwargs = dict(prefix_kwargs or {}) if cache is Cache.prefix else {}
-        # reset_prefix_cache answers False when requests still run: their blocks would survive the refit.
-        if run(call(**kwargs)) is False:
-            raise RuntimeError(f"vLLM refused to reset the {cache.value} cache (requests still running?)")
+        out.append((cache, lambda call=call, kwargs=kwargs: call(**kwargs)))
+    return out
+
+
+def check_reset(cache: Cache, result: Any) -> None:
+    """reset_prefix_cache answers False when requests still run: their blocks would survive the refit."""
+    if result is False:
+        raise RuntimeError(f"vLLM refused to reset the {cache.value} cache (requests still running?)")
+
+
+def reset_caches(llm: Any, caches: tuple[Cache, ...], vllm_version: str) -> tuple[Cache, ...]:
+    """Reset `caches` on a vLLM `LLM`; return those actually reset (see reset_calls; the AsyncLLM awaits the
+    same calls, rollout/async_engine.py)."""
+    done = []
+    for cache, call in reset_calls(llm, caches, vllm_version):
+        check_reset(cache, call())
         done.append(cache)
     return tuple(done)

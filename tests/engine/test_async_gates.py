@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset, reset_caches
+from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset
 from rollout.vllm_compat import (
     fully_awake,
     has_weight_versions,
@@ -98,8 +98,12 @@ def test_encoder_reset_after_sleep_reaches_the_async_llm_calls():
     wanted = caches_to_reset("auto", "colocate", "0.24.0", multimodal=False, after_sleep=True)
     assert wanted == (Cache.prefix, Cache.encoder)
     engine = AsyncStandIn()
-    done = reset_caches(engine, wanted, "0.24.0", ASYNC_LLM_CALLS, run=asyncio.run,
-                        prefix_kwargs={"reset_running_requests": True})
+    from types import SimpleNamespace
+
+    from rollout.async_engine import AsyncVllmRollout
+
+    rollout = SimpleNamespace(engine=engine, vllm_version="0.24.0")  # what the engine's reset reads of itself
+    done = asyncio.run(AsyncVllmRollout._reset_caches_async(rollout, wanted))
     assert done == wanted and engine.calls == [("prefix", True), ("encoder",)]
 
 
