@@ -101,8 +101,8 @@ class TaskConfig:
     prompt_template: str = "{question}"
     num_eval_prompts: int = 36
     max_tokens: int = 4
-    # Any callable (response: str, answer: str, **kwargs) -> float in [0, 1].
-    reward: Any = field(default_factory=lambda: {"_target_": "trainers.rewards.addition_reward", "_partial_": True})
+    # A `_target_` node that builds a callable (response: str, answer: str) -> float in [0, 1] (trainers/rewards.py).
+    reward: Any = field(default_factory=lambda: {"_target_": "trainers.rewards.AdditionReward"})
 
     def __post_init__(self) -> None:
         self.name = _coerce(TaskName, self.name, "task.name")

@@ -1,12 +1,17 @@
-"""Verifiable reward functions: `fn(response, answer) -> float in [0, 1]`, chosen by config via `_target_`.
+"""Verifiable rewards: `fn(response, answer) -> float in [0, 1]`, chosen by config via `_target_`.
 
-Plug your own with `task.reward._target_=my_pkg.my_reward` (any importable callable with this
-signature; extra keys of the node are passed as keyword arguments).
+Plug your own with `task.reward._target_=my_pkg.MyReward` (a class whose instances are such callables;
+the node's other keys go to its constructor) or, for a plain function, `task.reward._target_=my_pkg.my_reward`
+plus `task.reward._partial_=true` (the other keys are bound as keyword arguments). A class is the faster
+of the two: Hydra builds the instance once and the trainer calls it directly, while a partial is
+authorized by Hydra's target policy at every call (hydra-core 1.3.8: ~0.1 ms a call, 50 ms a step of 512
+samples on a 2-core host; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _LEADING_INT = re.compile(r"\s*(-?\d+)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -25,6 +30,16 @@ def addition_reward(response: str, answer: str, tolerance: int = 4) -> float:
     if response[m.end() :].strip():
         score *= 0.5
     return score
+
+
+@dataclass(frozen=True)
+class AdditionReward:
+    """`addition_reward` with its tolerance: the default `task.reward`."""
+
+    tolerance: int = 4
+
+    def __call__(self, response: str, answer: str) -> float:
+        return addition_reward(response, answer, self.tolerance)
 
 
 def extract_answer(text: str) -> str | None:
@@ -54,3 +69,13 @@ def gsm8k_reward(response: str, answer: str, format_score: float = 0.1) -> float
         return 0.0
     reference = extract_answer(answer) or _normalize_number(answer.strip())
     return 1.0 if predicted == reference else format_score
+
+
+@dataclass(frozen=True)
+class Gsm8kReward:
+    """`gsm8k_reward` with its format score: task=gsm8k's reward."""
+
+    format_score: float = 0.1
+
+    def __call__(self, response: str, answer: str) -> float:
+        return gsm8k_reward(response, answer, self.format_score)

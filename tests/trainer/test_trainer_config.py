@@ -39,7 +39,7 @@ def test_logger_group_takes_several_options():
 
 def test_gsm8k_task_composes_with_its_sample_file():
     cfg = compose_typed(["task=gsm8k"])
-    assert Path(cfg.task.data_path).exists() and cfg.task.reward["_target_"] == "trainers.rewards.gsm8k_reward"
+    assert Path(cfg.task.data_path).exists() and cfg.task.reward["_target_"] == "trainers.rewards.Gsm8kReward"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
