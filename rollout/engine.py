@@ -17,7 +17,7 @@ from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
 from rollout.refit_channel import RefitChannel, RefitEndpoint, RefitError, WorkerReply, new_endpoint_in  # noqa: F401 - re-exported
-from rollout.vllm_compat import fully_awake, has_layerwise_reload, installed_vllm_version
+from rollout.vllm_compat import fully_awake, has_flat_logprobs, has_layerwise_reload, installed_vllm_version, sampled_logprobs
 from rollout.vllm_segments import EngineSegments
 
 logger = logging.getLogger(__name__)
@@ -368,6 +368,8 @@ def sampling_params(
     `+ j`): `prompt_offset` places these prompts in a larger batch split over engines."""
     from vllm import SamplingParams
 
+    if has_flat_logprobs():
+        extra.setdefault("flat_logprobs", True)
     return [
         SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
                        seed=None if seed is None else seed + (prompt_offset + i) * n, **extra)
@@ -384,7 +386,7 @@ def to_samples(prompt_index: int, out: Any, version: int, version_of: Any = None
     versions where the engine tagged them (else every token is `version`)."""
     samples = []
     for comp in out.outputs:
-        logprobs = [step[tok].logprob for tok, step in zip(comp.token_ids, comp.logprobs or [])]
+        logprobs = sampled_logprobs(comp)
         tokens = version_of(comp) if version_of is not None else None
         samples.append(Sample(
             prompt_index, list(out.prompt_token_ids), list(comp.token_ids), logprobs, comp.text,

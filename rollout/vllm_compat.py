@@ -101,6 +101,29 @@ def renders_in_one_call(version: str) -> bool:
     return at_least(version, BATCH_RENDER_SINCE)
 
 
+@lru_cache(maxsize=1)
+def has_flat_logprobs() -> bool:
+    """Whether the installed SamplingParams takes `flat_logprobs` (0.32.0 does): log-probs kept in a few flat
+    lists per request instead of a dict and a Logprob object per token, less work for vLLM's output processing."""
+    from vllm import SamplingParams
+
+    return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
+
+
+def sampled_logprobs(completion: Any) -> list[float]:
+    """The log-prob of each sampled token of a CompletionOutput, from either of vLLM's containers: FlatLogprobs
+    (a position's entries are start_indices[i]:end_indices[i], the sampled token first) or a list with one
+    {token_id: Logprob} per position."""
+    logprobs = completion.logprobs
+    if not logprobs:
+        return []
+    starts = getattr(logprobs, "start_indices", None)
+    if starts is not None:
+        values = logprobs.logprobs
+        return list(values) if len(values) == len(starts) else [values[i] for i in starts]
+    return [step[token].logprob for token, step in zip(completion.token_ids, logprobs)]
+
+
 def pause_generation_kwargs(mode: str) -> dict[str, Any]:
     """AsyncLLM.pause_generation's arguments on 0.24 and 0.32 alike: `mode` (both), caches kept (the
     cache-reset policy runs after the refit instead); never 0.24's deprecated wait_for_inflight_requests."""

@@ -12,10 +12,12 @@ from rollout.vllm_compat import (
     finalize_failed_reload,
     fully_awake,
     has_encoder_cache_reset,
+    has_flat_logprobs,
     has_layerwise_reload,
     installed_vllm_version,
     missing_layerwise_internals,
     resolve_call,
+    sampled_logprobs,
     version_tuple,
     wake_up_reports_state,
 )
@@ -134,3 +136,35 @@ def test_failed_reload_restores_every_layer(monkeypatch, finalize):
     for layer in model.modules():
         info = layerwise.LAYERWISE_INFO.get(layer)
         assert info is None or (not info.loaded_weights and info.kernel_tensors is None), layer
+
+
+@pytest.mark.parametrize("num_logprobs", [0, 2])
+def test_sampled_logprobs_reads_both_of_vllms_containers(num_logprobs):
+    """FlatLogprobs (what sampling_params asks for where SamplingParams takes flat_logprobs) and the list of
+    {token_id: Logprob} give the same sampled log-probs, filled the way vLLM's output processor fills them
+    (the sampled token first, then the top-k, which may repeat it)."""
+    from types import SimpleNamespace
+
+    from vllm.logprobs import append_logprobs_for_next_position, create_sample_logprobs
+
+    sampled, positions = [7, 3, 9], []
+    for pos, token in enumerate(sampled):  # (token ids, log-probs, rank of the sampled token)
+        table = {3: -0.05, 9: -0.15, 7: -0.35, token: -0.25 * (pos + 1)}  # one log-prob per token and position
+        ids = [token, *[3, 9, 7][:num_logprobs]]
+        positions.append((ids, [table[t] for t in ids], 2))
+    got = []
+    for flat in (True, False):
+        container = create_sample_logprobs(flat)
+        for ids, logprobs, rank in positions:
+            append_logprobs_for_next_position(container, ids, logprobs, [None] * len(ids), rank, num_logprobs)
+        got.append(sampled_logprobs(SimpleNamespace(token_ids=sampled, logprobs=container)))
+    assert got[0] == got[1] == [-0.25, -0.5, -0.75]
+    assert sampled_logprobs(SimpleNamespace(token_ids=[], logprobs=None)) == []
+
+
+def test_sampling_params_ask_for_flat_logprobs_where_vllm_takes_them():
+    from rollout.engine import sampling_params
+
+    params = sampling_params(2, n=3, max_tokens=4, temperature=1.0, seed=0, top_p=1.0)
+    assert has_flat_logprobs() is ("flat_logprobs" in type(params[0]).__struct_fields__)
+    assert all(p.flat_logprobs is has_flat_logprobs() and p.logprobs == 0 for p in params)
