@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import hydra
 import torch
@@ -206,15 +207,16 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
         gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
         next_rollouts = rollout_producer(ro, s.task, cfg)
         try:
-            for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
-                step_start = time.perf_counter()
-                rollouts = next_rollouts(step)
-                metrics = train(s, rollouts, cfg, step)
-                check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit,
-                                cfg.trainer.strict_refit, s.log.message)
-                metrics.update(refit(ro, s.learner, cfg.trainer, step))
-                metrics["timing/step_s"] = time.perf_counter() - step_start
-                record(s, cfg, step, metrics)
+            with frozen_gc_heap():
+                for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
+                    step_start = time.perf_counter()
+                    rollouts = next_rollouts(step)
+                    metrics = train(s, rollouts, cfg, step)
+                    check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit,
+                                    cfg.trainer.strict_refit, s.log.message)
+                    metrics.update(refit(ro, s.learner, cfg.trainer, step))
+                    metrics["timing/step_s"] = time.perf_counter() - step_start
+                    record(s, cfg, step, metrics)
         finally:
             if hasattr(next_rollouts, "close"):  # the async producer: its trainer thread back on every core
                 next_rollouts.close()
@@ -222,6 +224,20 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
         s.log.log_eval({"eval/reward": final_eval}, step=cfg.trainer.total_steps)
         s.log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {s.state.baseline:.3f})")
     return finish(s, cfg, final_eval, time.perf_counter() - wall_start)
+
+
+@contextlib.contextmanager
+def frozen_gc_heap() -> Iterator[None]:
+    """The objects alive when the loop starts (torch, transformers, vLLM and their modules: ~0.7 million objects) out of the
+    collector's reach until it ends, as vLLM's engine core does with its own heap: a full collection then walks
+    only what the steps allocated. Unfrozen afterwards, so a process running several runs (the tests) can
+    still collect a finished run's cycles."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def start_engine(ro, s: Setup, cfg: PPOConfig) -> None:
