@@ -30,6 +30,15 @@ def trainer_engine(tiny_path):
                                              f"{vllm_segments_left(segments)}"
 
 
+@pytest.fixture(autouse=True)
+def _shared_engine_awake(request):
+    """Each test that uses the shared engine gets it awake: a run that failed mid-step (the canary's strict
+    run raises after its generate put the engine to sleep) must not fail the next test's generate()."""
+    if "trainer_engine" in request.fixturenames:
+        request.getfixturevalue("trainer_engine").wake_up()
+    yield
+
+
 def _children() -> set[int]:
     import psutil
 
