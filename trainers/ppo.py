@@ -228,10 +228,10 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
 
 @contextlib.contextmanager
 def frozen_gc_heap() -> Iterator[None]:
-    """The objects alive when the loop starts (torch, transformers, vLLM and their modules: ~0.7 million objects) out of the
-    collector's reach until it ends, as vLLM's engine core does with its own heap: a full collection then walks
-    only what the steps allocated. Unfrozen afterwards, so a process running several runs (the tests) can
-    still collect a finished run's cycles."""
+    """The objects alive when the loop starts (torch, transformers, vLLM and their modules: ~0.7 million)
+    out of the collector's reach until it ends, as vLLM's engine core does with its own heap: a full
+    collection then walks only what the steps allocated. Unfrozen afterwards, so a process running several
+    runs (the tests) can still collect a finished run's cycles."""
     gc.collect()
     gc.freeze()
     try:
