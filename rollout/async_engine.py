@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Iterable, Iterator, Sequence
 
 import torch
 
+from rollout.bounded import EngineCoreWatch
 from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset, check_reset, reset_calls
 from rollout.config import Mode, RolloutConfig
 from rollout.engine import (
@@ -147,6 +148,7 @@ class AsyncVllmRollout:
             self._stop_loop()
             raise
         self.vllm_segments = EngineSegments.of_client(self.engine.engine_core, "async engine")  # see VllmRollout
+        self._core_watch = EngineCoreWatch(self.engine.engine_core, "async engine", loop=self._loop)  # rollout/bounded.py
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
         self._tokenizer = self.engine.get_tokenizer()
@@ -413,12 +415,13 @@ class AsyncVllmRollout:
         self._state.closed = True
         timeout_s = self.cfg.backend.shutdown_timeout_s
         try:
-            if self._channel.connected:
+            if self._channel.connected and not self._core_watch.died:  # a dead core answers nothing
                 self._call(self.engine.collective_rpc("refit_close", timeout=self.transfer.timeout_s),
                            "refit_close", self.transfer.timeout_s)
         finally:
             self._channel.close()
             self.vllm_segments.record()
+            self._core_watch.stop()
             try:
                 self._call(self._cancel_requests(), "cancelling in-flight requests", timeout_s)
                 self._call(self._shutdown(timeout_s), "engine shutdown", timeout_s)

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from rollout.bounded import EngineCoreWatch, bounded
 from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
@@ -186,6 +187,7 @@ class VllmRollout(RefitPhases):
         # vLLM's own shared memory (message queues, locks, CPU all-reduce), removed by close() if its processes
         # leave any (a SIGKILLed worker does)
         self.vllm_segments = EngineSegments.of_client(self.llm.llm_engine.engine_core, f"engine {engine_index}")
+        self._core_watch = EngineCoreWatch(self.llm.llm_engine.engine_core, f"engine {engine_index}")
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
         self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, tp)
         self._receivers_open = False  # a refit reached the workers (this engine's or its group's): close() closes them
@@ -298,13 +300,15 @@ class VllmRollout(RefitPhases):
             return
         self._state.closed = True
         try:
-            if self._receivers_open:
-                self.llm.collective_rpc("refit_close", timeout=self.transfer.timeout_s)
+            if self._receivers_open and not self._core_watch.died:  # a dead core answers nothing
+                bounded(lambda: self.llm.collective_rpc("refit_close", timeout=self.transfer.timeout_s),
+                        self.transfer.timeout_s + 5.0, "closing the workers' receivers")
         except Exception as exc:  # noqa: BLE001 - a dead engine's receivers died with it; shut down regardless
             logger.warning("closing the workers' receivers failed (engine dead?): %s", exc)
         finally:
             self._channel.close()
             self.vllm_segments.record()
+            self._core_watch.stop()
             try:
                 # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
                 self.llm.llm_engine.engine_core.shutdown(timeout=self.cfg.backend.shutdown_timeout_s)

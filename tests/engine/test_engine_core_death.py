@@ -1,0 +1,84 @@
+"""An engine whose vLLM engine core dies (SIGKILL) mid-generate: generate() fails at once with vLLM's
+EngineDeadError and close() returns within the transfer timeout, leaving no process, vLLM segment or
+transfer socket. Before rollout/bounded.py both waited forever (vLLM's sync client waits on its output
+queue and on a utility call's future with no timeout)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from vllm_shm import vllm_segments_held_by, vllm_segments_left
+
+from rollout import build_rollout
+
+GENERATE_BOUND_S = (
+    10.0  # a dead core fails generate() in well under this (the watch polls every 0.5 s)
+)
+
+
+def children() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if not any("resource_tracker" in part for part in p.cmdline())
+    }
+
+
+def engine_core(pids: set[int]) -> psutil.Process:
+    return next(
+        psutil.Process(p) for p in pids if "EngineCore" in " ".join(psutil.Process(p).cmdline())
+    )
+
+
+def kill_mid_generate_then_close(ro, pids: set[int]) -> float:
+    """SIGKILL the engine core 1 s into a long generate(); returns how long close() took."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    threading.Timer(1.0, os.kill, (engine_core(pids).pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(Exception) as failed:  # the async engine wraps it: "the batch failed: ..."
+        ro.generate(["1+2="] * 32, n=16, max_tokens=400, temperature=1.0, seed=0)
+    assert isinstance(failed.value, EngineDeadError) or isinstance(
+        failed.value.__cause__, EngineDeadError
+    ), failed.value
+    assert time.monotonic() - start < GENERATE_BOUND_S, "generate() outlived its dead engine core"
+    start = time.monotonic()
+    ro.close()
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_dead_engine_core_fails_generate_and_close_in_time_leaving_nothing(
+    tiny_path, base_state, kind
+):
+    import dataclasses
+
+    from conftest import ENGINE_CFG
+
+    cfg = dataclasses.replace(ENGINE_CFG, engine=kind, generate_timeout_s=120.0)
+    before = children()
+    ro = build_rollout(cfg, tiny_path)
+    pids = children() - before
+    segments = vllm_segments_held_by(pids)
+    try:
+        ro.update_weights(
+            base_state.items(), version=1
+        )  # the workers' receivers are open: close() calls them
+        endpoint = ro._endpoint.removeprefix("ipc://")
+        close_s = kill_mid_generate_then_close(ro, pids)
+    finally:
+        ro.close()  # idempotent; a failed assertion above still closes
+    assert close_s < cfg.transfer.timeout_s, f"close() took {close_s:.1f} s"
+    _, alive = psutil.wait_procs(
+        [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30
+    )
+    assert not alive, f"vLLM processes survived close(): {alive}"
+    assert not vllm_segments_left(segments), (
+        f"vLLM segments survived close(): {vllm_segments_left(segments)}"
+    )
+    assert not os.path.exists(endpoint), "the transfer socket survived close()"
