@@ -132,7 +132,8 @@ class TrainerConfig:
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 64
     eval_samples: int = 4  # samples per eval prompt for the pre-RL baseline and the final eval
-    checkpoint_every: int = 0  # 0 = only at the end
+    # Also at the last step and on a SIGINT / SIGTERM (trainers/interrupts.py); 0 = only then.
+    checkpoint_every: int = 20
     resume: Optional[str] = None  # a checkpoint file (or its directory) to continue from
     out_dir: Optional[str] = None  # null = Hydra's run directory
     device: str = "auto"  # the trainer's device; auto = the rollout backend's (cpu, cuda, npu)

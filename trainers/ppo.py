@@ -34,6 +34,7 @@ from rollout.config import Mode
 from trainers.algorithms import gae, grpo_advantages, masked_whiten, terminal_rewards
 from trainers.checkpoint import checkpoint_path, load_checkpoint
 from trainers.config import Algorithm, AlgorithmConfig, PPOConfig, TrainerConfig, register_configs, to_typed
+from trainers.interrupts import Interrupts
 from trainers.learner import Learner, build_learner
 from trainers.loggers import build_loggers
 from trainers.policy import collate
@@ -97,6 +98,7 @@ class Setup:
     state: RunState
     log: Any  # trainers.loggers.Loggers
     warmup_loss: Optional[float] = None  # None: resumed, or no warm-start
+    checkpointed_step: Optional[int] = None  # the step of the last checkpoint this run wrote
 
 
 @dataclass
@@ -198,32 +200,55 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     `rollout`: an already running engine on the same model to use (and leave open) instead of
     building one from `cfg.rollout`; tests share one engine this way. The loop's two seams: batches come
     from `next_rollouts(step)` (a producer can stand in for the direct generate) and every tensor of the
-    trainer sits behind `s.learner` (trainers/learner.py).
+    trainer sits behind `s.learner` (trainers/learner.py). A SIGINT or SIGTERM stops it after the step in
+    progress, with a checkpoint (trainers/interrupts.py); the summary's `interrupted_at` is that step.
     """
     wall_start = time.perf_counter()
-    s = setup(cfg)
-    with contextlib.closing(s.learner), contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout, s.learner) as ro:
-        start_engine(ro, s, cfg)
-        gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
-        next_rollouts = rollout_producer(ro, s.task, cfg)
+    with Interrupts() as stop:
+        s = setup(cfg)
+        with contextlib.closing(s.learner), contextlib.closing(s.log):
+            final_eval = stop.unless_signalled(train_on_engine, s, cfg, rollout, stop)
+            if stop.requested:
+                save_checkpoint(s, cfg)
+            summary = finish(s, cfg, final_eval, time.perf_counter() - wall_start, stop)
+    return summary
+
+
+def train_on_engine(s: Setup, cfg: PPOConfig, rollout, stop: Interrupts) -> Optional[float]:
+    """The RL steps on a live engine, then its final eval; None where a signal cut them short."""
+    if stop.requested:  # during the warm-start: no engine to start just to stop it
+        return None
+    with open_engine(cfg, s.model_path, s.out_dir, rollout, s.learner) as ro:
         try:
-            with frozen_gc_heap():
-                for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
-                    step_start = time.perf_counter()
-                    rollouts = next_rollouts(step)
-                    metrics = train(s, rollouts, cfg, step)
-                    check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit,
-                                    cfg.trainer.strict_refit, s.log.message)
-                    metrics.update(refit(ro, s.learner, cfg.trainer, step))
-                    metrics["timing/step_s"] = time.perf_counter() - step_start
-                    record(s, cfg, step, metrics)
+            start_engine(ro, s, cfg)
+            gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
+            next_rollouts = rollout_producer(ro, s.task, cfg)
+            try:
+                with frozen_gc_heap():
+                    for step in range(s.state.step + 1, cfg.trainer.total_steps + 1):
+                        if stop.requested:
+                            break
+                        step_start = time.perf_counter()
+                        rollouts = stop.unless_signalled(next_rollouts, step)
+                        if rollouts is None:  # the engine died with the signal: this step is lost
+                            break
+                        metrics = train(s, rollouts, cfg, step)
+                        check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit,
+                                        cfg.trainer.strict_refit, s.log.message)
+                        metrics.update(stop.unless_signalled(refit, ro, s.learner, cfg.trainer, step) or {})
+                        metrics["timing/step_s"] = time.perf_counter() - step_start
+                        record(s, cfg, step, metrics)
+            finally:
+                if hasattr(next_rollouts, "close"):  # the async producer: its trainer thread back on every core
+                    next_rollouts.close()
         finally:
-            if hasattr(next_rollouts, "close"):  # the async producer: its trainer thread back on every core
-                next_rollouts.close()
+            stop.shutting_down = stop.requested  # the engine's close is bounded: let it run
+        if stop.requested:
+            return None
         final_eval = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.log_eval({"eval/reward": final_eval}, step=cfg.trainer.total_steps)
         s.log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {s.state.baseline:.3f})")
-    return finish(s, cfg, final_eval, time.perf_counter() - wall_start)
+    return final_eval
 
 
 @contextlib.contextmanager
@@ -336,25 +361,37 @@ def record(s: Setup, cfg: PPOConfig, step: int, metrics: dict) -> None:
     s.state.history.append({"step": step, **metrics})
     s.log.log(metrics, step)
     if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.total_steps:
+        save_checkpoint(s, cfg)
+
+
+def save_checkpoint(s: Setup, cfg: PPOConfig) -> None:
+    """The learner and the run's state at its last finished step (once per step)."""
+    step = s.state.step
+    if s.checkpointed_step != step:
         s.learner.save_checkpoint(checkpoint_path(s.out_dir, step), {
             "step": step, "history": s.state.history, "baseline": s.state.baseline, "config": asdict(cfg),
         })
+        s.checkpointed_step = step
 
 
-def finish(s: Setup, cfg: PPOConfig, final_eval: float, wall_s: float) -> dict:
+def finish(s: Setup, cfg: PPOConfig, final_eval: Optional[float], wall_s: float, stop: Interrupts) -> dict:
     """Write summary.json and the reward curve; returns the summary."""
     history, name = s.state.history, cfg.algorithm.name.value
     summary = summarize(history, s.state.baseline, final_eval, wall_s)
     summary["algorithm"] = name
+    summary["interrupted_at"] = s.state.step if stop.requested else None
+    summary["exit_code"] = stop.exit_code if stop.requested else 0
     (s.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if history:
         from trainers.plots import reward_curve
 
         reward_curve(history, s.out_dir / "reward_curve.png", s.state.baseline, title=f"{name} on {cfg.task.name.value}")
+    if stop.requested:
+        s.log.message(f"interrupted at step {s.state.step}; resume with trainer.resume={s.out_dir.resolve()}")
     return summary
 
 
-def summarize(history: list[dict], baseline: Optional[float], final_eval: float, wall_s: float) -> dict:
+def summarize(history: list[dict], baseline: Optional[float], final_eval: Optional[float], wall_s: float) -> dict:
     fifth = max(1, len(history) // 5)
 
     def mean(key: str, rows: list[dict]) -> Optional[float]:
@@ -386,7 +423,9 @@ def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         typed.trainer.out_dir = HydraConfig.get().runtime.output_dir
-    run(typed)
+    summary = run(typed)
+    if summary["exit_code"]:
+        raise SystemExit(summary["exit_code"])
 
 
 if __name__ == "__main__":
