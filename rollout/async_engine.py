@@ -149,6 +149,8 @@ class AsyncVllmRollout:
         self.vllm_segments = EngineSegments.of_client(self.engine.engine_core, "async engine")  # see VllmRollout
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
+        if cfg.graph_audit:  # the model as the CUDA graphs captured it (rollout/graph_audit.py)
+            self._call(self.engine.collective_rpc("refit_audit_start"), "refit_audit_start")
         self._tokenizer = self.engine.get_tokenizer()
         try:  # what AsyncLLM itself parses a raw prompt with (vLLM 0.24, 0.32); else prompts go to it raw
             from vllm.renderers.inputs.preprocess import parse_model_prompt
@@ -342,7 +344,12 @@ class AsyncVllmRollout:
         was_asleep, self._state.asleep = self._state.asleep, False
         wanted = self._caches_wanted(after_sleep=was_asleep)
         caches = self._call(self._after_refit(version, slept, wanted), "tagging the version, cache reset, resume")
-        return refit_stats(version, time.perf_counter() - start, send_stats, replies, caches)
+        stats = refit_stats(version, time.perf_counter() - start, send_stats, replies, caches)
+        if self.cfg.graph_audit:
+            from rollout.graph_audit import GraphAudit
+
+            stats.graph_audit = GraphAudit.of(self._call(self.engine.collective_rpc("refit_audit"), "refit_audit"))
+        return stats
 
     async def _pause(self) -> None:
         """Stop scheduling (`rollout.pause_mode`); what is aborted waits for the resume event to retry."""

@@ -55,6 +55,7 @@ class RefitStats:
     load_path: str = "layerwise"  # how the worker loaded it: "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
     worker_load_s: tuple[float, ...] = ()  # each worker's load_s, by receiver rank (engine k, worker w: k * TP + w)
     load_plan: str = ""  # direct path: "recorded" (first refit), "replayed", or "off: <why>" (load_weights each time)
+    graph_audit: Any = None  # rollout.graph_audit=true: a rollout.graph_audit.GraphAudit
 
 
 @dataclass
@@ -186,6 +187,8 @@ class VllmRollout(RefitPhases):
         # vLLM's own shared memory (message queues, locks, CPU all-reduce), removed by close() if its processes
         # leave any (a SIGKILLed worker does)
         self.vllm_segments = EngineSegments.of_client(self.llm.llm_engine.engine_core, f"engine {engine_index}")
+        if cfg.graph_audit:  # the model as the CUDA graphs captured it (rollout/graph_audit.py)
+            self.llm.collective_rpc("refit_audit_start")
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
         self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, tp)
         self._receivers_open = False  # a refit reached the workers (this engine's or its group's): close() closes them
@@ -260,7 +263,13 @@ class VllmRollout(RefitPhases):
         self._state.failed_version = version
 
     def _done(self, version: int, start: float, was_asleep: bool, send_stats: Any, replies: list) -> RefitStats:
-        return refit_stats(version, time.perf_counter() - start, send_stats, replies, self.refit_done(version, was_asleep))
+        caches = self.refit_done(version, was_asleep)  # timed: the KV cache's wake and the resets are the refit's
+        stats = refit_stats(version, time.perf_counter() - start, send_stats, replies, caches)
+        if self.cfg.graph_audit:
+            from rollout.graph_audit import GraphAudit
+
+            stats.graph_audit = GraphAudit.of(self.llm.collective_rpc("refit_audit"))
+        return stats
 
     # The steps of a refit around the transfer; EngineGroup runs each on all of its engines.
     def prepare_refit(self) -> bool:
@@ -355,6 +364,7 @@ def engine_kwargs(
         tensor_parallel_size=b.tensor_parallel_size,
         seed=b.seed,
         load_format=b.load_format,  # "dummy": random weights until the first refit brings real ones
+        quantization=b.quantization,
         enable_sleep_mode=can_sleep,
         worker_extension_cls=worker_extension or WORKER_EXTENSION,
     )
