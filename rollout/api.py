@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
     from rollout.transfer import TransferConfig, TransferStats, WeightSender
 
-Prompt = "str | Sequence[int]"
-
-
 @dataclass
 class Sample:
     """One generated sequence. `token_ids`/`logprobs`/`text` are the response only."""
@@ -59,6 +56,7 @@ class RefitStats:
     load_path: str = "layerwise"  # "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
     worker_load_s: tuple[float, ...] = ()  # each worker's load_s, by receiver rank (engine k, worker w: k*TP+w)
     load_plan: str = ""  # direct path: "recorded" (first refit), "replayed", or "off: <why>"
+    graph_audit: Any = None  # rollout.graph_audit=true: a rollout.graph_audit.GraphAudit
 
 
 class RefitError(RuntimeError):

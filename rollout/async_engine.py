@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Iterable, Iterator, Sequence
 
 import torch
 
-from rollout.api import RefitStats, Sample, Send
+from rollout.api import RefitStats, Sample, Send, send_tensors
 from rollout.cache_reset import (
     ASYNC_LLM_CALLS,
     Cache,
@@ -164,6 +164,8 @@ class AsyncVllmRollout:
         self.vllm_segments = EngineSegments.of_client(self.engine.engine_core, f"async engine {engine_index}")  # see VllmRollout
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
+        if cfg.graph_audit:  # the model as the CUDA graphs captured it (rollout/graph_audit.py)
+            self._call(self.engine.collective_rpc("refit_audit_start"), "refit_audit_start")
         self._tokenizer = self.engine.get_tokenizer()
         try:  # what AsyncLLM itself parses a raw prompt with (vLLM 0.24, 0.32); else prompts go to it raw
             from vllm.renderers.inputs.preprocess import parse_model_prompt
@@ -344,11 +346,16 @@ class AsyncVllmRollout:
     def refit(self, version: int, send: Send) -> RefitStats:
         """Pause generation (`pause_mode`), refit through the transfer, tag the new version, reset the
         caches, resume. On failure raises RefitError and stays paused until a later refit succeeds."""
-        return self.refitter.refit(version, send)
+        stats = self.refitter.refit(version, send)
+        if self.cfg.graph_audit:
+            from rollout.graph_audit import GraphAudit
+
+            stats.graph_audit = GraphAudit.of(self._call(self.engine.collective_rpc("refit_audit"), "refit_audit"))
+        return stats
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
         """A refit from this process: one pass over `named_tensors`."""
-        return self.refitter.update_weights(named_tensors, version)
+        return self.refit(version, send_tensors(named_tensors))
 
     # Two loop round trips around the transfer (not one per call): this process's loop shares a core
     # and the GIL with the trainer, whose step waits for the refit.

@@ -63,6 +63,8 @@ class BackendConfig:
     seed: int = 0
     # "dummy" starts the engine on random weights (as verl does): the first refit brings the real ones.
     load_format: str = "auto"
+    # vLLM's `quantization`: "fp8" quantizes the BF16 checkpoint (and every refit) online; null: as the checkpoint.
+    quantization: Optional[str] = None
     # vLLM's own default (5 s) force-kills a busy engine core; a graceful exit took ~4 s on 2 cores.
     shutdown_timeout_s: float = 60.0
 
@@ -135,6 +137,9 @@ class RolloutConfig:
     load_path: LoadPath = LoadPath.auto
     # Data-parallel replicas, each with backend.tensor_parallel_size workers, fed by one refit (rollout/engine_group.py).
     num_engines: int = 1
+    # Record every tensor of the engine's model (pointer, digest) at start and compare after each refit:
+    # RefitStats.graph_audit (rollout/graph_audit.py); one pass over the weights per refit. Not for num_engines > 1.
+    graph_audit: bool = False
 
     def __post_init__(self) -> None:
         self.mode = coerce_enum(Mode, self.mode, "rollout.mode")
@@ -162,6 +167,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")
         if isinstance(self.num_engines, bool) or not isinstance(self.num_engines, int) or self.num_engines < 1:
             raise ValueError(f"rollout.num_engines must be an integer >= 1, got {self.num_engines!r}")
+        if self.num_engines > 1 and self.graph_audit:
+            raise ValueError("rollout.graph_audit audits one engine; set rollout.num_engines=1 or graph_audit=false")
         num_workers = self.num_engines * self.backend.tensor_parallel_size
         if num_workers > 1 and self.transfer.mode is TransferMode.direct:
             raise ValueError(f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "

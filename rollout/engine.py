@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from rollout.api import FinishedHandle, RefitStats, Sample, Send, no_core_split
+from rollout.api import FinishedHandle, RefitStats, Sample, Send, no_core_split, send_tensors
 from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
@@ -81,6 +81,8 @@ class VllmRollout:
         # vLLM's own shared memory (message queues, locks, CPU all-reduce), removed by close() if its processes
         # leave any (a SIGKILLed worker does)
         self.vllm_segments = EngineSegments.of_client(self.llm.llm_engine.engine_core, f"engine {engine_index}")
+        if cfg.graph_audit:  # the model as the CUDA graphs captured it (rollout/graph_audit.py)
+            self.llm.collective_rpc("refit_audit_start")
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
         self.state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
         self.refitter = Refitter([self], self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, transfer,
@@ -156,11 +158,16 @@ class VllmRollout:
     def refit(self, version: int, send: Send) -> RefitStats:
         """One refit of every worker (rollout/refit.py); on any failure raises RefitError and the engine
         refuses to generate until a later refit succeeds."""
-        return self.refitter.refit(version, send)
+        stats = self.refitter.refit(version, send)
+        if self.cfg.graph_audit:
+            from rollout.graph_audit import GraphAudit
+
+            stats.graph_audit = GraphAudit.of(self.llm.collective_rpc("refit_audit"))
+        return stats
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
         """A refit from this process: one pass over `named_tensors`."""
-        return self.refitter.update_weights(named_tensors, version)
+        return self.refit(version, send_tensors(named_tensors))
 
     def refit_prepare(self) -> bool:
         """Before the transfer: wakes the weights (colocate); returns whether the engine slept."""
@@ -249,6 +256,7 @@ def engine_kwargs(
         tensor_parallel_size=b.tensor_parallel_size,
         seed=b.seed,
         load_format=b.load_format,  # "dummy": random weights until the first refit brings real ones
+        quantization=b.quantization,
         enable_sleep_mode=can_sleep,
         worker_extension_cls=worker_extension or WORKER_EXTENSION,
     )

@@ -17,7 +17,7 @@ PACKAGES = ("rollout", "trainers", "benchmarks")
 LAYERS = [
     ["rollout.transfer"],
     ["rollout.config", "rollout.api", "rollout.load_path", "rollout.tied_heads", "rollout.bucket_stream",
-     "rollout.vllm_compat", "rollout.platform", "rollout.vllm_segments", "rollout.cache_reset"],
+     "rollout.vllm_compat", "rollout.platform", "rollout.vllm_segments", "rollout.cache_reset", "rollout.graph_audit"],
     ["rollout.worker", "rollout.worker_extension"],
     ["rollout.refit", "rollout.engine", "rollout.async_engine", "rollout.engine_group", "rollout.tiny_model"],
     ["rollout"],

