@@ -18,7 +18,7 @@ BENCH_WORKER_EXTENSION = "benchmarks.worker_ext.BenchWorkerExtension"
 
 
 class BenchWorkerExtension(RefitWorkerExtension):
-    """RefitWorkerExtension with `refit_bench_*`, `refit_worker_info` and `refit_debug_skip_detach`.
+    """RefitWorkerExtension with `refit_bench_*`, `refit_worker_info` and the `refit_debug_*` switches.
 
     Example:
         ro = build_rollout(cfg, path, worker_extension=BENCH_WORKER_EXTENSION)
@@ -65,6 +65,13 @@ class BenchWorkerExtension(RefitWorkerExtension):
         self._refit_reload(LoadPath.layerwise, weights_path=weights_dir)
         self._refit_sync()
         return time.perf_counter() - start
+
+    def refit_debug_reallocate(self, name: str) -> int:
+        """Give parameter `name` a fresh storage with the same values: what a refit must never do under CUDA
+        graphs (they keep reading the old one). The graph-audit test shows the audit names it."""
+        param = dict(self.model_runner.get_model().named_parameters())[name]
+        param.data = param.data.clone()
+        return param.data_ptr()
 
     def refit_debug_skip_detach(self, skip: bool) -> None:
         """`True` stops copying the reload's buffered tensors out of a bucket before its release: the race

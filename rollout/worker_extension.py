@@ -16,6 +16,7 @@ import torch
 
 from rollout.bucket_stream import BucketStream
 from rollout.config import RefitTimeouts
+from rollout.graph_audit import GraphAuditWorker
 from rollout.load_path import LoadPath, LoadPlan, choose_load_path, direct_load_blocker, load_direct
 from rollout.tied_heads import find_tied_heads, reprocess_tied_heads
 from rollout.transfer import TransferConfig, WeightReceiver
@@ -27,7 +28,7 @@ from rollout.vllm_compat import (
 )
 
 
-class RefitWorkerExtension:
+class RefitWorkerExtension(GraphAuditWorker):
     """Mixed into vLLM's worker class; driven by `LLM.collective_rpc("refit_receive", ...)`.
 
     Attribute names start with `refit_`/`_refit_`: vLLM refuses extension attributes that clash with

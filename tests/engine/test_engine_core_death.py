@@ -12,21 +12,12 @@ import time
 
 import psutil
 import pytest
+from helpers import TEST_ENGINE_CFG, child_pids, wait_gone
 from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 from rollout import build_rollout
 
-GENERATE_BOUND_S = (
-    10.0  # a dead core fails generate() in well under this (the watch polls every 0.5 s)
-)
-
-
-def children() -> set[int]:
-    return {
-        p.pid
-        for p in psutil.Process().children(recursive=True)
-        if not any("resource_tracker" in part for part in p.cmdline())
-    }
+GENERATE_BOUND_S = 10.0  # a dead core fails generate() in well under this (the watch polls every 0.5 s)
 
 
 def engine_core(pids: set[int]) -> psutil.Process:
@@ -58,27 +49,18 @@ def test_a_dead_engine_core_fails_generate_and_close_in_time_leaving_nothing(
 ):
     import dataclasses
 
-    from conftest import ENGINE_CFG
-
-    cfg = dataclasses.replace(ENGINE_CFG, engine=kind, generate_timeout_s=120.0)
-    before = children()
+    cfg = dataclasses.replace(TEST_ENGINE_CFG, engine=kind, generate_timeout_s=120.0)
+    before = child_pids()
     ro = build_rollout(cfg, tiny_path)
-    pids = children() - before
+    pids = child_pids() - before
     segments = vllm_segments_held_by(pids)
     try:
-        ro.update_weights(
-            base_state.items(), version=1
-        )  # the workers' receivers are open: close() calls them
-        endpoint = ro._endpoint.removeprefix("ipc://")
+        ro.update_weights(base_state.items(), version=1)  # the workers' receivers are open: close() calls them
+        endpoint = ro.refitter.endpoint.removeprefix("ipc://")
         close_s = kill_mid_generate_then_close(ro, pids)
     finally:
         ro.close()  # idempotent; a failed assertion above still closes
     assert close_s < cfg.transfer.timeout_s, f"close() took {close_s:.1f} s"
-    _, alive = psutil.wait_procs(
-        [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30
-    )
-    assert not alive, f"vLLM processes survived close(): {alive}"
-    assert not vllm_segments_left(segments), (
-        f"vLLM segments survived close(): {vllm_segments_left(segments)}"
-    )
+    assert not wait_gone(pids), "vLLM processes survived close()"
+    assert not vllm_segments_left(segments), f"vLLM segments survived close(): {vllm_segments_left(segments)}"
     assert not os.path.exists(endpoint), "the transfer socket survived close()"

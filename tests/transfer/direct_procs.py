@@ -10,6 +10,7 @@ import traceback
 
 import torch
 
+from cuda_gate import hold_stream
 from rollout.transfer import PeerError, TransferConfig, WeightReceiver, WeightSender
 from rollout.transfer.direct import DirectSender
 from transfer_procs import CTX, as_bytes, race_value
@@ -73,7 +74,7 @@ def _sender(cfg: dict, endpoint: str, device: str, broken: str) -> WeightSender:
     return sender
 
 
-def _refits(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gpu_sleep_cycles: int) -> None:
+def _refits(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gate_s: float) -> None:
     """Round trips: refit, report what was sent, step; re-allocates a parameter before refit 3, replaces a
     Parameter object before refit 4, sends state_dict() views at refit 5."""
     model, opt = tiny_trainer(device=device)
@@ -94,14 +95,14 @@ def _refits(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, devic
             train_step(model, opt, v)
 
 
-def _race(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gpu_sleep_cycles: int) -> None:
+def _race(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gate_s: float) -> None:
     """Persistent constant-filled tensors, overwritten in place with the next refit's values right after send()
-    (on a GPU, with `gpu_sleep_cycles`, queued behind a long kernel)."""
+    (on a GPU, with `gate_s`, queued behind a host function that holds the stream that long: cuda_gate.py)."""
     named = [(f"layer.{i}", torch.empty(50_000, device=device)) for i in range(20)]
     with _sender(cfg, endpoint, device, broken) as sender:
         for v in range(1, num_refits + 1):
-            if gpu_sleep_cycles:
-                torch.cuda._sleep(gpu_sleep_cycles)
+            if gate_s:
+                hold_stream(gate_s)
             for name, t in named:
                 t.fill_(race_value(v, name))
             sender.send(named, version=v)
@@ -112,19 +113,19 @@ def _race(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device:
 
 
 def direct_sender(scenario: str, cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str,
-                  gpu_sleep_cycles: int) -> None:
+                  gate_s: float) -> None:
     torch.set_num_threads(1)
     try:
-        {"refits": _refits, "race": _race}[scenario](cfg, endpoint, num_refits, queue, broken, device, gpu_sleep_cycles)
+        {"refits": _refits, "race": _race}[scenario](cfg, endpoint, num_refits, queue, broken, device, gate_s)
     except Exception as exc:  # reported to the test, which asserts on it
         queue.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
 
 
 def start_sender(scenario: str, cfg: dict, endpoint: str, num_refits: int, broken: str = "", device: str = "cpu",
-                 gpu_sleep_cycles: int = 0):
+                 gate_s: float = 0.0):
     """`broken`: "" (the real sender), "returns_before_done" or "no_trainer_fence" (test-only subclasses)."""
     queue = CTX.Queue()
-    args = (scenario, cfg, endpoint, num_refits, queue, broken, device, gpu_sleep_cycles)
+    args = (scenario, cfg, endpoint, num_refits, queue, broken, device, gate_s)
     proc = CTX.Process(target=direct_sender, args=args, daemon=True)
     proc.start()
     return proc, queue

@@ -36,13 +36,13 @@ def test_cuda_direct_bitwise_round_trips_with_optimizer_steps_and_reallocated_pa
     proc.join(60)
 
 
-def _late_reads(sender: str, receiver_policy=None, gpu_sleep_cycles: int = 0, late_consume: bool = True) -> list[str]:
+def _late_reads(sender: str, receiver_policy=None, gate_s: float = 0.0, late_consume: bool = True) -> list[str]:
     """The trainer overwrites its tensors in place right after send(); the receiver's consume queues its copies
     behind a long kernel (late_consume) and returns. Returns the tensors whose copy, checked once the refit is
     over, holds other bytes than its refit's."""
     endpoint = new_endpoint()
     proc, queue = start_sender("race", DIRECT, endpoint, NUM_REFITS, broken=sender, device="cuda",
-                               gpu_sleep_cycles=gpu_sleep_cycles)
+                               gate_s=gate_s)
     corrupt = []
     with WeightReceiver(TransferConfig(**DIRECT), endpoint, device="cuda:0") as receiver:
         if receiver_policy is not None:
@@ -77,13 +77,17 @@ def test_cuda_direct_race_test_catches_a_sender_that_returns_before_done():
 
 
 def test_cuda_direct_layout_waits_for_the_trainers_queued_writes():
-    """The trainer's in-place writes run behind a long kernel when send() starts: the sender's device fence
-    must hold the layout back until they landed."""
-    assert _late_reads(sender="", gpu_sleep_cycles=50_000_000, late_consume=False) == []
+    """The trainer's in-place writes wait behind a 0.2 s host function on its stream when send() starts (the
+    GPU idle meanwhile: cuda_gate.py): the sender's device fence must hold the layout back until they landed."""
+    assert _late_reads(sender="", gate_s=0.2, late_consume=False) == []
 
 
 def test_cuda_direct_missing_trainer_fence_is_caught():
-    assert _late_reads(sender="no_trainer_fence", gpu_sleep_cycles=50_000_000, late_consume=False)
+    """Without the fence the receiver reads the previous refit's bytes at every refit after the first (the
+    first is ordered anyway: torch's IPC export records an event the receiver waits on when it opens a
+    storage)."""
+    corrupt = _late_reads(sender="no_trainer_fence", gate_s=0.2, late_consume=False)
+    assert {f"refit {v}" for v in range(2, NUM_REFITS + 1)} <= {line.split(":")[0] for line in corrupt}, corrupt
 
 
 def test_cuda_direct_refuses_a_tensor_on_another_device():
