@@ -8,6 +8,7 @@ from typing import Optional
 
 from rollout.load_path import LoadPath
 from rollout.transfer.config import TransferConfig, TransferMode, coerce_enum
+from rollout.vllm_logs import check_level
 
 
 class Backend(str, Enum):
@@ -140,6 +141,11 @@ class RolloutConfig:
     # Record every tensor of the engine's model (pointer, digest) at start and compare after each refit:
     # RefitStats.graph_audit (rollout/graph_audit.py); one pass over the weights per refit. Not for num_engines > 1.
     graph_audit: bool = False
+    # vLLM's log lines, from all its processes, appended to this file (rollout/vllm_logs.py); the trainer sets it
+    # to its run's log file. null: vLLM logs to the console as it does by default.
+    vllm_log_file: Optional[str] = None
+    # With vllm_log_file: vLLM's lines at this level or above reach the console too (INFO: all of them).
+    vllm_console_level: str = "WARNING"
 
     def __post_init__(self) -> None:
         self.mode = coerce_enum(Mode, self.mode, "rollout.mode")
@@ -159,6 +165,7 @@ class RolloutConfig:
         self.engine = coerce_enum(EngineKind, self.engine, "rollout.engine")
         self.pause_mode = coerce_enum(PauseMode, self.pause_mode, "rollout.pause_mode")
         self.load_path = coerce_enum(LoadPath, self.load_path, "rollout.load_path")
+        self.vllm_console_level = check_level("rollout.vllm_console_level", self.vllm_console_level)
         if self.worker_idle_spin_s is not None and not self.worker_idle_spin_s >= 0:
             raise ValueError(f"rollout.worker_idle_spin_s must be >= 0 or null, got {self.worker_idle_spin_s!r}")
         if self.engine_cores is not None and (isinstance(self.engine_cores, bool) or self.engine_cores < 0):

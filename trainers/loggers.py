@@ -20,6 +20,7 @@ from trainers.config import (
     TensorboardLoggerConfig,
     WandbLoggerConfig,
 )
+from trainers.run_log import FILE_ONLY
 
 # The compact per-step console line: (metric key, label, format).
 _LINE = [
@@ -28,11 +29,22 @@ _LINE = [
     ("entropy", "ent", "{:.2f}"),
     ("clip_frac", "clip", "{:.3f}"),
     ("logprob_gap", "gap", "{:.1e}"),
+    ("logprob_gap/stale", "stale gap", "{:.1e}"),
     ("version_lag", "lag", "{:d}"),
     ("timing/gen_s", "gen", "{:.2f}s"),
     ("timing/train_s", "train", "{:.2f}s"),
     ("timing/refit_s", "refit", "{:.3f}s"),
 ]
+
+
+def step_line(metrics: dict[str, Any], step: int) -> str:
+    """The compact one-line summary of a step: the console's, and the run log's."""
+    parts = [f"step {step:>4d}"]
+    for key, label, fmt in _LINE:
+        value = metrics.get(key)
+        if value is not None:
+            parts.append(f"{label} {fmt.format(value)}")
+    return " | ".join(parts)
 
 
 def _finite(value: Any) -> Any:
@@ -43,7 +55,13 @@ def _finite(value: Any) -> Any:
 class ConsoleLogger:
     def __init__(self, cfg: ConsoleLoggerConfig, total_steps: int, start_step: int):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console()
         self.progress = None
@@ -56,12 +74,7 @@ class ConsoleLogger:
             self.progress.start()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        parts = [f"step {step:>4d}"]
-        for key, label, fmt in _LINE:
-            value = metrics.get(key)
-            if value is not None:
-                parts.append(f"{label} {fmt.format(value)}")
-        self.console.print(" | ".join(parts), highlight=False, soft_wrap=True)
+        self.console.print(step_line(metrics, step), highlight=False, soft_wrap=True)
         if self.progress is not None:
             self.progress.update(self.task, completed=step)
 
@@ -125,7 +138,8 @@ class Loggers:
 
     `log` is one training step (every sink); `log_eval` is an evaluation (pre-RL baseline, final),
     kept out of metrics.jsonl so that file stays one record per step; `replay` re-writes a resumed
-    run's earlier steps to the file sinks without printing them again.
+    run's earlier steps to the file sinks without printing them again. Step lines and messages also go to
+    the run's log file (trainers/run_log.py).
     """
 
     def __init__(self, sinks: list, console: Optional[ConsoleLogger]):
@@ -135,6 +149,7 @@ class Loggers:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for sink in self.sinks:
             sink.log(metrics, step)
+        FILE_ONLY.info(step_line(metrics, step))
 
     def log_eval(self, metrics: dict[str, Any], step: int) -> None:
         for sink in self.sinks:
@@ -151,6 +166,7 @@ class Loggers:
             self.console.message(text)
         else:
             print(text, flush=True)
+        FILE_ONLY.info(text)
 
     def close(self) -> None:
         for sink in self.sinks:

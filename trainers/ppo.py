@@ -46,8 +46,9 @@ from trainers.interrupts import Interrupts
 from trainers.learner import Learner, LocalLearner
 from trainers.loggers import build_loggers
 from trainers.policy import collate
-from trainers.refit_canary import check_refit_gap, gap_threshold
+from trainers.refit_canary import check_refit_gap, gap_threshold, logprob_gaps
 from trainers.rollouts import RolloutProducer, Rollouts, SyncRollouts
+from trainers.run_log import LOG_NAME, run_log
 from trainers.tasks import Task, build_task
 
 register_configs()
@@ -137,11 +138,15 @@ def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig,
     return LocalLearner(model_path, alg, trainer, torch.device(device))
 
 
-def setup(cfg: PPOConfig) -> Setup:
-    """Build task, reward, model and learner, resume or warm-start: all before the engine starts."""
-    t = cfg.trainer
+def run_dir(t: TrainerConfig) -> Path:
     out_dir = Path(t.out_dir or "outputs/ppo").expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def setup(cfg: PPOConfig, out_dir: Path) -> Setup:
+    """Build task, reward, model and learner, resume or warm-start: all before the engine starts."""
+    t = cfg.trainer
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
@@ -189,14 +194,16 @@ def resume(learner: Learner, ckpt: dict, t: TrainerConfig) -> RunState:
 
 def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, learner: Learner,
                 rollout: Optional[RolloutEngine] = None) -> ContextManager[RolloutEngine]:
-    """A new engine on `model_path` (its transfer endpoint in the run directory), placed by the learner (a
-    sharded one puts it in its Ray placement group, beside its feeding rank), or the caller's running one
-    (left open at the end)."""
+    """A new engine on `model_path` (its transfer endpoint and vLLM's log lines in the run directory), placed by
+    the learner (a sharded one puts it in its Ray placement group, beside its feeding rank), or the caller's
+    running one (left open at the end)."""
     if rollout is not None:
         return contextlib.nullcontext(rollout)
     rollout_cfg = cfg.rollout
     if rollout_cfg.endpoint_dir is None:
         rollout_cfg = dataclasses.replace(rollout_cfg, endpoint_dir=str(out_dir.resolve()))
+    if rollout_cfg.vllm_log_file is None:
+        rollout_cfg = dataclasses.replace(rollout_cfg, vllm_log_file=str((out_dir / LOG_NAME).resolve()))
     return learner.open_engine(rollout_cfg, model_path)
 
 
@@ -210,8 +217,9 @@ def run(cfg: PPOConfig, rollout: Optional[RolloutEngine] = None) -> dict:
     progress, with a checkpoint (trainers/interrupts.py); the summary's `interrupted_at` is that step.
     """
     wall_start = time.perf_counter()
-    with Interrupts() as stop:
-        s = setup(cfg)
+    out_dir = run_dir(cfg.trainer)
+    with Interrupts() as stop, run_log(out_dir):
+        s = setup(cfg, out_dir)
         with contextlib.closing(s.learner), contextlib.closing(s.log):
             final_eval = stop.unless_signalled(train_on_engine, s, cfg, rollout, stop)
             if stop.requested:
@@ -239,8 +247,8 @@ def train_on_engine(s: Setup, cfg: PPOConfig, rollout: Optional[RolloutEngine], 
                         if rollouts is None:  # the engine died with the signal: this step is lost
                             break
                         metrics = train(s, rollouts, cfg, step)
-                        check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit,
-                                        cfg.trainer.strict_refit, s.log.message)
+                        check_refit_gap(step, metrics["logprob_gap"], gap_limit, cfg.trainer.strict_refit,
+                                        s.log.message)
                         metrics.update(stop.unless_signalled(refit, ro, s.learner, cfg.trainer, step) or {})
                         metrics["timing/step_s"] = time.perf_counter() - step_start
                         record(s, cfg, step, metrics)
@@ -307,7 +315,8 @@ def train(s: Setup, rollouts: Rollouts, cfg: PPOConfig, step: int) -> dict:
     ).to(learner.device)
     rewards, mask = rewards.to(learner.device), batch.mask
     old = learner.logprobs(batch)
-    gap = ((old.raw_logp - batch.sampler_logprobs).abs() * mask).sum() / mask.sum()
+    gaps = logprob_gaps(old.raw_logp - batch.sampler_logprobs, mask,
+                        current_tokens(samples, mask.shape[1], step - 1).to(mask.device))
     adv, returns = advantages(cfg.algorithm, rewards, mask, old.values)
     update = learner.update(batch, old, adv, returns, seed=shuffle_seed(cfg.trainer.seed, step))
     return {
@@ -315,11 +324,21 @@ def train(s: Setup, rollouts: Rollouts, cfg: PPOConfig, step: int) -> dict:
         "reward/std": rewards.std(unbiased=False).item(),
         "response_len": mask.sum(1).mean().item(),
         **update,
-        "logprob_gap": gap.item(),
+        **gaps,
         **staleness(samples, rollouts, step),
         "timing/gen_s": rollouts.gen_s,
         "timing/train_s": time.perf_counter() - train_start,
     }
+
+
+def current_tokens(samples: list, width: int, version: int) -> torch.Tensor:
+    """[B, width] bool, laid out as `collate` lays out responses: the tokens that weights `version` produced."""
+    current = torch.zeros((len(samples), width), dtype=torch.bool)
+    for i, x in enumerate(samples):
+        versions = x.token_versions or [x.version] * len(x.token_ids)
+        start = len(x.prompt_token_ids) - 1
+        current[i, start:start + len(versions)] = torch.tensor([v == version for v in versions], dtype=torch.bool)
+    return current
 
 
 def staleness(samples: list, rollouts: Rollouts, step: int) -> dict:
@@ -376,6 +395,8 @@ def finish(s: Setup, cfg: PPOConfig, final_eval: Optional[float], wall_s: float,
         reward_curve(history, s.out_dir / "reward_curve.png", s.state.baseline, title=f"{name} on {cfg.task.name.value}")
     if stop.requested:
         s.log.message(f"interrupted at step {s.state.step}; resume with trainer.resume={s.out_dir.resolve()}")
+    else:
+        s.log.message(f"outputs: {s.out_dir.resolve()} ({LOG_NAME}, metrics, summary.json, reward_curve.png, checkpoints)")
     return summary
 
 
@@ -396,7 +417,7 @@ def summarize(history: list[dict], baseline: Optional[float], final_eval: Option
         "mean_step_s": step,
         "mean_refit_s": refit,
         "refit_share": refit / step if refit is not None and step else None,
-        "max_logprob_gap": max((r["logprob_gap"] for r in history), default=None),
+        "max_logprob_gap": max((r["logprob_gap"] for r in history if r["logprob_gap"] is not None), default=None),
         "max_version_lag": max((r["version_lag"] for r in history), default=None),
         "dropped_samples": sum(r.get("rollout/dropped") or 0 for r in history),
         "mean_overlap_s": mean("timing/overlap_s", history),

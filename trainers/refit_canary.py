@@ -1,11 +1,12 @@
 """The refit canary: right after a refit the engine must sample with the trainer's weights, so the step's
 `logprob_gap` (mean |engine log-prob - trainer log-prob| over response tokens) must stay at rounding level.
 
-A gap above the threshold on a step whose samples all came from the weights just sent (`version_lag` 0)
-means the engine serves other weights than the trainer holds (a stale or half-applied refit, a tied head
-left behind: issue 10). It warns loudly, naming the step and the value, or fails the run with
-`trainer.strict_refit=true`. Steps sampled with older weights (`trainer.refit_every` > 1) are not checked:
-their gap is the policy's own drift.
+`logprob_gap` is taken over the tokens that the weights just sent produced (every token of a synchronous run
+right after a refit); the tokens of older weights (`trainer.refit_every` > 1, or an async run's samples begun
+before the last refit) go to `logprob_gap/stale`: their gap is the policy's own drift, expected, not checked.
+A `logprob_gap` above the threshold means the engine serves other weights than the trainer holds (a stale or
+half-applied refit, a tied head left behind: issue 10). It warns loudly, naming the step and the value, or
+fails the run with `trainer.strict_refit=true`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,23 @@ def gap_threshold(configured: Optional[float], engine_dtype: Optional[torch.dtyp
     return FULL_PRECISION_GAP if engine_dtype in _FULL and trainer_dtype in _FULL else HALF_PRECISION_GAP
 
 
+def logprob_gaps(diff: torch.Tensor, mask: torch.Tensor, current: torch.Tensor) -> dict[str, Optional[float]]:
+    """Mean |engine - trainer| log-prob over the response tokens of the current weights (`current`, a bool
+    mask like `mask`) and over the others; None where a step has no such token."""
+
+    def mean(where: torch.Tensor) -> Optional[float]:
+        count = where.sum()
+        return (diff.abs() * where).sum().item() / count.item() if count > 0 else None
+
+    current = current & mask.bool()
+    return {"logprob_gap": mean(current), "logprob_gap/stale": mean(mask.bool() & ~current)}
+
+
 def check_refit_gap(
-    step: int, gap: float, version_lag: int, threshold: float, strict: bool, say: Callable[[str], None]
+    step: int, gap: Optional[float], threshold: float, strict: bool, say: Callable[[str], None]
 ) -> bool:
-    """Fire (True) when a step sampled right after a refit shows a gap above `threshold`."""
-    if version_lag != 0 or gap <= threshold:  # a NaN gap fires too
+    """Fire (True) when the tokens of the weights just sent show a gap above `threshold` (None: no such token)."""
+    if gap is None or gap <= threshold:  # a NaN gap fires too
         return False
     text = (f"REFIT CANARY: step {step}: logprob_gap {gap:.3g} > {threshold:.3g} on samples taken right after "
             "a refit: the engine is not serving the trainer's weights")

@@ -5,6 +5,7 @@ queue and on a utility call's future with no timeout)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -64,3 +65,37 @@ def test_a_dead_engine_core_fails_generate_and_close_in_time_leaving_nothing(
     assert not wait_gone(pids), "vLLM processes survived close()"
     assert not vllm_segments_left(segments), f"vLLM segments survived close(): {vllm_segments_left(segments)}"
     assert not os.path.exists(endpoint), "the transfer socket survived close()"
+
+
+def test_close_with_a_hung_engine_core_returns_within_its_bounds(tiny_path, base_state):
+    """SIGSTOP the engine core (alive, answering nothing) before close(): the receivers' RPC gives up after the
+    transfer timeout + 5 s (rollout/bounded.py), vLLM's shutdown kills the core after its own timeout, and
+    nothing is left. Before bounded() close() waited on the RPC's future forever."""
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        TEST_ENGINE_CFG, transfer=dataclasses.replace(TEST_ENGINE_CFG.transfer, timeout_s=5.0),
+        backend=dataclasses.replace(TEST_ENGINE_CFG.backend, shutdown_timeout_s=5.0),
+    )
+    before = child_pids()
+    ro = build_rollout(cfg, tiny_path)
+    pids = child_pids() - before
+    segments = vllm_segments_held_by(pids)
+    closed = False
+    try:
+        ro.update_weights(base_state.items(), version=1)  # the workers' receivers are open: close() calls them
+        os.kill(engine_core(pids).pid, signal.SIGSTOP)
+        closing = threading.Thread(target=ro.close, daemon=True)
+        start = time.monotonic()
+        closing.start()
+        closing.join(60.0)
+        close_s, closed = time.monotonic() - start, not closing.is_alive()
+        assert closed, "close() hung on a stopped engine core"
+    finally:
+        if not closed:  # do not leak the stopped core (and its worker) into the session
+            for pid in pids:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(pid).kill()
+    assert close_s < 5.0 + 5.0 + 5.0 + 15.0, f"close() took {close_s:.1f} s"  # RPC bound + shutdown + slack
+    assert not wait_gone(pids), "vLLM processes survived close()"
+    assert not vllm_segments_left(segments), f"vLLM segments survived close(): {vllm_segments_left(segments)}"

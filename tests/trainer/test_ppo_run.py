@@ -40,6 +40,7 @@ def test_short_run_writes_every_metric_and_output(trainer_engine, tmp_path, algo
         assert not missing, f"step {row['step']} lacks {missing}"
         assert 0.0 <= row["reward/mean"] <= 1.0 and row["kl"] >= 0.0 and row["version_lag"] == 0
         assert row["logprob_gap"] < GAP_ATOL, "the engine sampled with weights other than the trainer's"
+        assert "logprob_gap/stale" in row and row["logprob_gap/stale"] is None  # every token: the current weights
         assert row["timing/refit_s"] > 0 and row["refit/gbps"] > 0
     if algorithm == "ppo":
         assert all(r["value_loss"] is not None for r in rows)
@@ -98,9 +99,10 @@ def test_refit_every_k_logs_the_version_lag_and_the_gap_sees_stale_weights(train
     assert [r["timing/refit_s"] > 0 for r in rows] == [False, True, False, True]
     for r in rows:
         if r["version_lag"] == 0:
-            assert r["logprob_gap"] < GAP_ATOL
-        else:
-            assert r["logprob_gap"] > 10 * GAP_ATOL, "stale engine weights must show in logprob_gap"
+            assert r["logprob_gap"] < GAP_ATOL and r["logprob_gap/stale"] is None
+        else:  # every token from the weights before the last update: the refit check has nothing to check
+            assert r["logprob_gap"] is None
+            assert r["logprob_gap/stale"] > 10 * GAP_ATOL, "stale engine weights must show in logprob_gap/stale"
 
 
 def test_resume_continues_with_consistent_steps_and_metrics(trainer_engine, tmp_path):

@@ -19,6 +19,7 @@ from trainers.refit_canary import (
     RefitCanaryError,
     check_refit_gap,
     gap_threshold,
+    logprob_gaps,
 )
 
 CANARY_LOGGER = "trainers.refit_canary"
@@ -32,15 +33,24 @@ def test_threshold_follows_the_dtypes_unless_configured():
     assert gap_threshold(5e-5, torch.bfloat16, torch.float32) == 5e-5
 
 
-def test_fires_only_right_after_a_refit_and_above_the_threshold():
+def test_fires_only_on_the_current_weights_tokens_and_above_the_threshold():
     said = []
-    assert not check_refit_gap(3, 1e-4, 0, 1e-3, False, said.append)
-    assert not check_refit_gap(3, 0.5, 1, 1e-3, False, said.append)  # sampled with older weights: not checked
-    assert check_refit_gap(3, 0.5, 0, 1e-3, False, said.append)
-    assert check_refit_gap(4, math.nan, 0, 1e-3, False, said.append)
+    assert not check_refit_gap(3, 1e-4, 1e-3, False, said.append)
+    assert not check_refit_gap(3, None, 1e-3, False, said.append)  # every token from older weights: not checked
+    assert check_refit_gap(3, 0.5, 1e-3, False, said.append)
+    assert check_refit_gap(4, math.nan, 1e-3, False, said.append)
     assert len(said) == 2 and "step 3" in said[0] and "0.5" in said[0]
     with pytest.raises(RefitCanaryError, match=r"step 7: logprob_gap 0\.5 > 0\.001.*strict_refit=true"):
-        check_refit_gap(7, 0.5, 0, 1e-3, True, said.append)
+        check_refit_gap(7, 0.5, 1e-3, True, said.append)
+
+
+def test_the_gap_splits_current_tokens_from_stale_ones():
+    diff = torch.tensor([[0.1, -0.3, 9.0], [2.0, -4.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    current = torch.tensor([[True, True, True], [False, False, True]])
+    gaps = logprob_gaps(diff, mask, current)
+    assert gaps["logprob_gap"] == pytest.approx(0.4 / 3) and gaps["logprob_gap/stale"] == pytest.approx(3.0)
+    assert logprob_gaps(diff, mask, torch.zeros_like(current))["logprob_gap"] is None
 
 
 def test_config_rejects_a_non_positive_threshold():
