@@ -25,7 +25,7 @@ from rollout.tiny_model import TinyModelSpec, ensure_tiny_model
 
 REF_ATOL = 1e-4  # float32 engine vs float64 transformers
 FRESH_ATOL = 1e-5  # the same float32 engine, same weights, before and after refits
-PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+PROMPTS = helpers.PROMPTS
 MAX_TOKENS = 16
 NUM_REFITS = 3
 VARIANTS = [(arch, tied) for arch in ("qwen2", "qwen3", "llama", "mistral") for tied in (False, True)]
@@ -51,7 +51,7 @@ def step(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict
     return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=MAX_TOKENS)
+greedy = functools.partial(helpers.greedy, max_tokens=MAX_TOKENS)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import time
 
 import helpers
@@ -46,7 +45,7 @@ def refit_mid_batch(ro, state, version, seed):
     return handle.result()
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS)
+greedy = helpers.greedy
 
 
 def test_same_samples_as_the_sync_engine_for_the_same_seeds(engine, async_engine, base_state):

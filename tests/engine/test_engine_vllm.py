@@ -8,7 +8,6 @@ tokens vLLM generated; vLLM runs in float32, so logprobs agree to REF_ATOL (obse
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import helpers
@@ -21,7 +20,7 @@ from rollout.transfer import Sync, layout
 
 REF_ATOL = 1e-4  # float32 engine vs float64 reference
 FRESH_ATOL = 1e-5  # refitted float32 engine vs fresh float32 engine on the same weights
-PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+PROMPTS = helpers.PROMPTS
 LONG_PROMPT = "".join(f"line {i}: the value of x{i} is {i * 7 % 13}.\n" for i in range(12))  # > 256 tokens
 
 
@@ -30,7 +29,7 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) ->
     return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS)
+greedy = helpers.greedy
 
 
 def reference_logprobs(hf_model, state, sample) -> torch.Tensor:

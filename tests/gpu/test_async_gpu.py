@@ -45,7 +45,7 @@ def async_cfg(pause_mode: PauseMode) -> RolloutConfig:
     )
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=24)
+greedy = functools.partial(helpers.greedy, max_tokens=24)
 
 
 @pytest.mark.parametrize("pause_mode", [PauseMode.keep, PauseMode.abort])

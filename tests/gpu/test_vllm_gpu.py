@@ -36,7 +36,7 @@ from rollout.load_path import LoadPath  # noqa: E402
 from rollout.tiny_model import TinyModelSpec, build_tokenizer, ensure_tiny_model  # noqa: E402
 from rollout.transfer import Sync, TransferConfig, Transport  # noqa: E402
 
-PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+PROMPTS = helpers.PROMPTS
 # bf16 with 4 layers: 1.8 MB, so a refit with 1 MB buckets spans two buckets and a layer straddles them
 # (the default 2-layer tiny model is 0.9 MB in bf16: one bucket, no race to exercise).
 SPEC = TinyModelSpec(num_hidden_layers=4, dtype="bfloat16")
@@ -81,7 +81,7 @@ def save_model(src_dir, state, out_dir):
     return out_dir
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=24)
+greedy = functools.partial(helpers.greedy, max_tokens=24)
 
 
 def assert_same(a, b, atol=0.0):
