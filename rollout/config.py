@@ -33,7 +33,9 @@ class PauseMode(str, Enum):
 
     wait = "wait"  # let them finish on the old weights, then refit
     abort = "abort"  # abort them, refit, resubmit them from scratch: no sample spans two versions
-    keep = "keep"  # freeze them, refit, continue on the new weights: their tokens carry both versions
+    keep = (
+        "keep"  # freeze them, refit, continue on the new weights: their tokens carry both versions
+    )
 
 
 class CacheReset(str, Enum):
@@ -76,11 +78,17 @@ class BackendConfig:
                 f"rollout.backend.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
         if self.sleep_level not in (1, 2):
-            raise ValueError(f"rollout.backend.sleep_level must be 1 or 2, got {self.sleep_level!r}")
+            raise ValueError(
+                f"rollout.backend.sleep_level must be 1 or 2, got {self.sleep_level!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"rollout.backend.max_model_len must be >= 1 or null, got {self.max_model_len!r}")
+            raise ValueError(
+                f"rollout.backend.max_model_len must be >= 1 or null, got {self.max_model_len!r}"
+            )
         if self.tensor_parallel_size < 1:
-            raise ValueError(f"rollout.backend.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}")
+            raise ValueError(
+                f"rollout.backend.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}"
+            )
 
 
 @dataclass
@@ -161,22 +169,42 @@ class RolloutConfig:
                 f"{t.next_bucket_s!r} and rollout.timeouts.receiver_exit_s={t.receiver_exit_s!r}"
             )
         if not t.receiver_exit_s > 0:
-            raise ValueError(f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}")
+            raise ValueError(
+                f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}"
+            )
         self.engine = coerce_enum(EngineKind, self.engine, "rollout.engine")
         self.pause_mode = coerce_enum(PauseMode, self.pause_mode, "rollout.pause_mode")
         self.load_path = coerce_enum(LoadPath, self.load_path, "rollout.load_path")
         self.vllm_console_level = check_level("rollout.vllm_console_level", self.vllm_console_level)
         if self.worker_idle_spin_s is not None and not self.worker_idle_spin_s >= 0:
-            raise ValueError(f"rollout.worker_idle_spin_s must be >= 0 or null, got {self.worker_idle_spin_s!r}")
-        if self.engine_cores is not None and (isinstance(self.engine_cores, bool) or self.engine_cores < 0):
-            raise ValueError(f"rollout.engine_cores must be an integer >= 0 or null, got {self.engine_cores!r}")
+            raise ValueError(
+                f"rollout.worker_idle_spin_s must be >= 0 or null, got {self.worker_idle_spin_s!r}"
+            )
+        if self.engine_cores is not None and (
+            isinstance(self.engine_cores, bool) or self.engine_cores < 0
+        ):
+            raise ValueError(
+                f"rollout.engine_cores must be an integer >= 0 or null, got {self.engine_cores!r}"
+            )
         if not self.generate_timeout_s > 0:
-            raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")
-        if isinstance(self.num_engines, bool) or not isinstance(self.num_engines, int) or self.num_engines < 1:
-            raise ValueError(f"rollout.num_engines must be an integer >= 1, got {self.num_engines!r}")
+            raise ValueError(
+                f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}"
+            )
+        if (
+            isinstance(self.num_engines, bool)
+            or not isinstance(self.num_engines, int)
+            or self.num_engines < 1
+        ):
+            raise ValueError(
+                f"rollout.num_engines must be an integer >= 1, got {self.num_engines!r}"
+            )
         if self.num_engines > 1 and self.graph_audit:
-            raise ValueError("rollout.graph_audit audits one engine; set rollout.num_engines=1 or graph_audit=false")
+            raise ValueError(
+                "rollout.graph_audit audits one engine; set rollout.num_engines=1 or graph_audit=false"
+            )
         num_workers = self.num_engines * self.backend.tensor_parallel_size
         if num_workers > 1 and self.transfer.mode is TransferMode.direct:
-            raise ValueError(f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "
-                             "rollout.backend.tensor_parallel_size) need rollout.transfer.mode=bucketed")
+            raise ValueError(
+                f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "
+                "rollout.backend.tensor_parallel_size) need rollout.transfer.mode=bucketed"
+            )

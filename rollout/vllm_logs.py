@@ -27,10 +27,19 @@ def logging_config(log_file: str, console_level: str) -> dict:
         "disable_existing_loggers": False,
         "formatters": {"plain": {"format": FORMAT}},
         "handlers": {
-            "file": {"class": "logging.FileHandler", "filename": log_file, "mode": "a", "formatter": "plain",
-                     "level": "DEBUG"},
-            "console": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "plain",
-                        "level": console_level},
+            "file": {
+                "class": "logging.FileHandler",
+                "filename": log_file,
+                "mode": "a",
+                "formatter": "plain",
+                "level": "DEBUG",
+            },
+            "console": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "plain",
+                "level": console_level,
+            },
         },
         "loggers": {"vllm": {"handlers": ["file", "console"], "level": "INFO", "propagate": False}},
     }

@@ -60,7 +60,9 @@ class Interrupts:
         name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
-            logger.warning("%s: finishing this step, then checkpoint and stop (again to stop now)", name)
+            logger.warning(
+                "%s: finishing this step, then checkpoint and stop (again to stop now)", name
+            )
         elif not self.shutting_down:
             raise KeyboardInterrupt(f"{name} again: stopping now")
         else:
@@ -73,6 +75,10 @@ class Interrupts:
         except Exception as exc:
             if not self.requested:
                 raise
-            logger.warning("%s failed after the signal (%s: %s): the step is dropped",
-                           getattr(fn, "__name__", fn), type(exc).__name__, exc)
+            logger.warning(
+                "%s failed after the signal (%s: %s): the step is dropped",
+                getattr(fn, "__name__", fn),
+                type(exc).__name__,
+                exc,
+            )
             return None

@@ -67,8 +67,12 @@ class ConsoleLogger:
         self.progress = None
         if cfg.progress_bar:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=self.console, transient=True,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step)
             self.progress.start()
@@ -108,7 +112,11 @@ class TensorboardLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and value is not None
+            ):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
@@ -121,9 +129,16 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise ImportError("logger=wandb needs the wandb package: pip install -e '.[wandb]' (or pip install wandb)") from None
+            raise ImportError(
+                "logger=wandb needs the wandb package: pip install -e '.[wandb]' (or pip install wandb)"
+            ) from None
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode, dir=str(out_dir), config=run_config
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            mode=cfg.mode,
+            dir=str(out_dir),
+            config=run_config,
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -174,7 +189,11 @@ class Loggers:
 
 
 def build_loggers(
-    cfg: LoggerConfig, out_dir: Path, total_steps: int, start_step: int = 0, run_config: Optional[dict] = None
+    cfg: LoggerConfig,
+    out_dir: Path,
+    total_steps: int,
+    start_step: int = 0,
+    run_config: Optional[dict] = None,
 ) -> Loggers:
     sinks: list = []
     console = None

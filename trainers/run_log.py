@@ -9,7 +9,9 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-LOG_NAME = "ppo.log"  # Hydra's job log of `python -m trainers.ppo`: the same file when out_dir is Hydra's
+LOG_NAME = (
+    "ppo.log"  # Hydra's job log of `python -m trainers.ppo`: the same file when out_dir is Hydra's
+)
 OURS = ("rollout", "trainers", "benchmarks", "__main__")
 # The console logger (or print) already showed these: they are for the file.
 FILE_ONLY = logging.getLogger("trainers.run_log.file")

@@ -25,7 +25,9 @@ from rollout.transfer.errors import TransferError
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "refit-"
-_SEGMENT_NAME = re.compile(r"^refit-[0-9a-f]{32}-[0-9]+$")  # never a path: the name comes off the wire
+_SEGMENT_NAME = re.compile(
+    r"^refit-[0-9a-f]{32}-[0-9]+$"
+)  # never a path: the name comes off the wire
 
 
 class ShmTransport:
@@ -64,7 +66,9 @@ class ShmTransport:
                 buffers.append(torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8))
         except OSError as exc:
             cls(buffers, names).close()
-            raise TransferError(f"cannot allocate {num_buffers} x {nbytes} bytes in {SHM_DIR}: {exc}") from exc
+            raise TransferError(
+                f"cannot allocate {num_buffers} x {nbytes} bytes in {SHM_DIR}: {exc}"
+            ) from exc
         return cls(buffers, names)
 
     @classmethod
@@ -77,8 +81,12 @@ class ShmTransport:
                 raise TransferError(f"refusing shared-memory segment name {desc.name!r}")
             path = os.path.join(SHM_DIR, desc.name)
             size = os.stat(path).st_size
-            if size < desc.nbytes:  # reading past the end of a mapped file is a SIGBUS, not an error
-                raise TransferError(f"segment {desc.name} has {size} bytes, the handshake says {desc.nbytes}")
+            if (
+                size < desc.nbytes
+            ):  # reading past the end of a mapped file is a SIGBUS, not an error
+                raise TransferError(
+                    f"segment {desc.name} has {size} bytes, the handshake says {desc.nbytes}"
+                )
             buffers.append(torch.from_file(path, shared=True, size=desc.nbytes, dtype=torch.uint8))
             names.append(desc.name)
         transport = cls(buffers, names, unlinks=hello.num_receivers == 1)
@@ -87,7 +95,9 @@ class ShmTransport:
 
     def describe(self) -> dict[str, list]:
         return {
-            "shm_buffers": [wire.ShmBuffer(n, b.numel()) for n, b in zip(self._names, self._buffers)],
+            "shm_buffers": [
+                wire.ShmBuffer(n, b.numel()) for n, b in zip(self._names, self._buffers)
+            ],
             "cuda_buffers": [],
         }
 

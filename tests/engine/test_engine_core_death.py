@@ -18,7 +18,9 @@ from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 from rollout import build_rollout
 
-GENERATE_BOUND_S = 10.0  # a dead core fails generate() in well under this (the watch polls every 0.5 s)
+GENERATE_BOUND_S = (
+    10.0  # a dead core fails generate() in well under this (the watch polls every 0.5 s)
+)
 
 
 def engine_core(pids: set[int]) -> psutil.Process:
@@ -56,14 +58,18 @@ def test_a_dead_engine_core_fails_generate_and_close_in_time_leaving_nothing(
     pids = child_pids() - before
     segments = vllm_segments_held_by(pids)
     try:
-        ro.update_weights(base_state.items(), version=1)  # the workers' receivers are open: close() calls them
+        ro.update_weights(
+            base_state.items(), version=1
+        )  # the workers' receivers are open: close() calls them
         endpoint = ro.refitter.endpoint.removeprefix("ipc://")
         close_s = kill_mid_generate_then_close(ro, pids)
     finally:
         ro.close()  # idempotent; a failed assertion above still closes
     assert close_s < cfg.transfer.timeout_s, f"close() took {close_s:.1f} s"
     assert not wait_gone(pids), "vLLM processes survived close()"
-    assert not vllm_segments_left(segments), f"vLLM segments survived close(): {vllm_segments_left(segments)}"
+    assert not vllm_segments_left(segments), (
+        f"vLLM segments survived close(): {vllm_segments_left(segments)}"
+    )
     assert not os.path.exists(endpoint), "the transfer socket survived close()"
 
 
@@ -74,7 +80,8 @@ def test_close_with_a_hung_engine_core_returns_within_its_bounds(tiny_path, base
     import dataclasses
 
     cfg = dataclasses.replace(
-        TEST_ENGINE_CFG, transfer=dataclasses.replace(TEST_ENGINE_CFG.transfer, timeout_s=5.0),
+        TEST_ENGINE_CFG,
+        transfer=dataclasses.replace(TEST_ENGINE_CFG.transfer, timeout_s=5.0),
         backend=dataclasses.replace(TEST_ENGINE_CFG.backend, shutdown_timeout_s=5.0),
     )
     before = child_pids()
@@ -83,7 +90,9 @@ def test_close_with_a_hung_engine_core_returns_within_its_bounds(tiny_path, base
     segments = vllm_segments_held_by(pids)
     closed = False
     try:
-        ro.update_weights(base_state.items(), version=1)  # the workers' receivers are open: close() calls them
+        ro.update_weights(
+            base_state.items(), version=1
+        )  # the workers' receivers are open: close() calls them
         os.kill(engine_core(pids).pid, signal.SIGSTOP)
         closing = threading.Thread(target=ro.close, daemon=True)
         start = time.monotonic()
@@ -96,6 +105,10 @@ def test_close_with_a_hung_engine_core_returns_within_its_bounds(tiny_path, base
             for pid in pids:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     psutil.Process(pid).kill()
-    assert close_s < 5.0 + 5.0 + 5.0 + 15.0, f"close() took {close_s:.1f} s"  # RPC bound + shutdown + slack
+    assert close_s < 5.0 + 5.0 + 5.0 + 15.0, (
+        f"close() took {close_s:.1f} s"
+    )  # RPC bound + shutdown + slack
     assert not wait_gone(pids), "vLLM processes survived close()"
-    assert not vllm_segments_left(segments), f"vLLM segments survived close(): {vllm_segments_left(segments)}"
+    assert not vllm_segments_left(segments), (
+        f"vLLM segments survived close(): {vllm_segments_left(segments)}"
+    )

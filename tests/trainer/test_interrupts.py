@@ -29,14 +29,31 @@ STOP_BOUND_S = TRANSFER_TIMEOUT_S + 45.0  # from the signal to the exit
 
 
 def start_run(out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "trainers.ppo", "debug=tiny", "trainer.total_steps=400", "trainer.checkpoint_every=0",
-           f"rollout.transfer.timeout_s={TRANSFER_TIMEOUT_S}", f"trainer.out_dir={out}", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainers.ppo",
+        "debug=tiny",
+        "trainer.total_steps=400",
+        "trainer.checkpoint_every=0",
+        f"rollout.transfer.timeout_s={TRANSFER_TIMEOUT_S}",
+        f"trainer.out_dir={out}",
+        f"hydra.run.dir={out}",
+    ]
     log = open(out.parent / "run.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, process_group=0,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        process_group=0,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
-def wait_for_steps(proc: subprocess.Popen, out: Path, num_steps: int, timeout_s: float = 300.0) -> None:
+def wait_for_steps(
+    proc: subprocess.Popen, out: Path, num_steps: int, timeout_s: float = 300.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= num_steps):
@@ -65,20 +82,30 @@ def stop_and_wait(proc: subprocess.Popen, how: str) -> tuple[int, float, list[ps
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "engine core SIGKILL"])
-def test_a_stopped_run_exits_in_time_leaves_nothing_and_a_signalled_one_resumes(tmp_path, trainer_engine, how):
+def test_a_stopped_run_exits_in_time_leaves_nothing_and_a_signalled_one_resumes(
+    tmp_path, trainer_engine, how
+):
     out = tmp_path / "run"
     refit_segments = set(Path("/dev/shm").glob("refit-*"))  # other jobs may own some
     proc = start_run(out)
     wait_for_steps(proc, out, 2)
-    segments = vllm_segments_held_by({p.pid for p in psutil.Process(proc.pid).children(recursive=True)})
+    segments = vllm_segments_held_by(
+        {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    )
     code, stop_s, procs = stop_and_wait(proc, how)
     output = (tmp_path / "run.log").read_text()
     assert stop_s < STOP_BOUND_S, f"{how}: the run took {stop_s:.0f} s to exit:\n{output[-3000:]}"
     _, alive = psutil.wait_procs(procs, timeout=30)
     assert not alive, f"{how}: processes outlived the run: {alive}"
-    assert not vllm_segments_left(segments), f"{how}: vLLM segments left: {vllm_segments_left(segments)}"
-    assert not set(Path("/dev/shm").glob("refit-*")) - refit_segments, f"{how}: transfer segments left"
-    assert not [p for p in out.rglob("*") if p.is_socket()], f"{how}: a socket file is left in the run directory"
+    assert not vllm_segments_left(segments), (
+        f"{how}: vLLM segments left: {vllm_segments_left(segments)}"
+    )
+    assert not set(Path("/dev/shm").glob("refit-*")) - refit_segments, (
+        f"{how}: transfer segments left"
+    )
+    assert not [p for p in out.rglob("*") if p.is_socket()], (
+        f"{how}: a socket file is left in the run directory"
+    )
     if how == "engine core SIGKILL":
         assert code != 0 and "EngineDeadError" in output, output[-3000:]
         return
@@ -87,8 +114,14 @@ def test_a_stopped_run_exits_in_time_leaves_nothing_and_a_signalled_one_resumes(
     assert len(found) == 1, output[-3000:]
     step, resume = int(found[0][0]), found[0][1]
     assert step >= 2 and Path(resume) == out.resolve()
-    assert (out / "checkpoints" / f"step_{step:06d}.pt").is_file() and (out / "reward_curve.png").is_file()
+    assert (out / "checkpoints" / f"step_{step:06d}.pt").is_file() and (
+        out / "reward_curve.png"
+    ).is_file()
     assert json.loads((out / "summary.json").read_text())["interrupted_at"] == step
-    summary = run(small_run_config(tmp_path / "resumed", f"trainer.resume={resume}", f"trainer.total_steps={step + 1}"),
-                  rollout=trainer_engine)
+    summary = run(
+        small_run_config(
+            tmp_path / "resumed", f"trainer.resume={resume}", f"trainer.total_steps={step + 1}"
+        ),
+        rollout=trainer_engine,
+    )
     assert summary["steps"] == step + 1 and summary["interrupted_at"] is None
