@@ -27,11 +27,18 @@ class BenchWorkerExtension(RefitWorkerExtension):
 
     def refit_worker_info(self) -> dict[str, Any]:
         """Plain facts about the worker process, for benchmarks, logs and the kill tests (pid, rank in its engine)."""
-        return {"torch_threads": torch.get_num_threads(), "device": str(self._refit_device()), "pid": os.getpid(),
-                "rank": self.rank}
+        return {
+            "torch_threads": torch.get_num_threads(),
+            "device": str(self._refit_device()),
+            "pid": os.getpid(),
+            "rank": self.rank,
+        }
 
     def refit_bench_reload_from_memory(
-        self, safetensors_path: str | None = None, specs: list[tuple[str, list[int], str]] | None = None, seed: int = 0,
+        self,
+        safetensors_path: str | None = None,
+        specs: list[tuple[str, list[int], str]] | None = None,
+        seed: int = 0,
         load_path: str = "auto",
     ) -> float:
         """Seconds of the load into the model alone (through the path a refit asking for `load_path` takes),
@@ -46,7 +53,10 @@ class BenchWorkerExtension(RefitWorkerExtension):
             state = load_file(safetensors_path, device=str(device))
         else:
             gen = torch.Generator(device=device).manual_seed(seed)
-            state = {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs or []}
+            state = {
+                name: random_weight(name, shape, getattr(torch, dtype), device, gen)
+                for name, shape, dtype in specs or []
+            }
         path = self._refit_prepare(LoadPath(load_path))
         self._refit_sync()
         start = time.perf_counter()
@@ -82,10 +92,14 @@ class BenchWorkerExtension(RefitWorkerExtension):
         return 0 if getattr(self, "_refit_skip_detach", False) else super()._refit_detach(bucket)
 
 
-def random_weight(name: str, shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+def random_weight(
+    name: str, shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> torch.Tensor:
     """A plausible random weight: norms 1, biases 0, the rest N(0, 0.02) (finite activations in bf16)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype, device=device)
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)  # no fp32 temporary
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(
+        0.02
+    )  # no fp32 temporary

@@ -44,7 +44,12 @@ class RefitWorkerExtension(GraphAuditWorker):
     """
 
     def refit_receive(
-        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: dict[str, float], load_path: str = "auto",
+        self,
+        endpoint: str,
+        transfer: dict[str, Any],
+        version: int,
+        timeouts: dict[str, float],
+        load_path: str = "auto",
         rank_offset: int = 0,
     ) -> dict[str, Any]:
         """One refit (`timeouts`: the fields of rollout.config.RefitTimeouts; `load_path`: a LoadPath value).
@@ -53,11 +58,22 @@ class RefitWorkerExtension(GraphAuditWorker):
         `self.rank` of an engine whose workers start at receiver `rank_offset`."""
         receiver = rank_offset + self.rank
         try:
-            result = self._refit_receive(endpoint, transfer, version, RefitTimeouts(**timeouts), LoadPath(load_path), receiver)
+            result = self._refit_receive(
+                endpoint,
+                transfer,
+                version,
+                RefitTimeouts(**timeouts),
+                LoadPath(load_path),
+                receiver,
+            )
             return {"ok": True, "receiver": receiver, **result}
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
-            return {"ok": False, "receiver": receiver, "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc()}
+            return {
+                "ok": False,
+                "receiver": receiver,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
 
     def refit_close(self) -> None:
         """Close the receiver (unmaps the buffers, closes the socket). Called before the engine shuts down."""
@@ -66,12 +82,16 @@ class RefitWorkerExtension(GraphAuditWorker):
             receiver.close()
         self._refit_receiver = None
 
-    def _refit_get_receiver(self, endpoint: str, transfer: dict[str, Any], rank: int) -> WeightReceiver:
+    def _refit_get_receiver(
+        self, endpoint: str, transfer: dict[str, Any], rank: int
+    ) -> WeightReceiver:
         key = (endpoint, tuple(sorted(transfer.items())), rank)
         if getattr(self, "_refit_receiver", None) is not None and self._refit_receiver_key == key:
             return self._refit_receiver
         self.refit_close()
-        self._refit_receiver = WeightReceiver(TransferConfig(**transfer), endpoint, device=self._refit_device(), rank=rank)
+        self._refit_receiver = WeightReceiver(
+            TransferConfig(**transfer), endpoint, device=self._refit_device(), rank=rank
+        )
         self._refit_receiver_key = key
         return self._refit_receiver
 
@@ -92,14 +112,20 @@ class RefitWorkerExtension(GraphAuditWorker):
             check_layerwise_internals(installed_vllm_version())
             model = self.model_runner.get_model()
             self._refit_tied_heads = find_tied_heads(model)
-            self._refit_direct_blocker = direct_load_blocker(model, self.model_runner.model_config, self._refit_device())
+            self._refit_direct_blocker = direct_load_blocker(
+                model, self.model_runner.model_config, self._refit_device()
+            )
             self._refit_paths_logged: set[LoadPath] = set()
             _quiet_benign_reload_logs(tied_head=bool(self._refit_tied_heads))
             self._refit_prepared = True
         path = choose_load_path(requested, self._refit_direct_blocker)
         if requested not in self._refit_paths_logged:
             self._refit_paths_logged.add(requested)
-            why = f" ({self._refit_direct_blocker})" if path is LoadPath.layerwise and requested is LoadPath.auto else ""
+            why = (
+                f" ({self._refit_direct_blocker})"
+                if path is LoadPath.layerwise and requested is LoadPath.auto
+                else ""
+            )
             logging.getLogger(__name__).info("refits load through the %s path%s", path.value, why)
         return path
 
@@ -114,7 +140,9 @@ class RefitWorkerExtension(GraphAuditWorker):
             from vllm.config import set_current_vllm_config
 
             with set_current_vllm_config(self.vllm_config):
-                self._refit_load_plan_used = self._refit_load_direct(self.model_runner.get_model(), source["weights_iterator"])
+                self._refit_load_plan_used = self._refit_load_direct(
+                    self.model_runner.get_model(), source["weights_iterator"]
+                )
             for reset in ("reset_encoder_cache", "reset_mm_cache"):  # as vLLM's reload_weights does
                 getattr(self.model_runner, reset, lambda: None)()
         else:
@@ -138,20 +166,32 @@ class RefitWorkerExtension(GraphAuditWorker):
         log = logging.getLogger(__name__)
         if why is not None:
             self._refit_plan_blocked = why
-            log.info("direct refits keep calling load_weights: its writes cannot be replayed (%s)", why)
+            log.info(
+                "direct refits keep calling load_weights: its writes cannot be replayed (%s)", why
+            )
             return f"off: {why}"
-        log.info("recorded the weight loaders' %d writes%s; later refits replay them", plan.num_writes,
-                 f" again ({stale})" if stale else "")
+        log.info(
+            "recorded the weight loaders' %d writes%s; later refits replay them",
+            plan.num_writes,
+            f" again ({stale})" if stale else "",
+        )
         return "recorded"
 
     def _refit_receive(
-        self, endpoint: str, transfer: dict[str, Any], version: int, timeouts: RefitTimeouts, requested: LoadPath,
+        self,
+        endpoint: str,
+        transfer: dict[str, Any],
+        version: int,
+        timeouts: RefitTimeouts,
+        requested: LoadPath,
         rank: int = 0,
     ) -> dict[str, Any]:
         receiver = self._refit_get_receiver(endpoint, transfer, rank)
         try:
             path = self._refit_prepare(requested)
-        except ValueError as exc:  # e.g. load_path=direct where it cannot run: the sender must hear it too
+        except (
+            ValueError
+        ) as exc:  # e.g. load_path=direct where it cannot run: the sender must hear it too
             receiver.receive(_refuse(exc))
             raise
         self._refit_load_plan_used = ""
@@ -179,21 +219,29 @@ class RefitWorkerExtension(GraphAuditWorker):
             self._refit_sync()  # load_s includes the device work; the fence before the last ack needs it anyway
             stream.finish()
         except BaseException as exc:
-            if path is LoadPath.layerwise:  # the direct path leaves no meta tensors or buffered layers behind
+            if (
+                path is LoadPath.layerwise
+            ):  # the direct path leaves no meta tensors or buffered layers behind
                 self._refit_cleanup_failed_reload()
             stream.fail(exc)  # the held bucket's consume raises: the sender learns why
             thread.join(exit_s)
-            raise RuntimeError(f"refit version {version}: loading failed near {stream.last_name!r}: {exc}") from exc
+            raise RuntimeError(
+                f"refit version {version}: loading failed near {stream.last_name!r}: {exc}"
+            ) from exc
         load_s = time.perf_counter() - start
         thread.join(exit_s)
         if thread.is_alive():
-            raise TimeoutError(f"refit version {version}: the receiver did not finish within "
-                               f"rollout.timeouts.receiver_exit_s={exit_s}")
+            raise TimeoutError(
+                f"refit version {version}: the receiver did not finish within "
+                f"rollout.timeouts.receiver_exit_s={exit_s}"
+            )
         if "error" in outcome:
             raise outcome["error"]
         stats = outcome["stats"]
         if stats.version != version:
-            raise RuntimeError(f"expected weights of version {version}, the sender sent version {stats.version}")
+            raise RuntimeError(
+                f"expected weights of version {version}, the sender sent version {stats.version}"
+            )
         return {
             "version": stats.version,
             "num_bytes": stats.num_bytes,
@@ -236,12 +284,18 @@ class _DropBenignNoWeights(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        return not (isinstance(args, tuple) and args and args[0] in self.layer_classes
-                    and "Failed to load weights" in str(record.msg))
+        return not (
+            isinstance(args, tuple)
+            and args
+            and args[0] in self.layer_classes
+            and "Failed to load weights" in str(record.msg)
+        )
 
 
 def _quiet_benign_reload_logs(tied_head: bool) -> None:
     benign = frozenset({"RotaryEmbedding", "ParallelLMHead"} if tied_head else {"RotaryEmbedding"})
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropBenignNoWeights(benign))
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+        _DropBenignNoWeights(benign)
+    )
     # "Reloading and processing weights took ..." at every refit: RefitStats.load_s reports it already.
     logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
