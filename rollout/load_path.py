@@ -106,7 +106,8 @@ class LoadPlan:
         tensors: dict[str, tuple[tuple, torch.dtype, list]],
         owners: list[tuple[torch.Tensor, int]],
     ) -> None:
-        self._tensors = tensors  # name -> ((shape, stride), dtype, ops); op: ("copy", dst, geometry|None, non_blocking) | ("fill", dst, value)
+        # name -> ((shape, stride), dtype, ops); op: ("copy", dst, geometry|None, non_blocking) | ("fill", dst, value)
+        self._tensors = tensors
         self._owners = owners  # (parameter, data_ptr of its storage at recording)
 
     @property
@@ -279,4 +280,7 @@ class _Recorder:
                 ("copy", dst.detach(), None if whole else geometry, non_blocking)
             )
             return
-        self.why_not = f"a copy into the model from a computed tensor (shape {list(src.shape)}, not a view of a refit tensor)"
+        self.why_not = (
+            f"a copy into the model from a computed tensor (shape {list(src.shape)}, not a view of a "
+            "refit tensor)"
+        )

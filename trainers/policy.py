@@ -65,7 +65,8 @@ def collate(
 def token_logprobs(
     model: nn.Module, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Log-probs [B, L-1] of each target token under softmax(logits / temperature) (fp32), and optionally the entropy."""
+    """Log-probs [B, L-1] of each target token under softmax(logits / temperature) (fp32), and optionally
+    the entropy."""
     logits = (
         model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits[:, :-1].float()
     )

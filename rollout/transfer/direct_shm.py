@@ -34,7 +34,8 @@ def export(storage: torch.UntypedStorage, segment_id: int, name: str) -> wire.Sh
         if stat.f_bavail * stat.f_frsize < nbytes:
             raise TransferError(
                 f"{name!r}: mode=direct moves the trainer's tensors into {SHM_DIR}, which has "
-                f"{stat.f_bavail * stat.f_frsize} bytes free for this storage of {nbytes}: enlarge it or use mode=bucketed"
+                f"{stat.f_bavail * stat.f_frsize} bytes free for this storage of {nbytes}: enlarge it or use "
+                "mode=bucketed"
             )
     try:
         fd, size = storage._share_fd_cpu_()

@@ -75,7 +75,8 @@ def _normalized(device: torch.device | str) -> torch.device:
 
 class NcclTransport:
     """Example:
-    sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60, cfg=NcclConfig())
+    sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60,
+                                         cfg=NcclConfig())
     hello_fields = sender_side.describe()                # -> Hello(nccl_buffers=...)
     receiver_side = NcclTransport.attach(hello, torch.device("cuda:1"), timeout_s=60, cfg=NcclConfig())
     pack into sender_side.reclaim(i, deadline, what)     # once buffer i's last broadcast is done
@@ -158,7 +159,8 @@ class NcclTransport:
         d = descs[0]
         if d.backend != backend_for(device):
             raise TransferError(
-                f"the sender broadcasts over {d.backend}, but this receiver's device {device} needs {backend_for(device)}"
+                f"the sender broadcasts over {d.backend}, but this receiver's device {device} needs "
+                f"{backend_for(device)}"
             )
         if d.nbytes != hello.bucket_bytes or not 0 < d.store_port < 65536:
             raise TransferError(f"nccl buffer {d!r} does not fit the handshake")

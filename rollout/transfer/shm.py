@@ -6,7 +6,8 @@ in the two mappings and disappears with the last of them, so no segment can outl
 peer. With several receivers (fan-out) every one maps the same segments and only the sender unlinks
 them, at its first publish (every Ready is in by then) or close: a sender SIGKILLed before that leaves
 them behind, as one receiver's would before it mapped them. A receiver that arrives later (a restarted
-worker) finds the names gone and asks the sender for fresh buffers. posix_fallocate reserves the pages up front, so a full /dev/shm fails here with
+worker) finds the names gone and asks the sender for fresh buffers. posix_fallocate reserves the pages
+up front, so a full /dev/shm fails here with
 ENOSPC instead of a SIGBUS in the middle of a copy. Files are mapped by torch.from_file, so the
 mapping is released when the last tensor viewing it dies, never under a live view.
 """

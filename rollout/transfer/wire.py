@@ -279,8 +279,9 @@ class DirectLayout:
 
 @dataclass(frozen=True)
 class DirectRepeat:
-    """A direct refit whose tensors lie exactly where the DirectLayout of plan `plan_id` said (the same storages,
-    offsets, shapes and dtypes): the receiver reuses what it built for that plan, nothing is decoded or checked again."""
+    """A direct refit whose tensors lie exactly where the DirectLayout of plan `plan_id` said (the same
+    storages, offsets, shapes and dtypes): the receiver reuses what it built for that plan, nothing is decoded
+    or checked again."""
 
     refit_id: int
     plan_id: int

@@ -76,7 +76,8 @@ def test_bitwise_round_trips_with_optimizer_steps_and_reallocated_parameters():
             previous = got
             segments_after.append(sorted(receiver._direct._segments))
     proc.join(30)
-    # The same 7 storages (the empty buffer has none) stay mapped across refits; refit 3 (a re-allocated weight) and refit 4 (a new
+    # The same 7 storages (the empty buffer has none) stay mapped across refits; refit 3 (a re-allocated
+    # weight) and refit 4 (a new
     # Parameter object) each replace exactly one segment; state_dict() views (refit 5) map nothing new.
     assert all(len(s) == 7 for s in segments_after), segments_after
     assert segments_after[0] == segments_after[1]
