@@ -535,10 +535,11 @@ class AsyncVllmRollout:
             return
         self.state.closed = True
         timeout_s = self.cfg.backend.shutdown_timeout_s
+        dead = self._core_watch.dead()
+        if dead:  # a dead core answers nothing
+            logger.warning("closing %s: skipping the receivers' close, shutting vLLM down", dead)
         try:
-            if (
-                self.state.receivers_open and not self._core_watch.died
-            ):  # a dead core answers nothing
+            if self.state.receivers_open and not dead:
                 self._call(
                     self.engine.collective_rpc(
                         "refit_close", timeout=self.refitter.transfer.timeout_s
@@ -546,6 +547,8 @@ class AsyncVllmRollout:
                     "refit_close",
                     self.refitter.transfer.timeout_s,
                 )
+        except Exception as exc:  # noqa: BLE001 - a dead engine's receivers died with it; shut down regardless
+            logger.warning("closing the workers' receivers failed (engine dead or hung?): %s", exc)
         finally:
             self.refitter.close()
             self.vllm_segments.record()

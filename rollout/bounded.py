@@ -34,8 +34,19 @@ class EngineCoreWatch:
         self._procs = [p for p in getattr(manager, "processes", None) or [] if p.pid is not None]
         self._stopped = threading.Event()
         self.died: str | None = None  # what died, once it did
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"refit-watch-{owner}")
         if self._procs:
-            threading.Thread(target=self._run, daemon=True, name=f"refit-watch-{owner}").start()
+            self._thread.start()
+
+    def dead(self) -> str | None:
+        """What died, or None while the core lives. vLLM's own monitor may see the exit first: then the watch
+        gets a moment to read the exit code."""
+        resources = getattr(self.client, "resources", None)
+        if self.died is None and getattr(resources, "engine_dead", False):
+            if self._thread.is_alive():
+                self._thread.join(2.0)
+            return self.died or f"{self.owner}: vLLM's engine core is dead"
+        return self.died
 
     def stop(self) -> None:
         self._stopped.set()

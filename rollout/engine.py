@@ -242,10 +242,11 @@ class VllmRollout:
         if self.state.closed:
             return
         self.state.closed = True
+        dead = self._core_watch.dead()
+        if dead:  # a dead core answers nothing
+            logger.warning("closing %s: skipping the receivers' close, shutting vLLM down", dead)
         try:
-            if (
-                self.state.receivers_open and not self._core_watch.died
-            ):  # a dead core answers nothing
+            if self.state.receivers_open and not dead:
                 timeout_s = self.refitter.transfer.timeout_s
                 bounded(
                     lambda: self.llm.collective_rpc("refit_close", timeout=timeout_s),
@@ -253,7 +254,7 @@ class VllmRollout:
                     "closing the workers' receivers",
                 )
         except Exception as exc:  # noqa: BLE001 - a dead engine's receivers died with it; shut down regardless
-            logger.warning("closing the workers' receivers failed (engine dead?): %s", exc)
+            logger.warning("closing the workers' receivers failed (engine dead or hung?): %s", exc)
         finally:
             self.refitter.close()
             self.vllm_segments.record()

@@ -48,7 +48,7 @@ def kill_mid_generate_then_close(ro, pids: set[int]) -> float:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_dead_engine_core_fails_generate_and_close_in_time_leaving_nothing(
-    tiny_path, base_state, kind
+    tiny_path, base_state, kind, caplog
 ):
     import dataclasses
 
@@ -66,6 +66,8 @@ def test_a_dead_engine_core_fails_generate_and_close_in_time_leaving_nothing(
     finally:
         ro.close()  # idempotent; a failed assertion above still closes
     assert close_s < cfg.transfer.timeout_s, f"close() took {close_s:.1f} s"
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("rollout.")]
+    assert any("exited with code -9" in m and "skipping the receivers' close" in m for m in said), said
     assert not wait_gone(pids), "vLLM processes survived close()"
     assert not vllm_segments_left(segments), (
         f"vLLM segments survived close(): {vllm_segments_left(segments)}"
