@@ -49,6 +49,7 @@ from rollout.vllm_compat import (
     renders_in_one_call,
     token_versions,
 )
+from rollout.vllm_logs import vllm_logging_env
 from rollout.vllm_segments import EngineSegments
 from rollout.worker_extension import RefitWorkerExtension
 
@@ -223,6 +224,7 @@ class AsyncVllmRollout:
                 k, num_engines, tp, units=sorted(self._cores[1]), bind_alone=True
             )
             os.sched_setaffinity(0, self._cores[1])
+        env = {**env, **vllm_logging_env(self.cfg.vllm_log_file, self.cfg.vllm_console_level)}
         with vllm_worker_env(env):
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
 

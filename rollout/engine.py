@@ -25,6 +25,7 @@ from rollout.vllm_compat import (
     installed_vllm_version,
     sampled_logprobs,
 )
+from rollout.vllm_logs import vllm_logging_env
 from rollout.vllm_segments import EngineSegments
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,11 @@ class VllmRollout:
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
         transfer = resolved_transfer(cfg, self.platform)
         tp = cfg.backend.tensor_parallel_size
-        with vllm_worker_env(self.platform.worker_env(engine_index, cfg.num_engines, tp)):
+        env = {
+            **self.platform.worker_env(engine_index, cfg.num_engines, tp),
+            **vllm_logging_env(cfg.vllm_log_file, cfg.vllm_console_level),
+        }
+        with vllm_worker_env(env):
             self.llm = LLM(
                 **engine_kwargs(
                     cfg, self.model_path, self.platform, self._can_sleep, worker_extension
@@ -321,6 +326,7 @@ def engine_kwargs(
         quantization=b.quantization,
         enable_sleep_mode=can_sleep,
         worker_extension_cls=worker_extension or WORKER_EXTENSION,
+        use_tqdm_on_load=cfg.vllm_log_file is None,  # a progress bar on the console, not in the log
     )
 
 

@@ -139,6 +139,7 @@ def test_documented_overrides(override, check):
             ["rollout.timeouts.worker_reply_s", "next_bucket_s"],
         ),
         ("rollout.timeouts.receiver_exit_s=0", ValueError, ["rollout.timeouts.receiver_exit_s"]),
+        ("rollout.vllm_console_level=LOUD", ValueError, ["rollout.vllm_console_level", "WARNING"]),
     ],
 )
 def test_bad_overrides_fail_naming_the_key(override, exc, words):

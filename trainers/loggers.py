@@ -83,7 +83,7 @@ class ConsoleLogger:
             self.progress.update(self.task, completed=step)
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -67,7 +67,9 @@ def test_a_dead_engine_core_fails_generate_and_close_in_time_leaving_nothing(
         ro.close()  # idempotent; a failed assertion above still closes
     assert close_s < cfg.transfer.timeout_s, f"close() took {close_s:.1f} s"
     said = [r.getMessage() for r in caplog.records if r.name.startswith("rollout.")]
-    assert any("exited with code -9" in m and "skipping the receivers' close" in m for m in said), said
+    assert any("exited with code -9" in m and "skipping the receivers' close" in m for m in said), (
+        said
+    )
     assert not wait_gone(pids), "vLLM processes survived close()"
     assert not vllm_segments_left(segments), (
         f"vLLM segments survived close(): {vllm_segments_left(segments)}"

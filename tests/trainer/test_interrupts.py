@@ -2,7 +2,8 @@
 Ctrl-C (SIGINT to the whole group: vLLM's processes get it too), by `timeout`'s SIGTERM (the trainer only), or
 by its vLLM engine core SIGKILLed. A signal ends it within the bound with a checkpoint, summary and plot and one
 "interrupted at step N; resume with ..." line, exit code 128 + the signal, and the run resumes from its
-directory; the killed engine ends the run with an error. Nothing is left: no process, segment or socket."""
+directory; the killed engine ends the run with an error. Nothing is left: no process, segment or socket.
+The signalled runs' console also shows the quiet console: no third-party INFO line, vLLM's in ppo.log."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def start_run(out: Path) -> subprocess.Popen:
         "-m",
         "trainers.ppo",
         "debug=tiny",
+        "logger=[console,jsonl]",  # the step lines on the console, as in a default run
         "trainer.total_steps=400",
         "trainer.checkpoint_every=0",
         f"rollout.transfer.timeout_s={TRANSFER_TIMEOUT_S}",
@@ -49,6 +51,24 @@ def start_run(out: Path) -> subprocess.Popen:
         process_group=0,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def assert_quiet_console(console: str, out: Path) -> None:
+    """Between the step lines the console shows no third-party INFO line (vLLM's go to the run's log file,
+    with the step lines and ours)."""
+    lines = console.splitlines()
+    steps = [i for i, line in enumerate(lines) if re.match(r"step +\d+ \|", line)]
+    assert len(steps) >= 2, console[-3000:]
+    ours = re.compile(r"\]\[(rollout|trainers)[\w.]*\]\[INFO\]")
+    noise = [
+        line
+        for line in lines[steps[0] : steps[-1]]
+        if re.search(r"\bINFO\b", line) and not ours.search(line)
+    ]
+    assert not noise, noise[:10]
+    log = (out / "ppo.log").read_text()
+    assert re.search(r"\[vllm[\w.]*\]\[INFO\]", log), "vLLM's INFO lines are not in the run log"
+    assert lines[steps[0]] in log and "trainers.run_log" not in console
 
 
 def wait_for_steps(
@@ -106,10 +126,12 @@ def test_a_stopped_run_exits_in_time_leaves_nothing_and_a_signalled_one_resumes(
     assert not [p for p in out.rglob("*") if p.is_socket()], (
         f"{how}: a socket file is left in the run directory"
     )
+    print(f"{how}: exit {code} {stop_s:.1f} s after the signal")
     if how == "engine core SIGKILL":
         assert code != 0 and "EngineDeadError" in output, output[-3000:]
         return
     assert code == 128 + signal.Signals[how], output[-3000:]
+    assert_quiet_console(output, out)
     found = re.findall(r"interrupted at step (\d+); resume with trainer.resume=(\S+)", output)
     assert len(found) == 1, output[-3000:]
     step, resume = int(found[0][0]), found[0][1]
