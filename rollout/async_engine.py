@@ -36,7 +36,6 @@ from rollout.vllm_compat import (
     token_versions,
 )
 from rollout.vllm_segments import EngineSegments
-from rollout.worker_extension import RefitWorkerExtension
 
 logger = logging.getLogger(__name__)
 
@@ -475,24 +474,7 @@ def split_cores(engine_cores: int | None) -> tuple[set[int], set[int]] | None:
     return set(allowed[:-count]), set(allowed[-count:])
 
 
-ASYNC_WORKER_EXTENSION = "rollout.async_engine.AsyncWorkerExtension"
-
-
-class AsyncWorkerExtension(RefitWorkerExtension):
-    """The async engine's worker extension: the refit's, plus how long the worker busy-waits for work."""
-
-    def refit_set_idle_spin(self, seconds: float) -> int:
-        """Every shared-memory queue this worker reads busy-waits `seconds` after its last read (vLLM: 1 s),
-        then sleeps until the writer's notification. Returns how many readers it set."""
-        import gc
-
-        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-
-        # type(), not isinstance(): gc also holds weak proxies, and touching a dead one raises ReferenceError
-        readers = [o for o in gc.get_objects() if issubclass(type(o), SpinCondition) and o.is_reader]
-        for reader in readers:
-            reader.busy_loop_s = seconds
-        return len(readers)
+ASYNC_WORKER_EXTENSION = "rollout.worker.extension.AsyncWorkerExtension"  # refit + refit_set_idle_spin
 
 
 async def _new_event() -> asyncio.Event:

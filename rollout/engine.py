@@ -22,7 +22,7 @@ from rollout.vllm_segments import EngineSegments
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "rollout.worker_extension.RefitWorkerExtension"  # vLLM imports it by name in its workers
+WORKER_EXTENSION = "rollout.worker.extension.RefitWorkerExtension"  # vLLM imports it by name in its workers
 
 
 @dataclass

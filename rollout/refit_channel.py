@@ -13,7 +13,6 @@ RefitEndpoint that `begin` hands out and reports back through `finish`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -24,11 +23,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from rollout.transfer import TransferConfig, TransferStats
+from rollout.worker.rpc import ReceiveReply, ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
-# receive(args) -> every worker's answer (collective_rpc's list): args are RefitWorkerExtension.refit_receive's
-# (endpoint, transfer fields, version, timeouts, load path, rank_offset), plain data for collective_rpc
+# receive(args) -> every worker's answer (collective_rpc's list of ReceiveReply dicts): args are
+# RefitWorkerExtension.refit_receive's, (ReceiveRequest.to_dict(),), plain data for collective_rpc
 Receive = Callable[[tuple], list[dict[str, Any]]]
 
 
@@ -141,14 +141,14 @@ class RefitChannel:
             raise ValueError(f"{len(receives)} receive functions for {self.num_engines} engines")
         if self._pending is not None:
             raise RuntimeError(f"a refit to version {version} while the one to {self._pending.version} is unfinished")
-        fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-        timeouts = dataclasses.asdict(self.timeouts)
+        timeouts = self.timeouts
         pending = _PendingRefit(version, [{} for _ in receives])
 
         def run_receive(k: int) -> None:
             try:
-                args = (endpoint, fields, version, timeouts, _plain(load_path), k * self.tensor_parallel_size)
-                pending.results[k]["replies"] = receives[k](args)
+                request = ReceiveRequest(endpoint, cfg, version, timeouts.next_bucket_s, timeouts.receiver_exit_s, load_path,
+                                         rank_offset=k * self.tensor_parallel_size)
+                pending.results[k]["replies"] = receives[k]((request.to_dict(),))
             except BaseException as exc:  # noqa: BLE001 - re-raised by finish, in the caller's thread
                 pending.results[k]["rpc_error"] = exc
 
@@ -198,19 +198,19 @@ class RefitChannel:
             exc = result["rpc_error"]
             sender_saw = f"; the sender: {send_error}" if send_error is not None else ""
             raise RefitError(f"refit to version {version}: engine {k}'s collective_rpc failed: {exc}{sender_saw}") from exc
-        replies, tp = result["replies"], self.tensor_parallel_size
+        replies, tp = [ReceiveReply.from_dict(r) for r in result["replies"]], self.tensor_parallel_size
         if len(replies) != tp:
             raise RefitError(f"refit to version {version}: engine {k} answered for {len(replies)} workers, expected {tp}")
         for reply in replies:
-            if not reply.get("ok"):
-                where = f"engine {k}, receiver {reply.get('receiver', '?')}"
-                logger.warning("refit to version %d failed in the vLLM worker (%s):\n%s", version, where, reply["traceback"])
-                raise RefitError(f"refit to version {version} failed in the vLLM worker ({where}): {reply['error']}") from send_error
-        ranks, expected = sorted(r["receiver"] for r in replies), list(range(k * tp, (k + 1) * tp))
+            if not reply.ok:
+                where = f"engine {k}, receiver {reply.receiver}"
+                logger.warning("refit to version %d failed in the vLLM worker (%s):\n%s", version, where, reply.traceback)
+                raise RefitError(f"refit to version {version} failed in the vLLM worker ({where}): {reply.error}") from send_error
+        ranks, expected = sorted(r.receiver for r in replies), list(range(k * tp, (k + 1) * tp))
         if ranks != expected:
             raise RefitError(f"refit to version {version}: engine {k}'s workers answered as receivers {ranks}, expected {expected}")
-        return [WorkerReply(k, r["receiver"], r["load_s"], r["detached_bytes"], r["load_path"], r.get("load_plan", ""))
-                for r in sorted(replies, key=lambda r: r["receiver"])]
+        return [WorkerReply(k, r.receiver, r.load_s, r.detached_bytes, r.load_path, r.load_plan)
+                for r in sorted(replies, key=lambda r: r.receiver)]
 
     def _close_sender(self) -> None:
         if self._sender is not None:
@@ -236,6 +236,3 @@ def new_endpoint_in(directory: str | None) -> str:
             logger.warning("rollout.endpoint_dir=%r: %s; the endpoint goes to a private temp dir instead", directory, exc)
     return new_endpoint()
 
-
-def _plain(value: Any) -> Any:
-    return value.value if hasattr(value, "value") else value
