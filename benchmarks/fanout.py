@@ -27,7 +27,7 @@ import torch
 from benchmarks import hydra_app
 from rollout.config import Backend, BackendConfig, RefitTimeouts, RolloutConfig
 from rollout.transfer import TransferConfig
-from rollout.transfer.config import _coerce
+from rollout.transfer.config import coerce_enum
 
 LAYOUTS = {"tp2": (1, 2), "engines2": (2, 1)}  # name -> (num_engines, tensor_parallel_size)
 PROMPTS = ["The quick brown fox", "12+7="]
@@ -45,7 +45,7 @@ class FanoutBenchConfig:
     out: str = "fanout.json"  # in Hydra's output directory
 
     def __post_init__(self) -> None:
-        self.backend = _coerce(Backend, self.backend, "bench.backend")
+        self.backend = coerce_enum(Backend, self.backend, "bench.backend")
         if self.model not in ("tiny", "qwen2_0_5b"):
             raise ValueError(f"bench.model must be tiny or qwen2_0_5b, got {self.model!r}")
         unknown = [name for name in self.layouts if name not in LAYOUTS]

@@ -61,7 +61,7 @@ from benchmarks import hydra_app, register_schema
 from rollout.config import Backend, BackendConfig, Mode, RefitTimeouts, RolloutConfig
 from rollout.load_path import LoadPath
 from rollout.transfer import Sync, TransferConfig, TransferMode
-from rollout.transfer.config import _coerce
+from rollout.transfer.config import coerce_enum
 
 
 class BenchModel(str, Enum):
@@ -89,8 +89,8 @@ class RefitBenchConfig:
     out: str = "refit.json"  # in Hydra's output directory
 
     def __post_init__(self) -> None:
-        self.backend = _coerce(Backend, self.backend, "bench.backend")
-        self.model = _coerce(BenchModel, self.model, "bench.model")
+        self.backend = coerce_enum(Backend, self.backend, "bench.backend")
+        self.model = coerce_enum(BenchModel, self.model, "bench.model")
         if self.backend is Backend.vllm_ascend:
             raise ValueError("bench.backend=vllm_ascend is not supported: vllm_cpu or vllm_gpu")
         if self.model is BenchModel.qwen2_7b and self.backend is not Backend.vllm_gpu:
@@ -112,8 +112,8 @@ class RefitBenchRollout:
     )
 
     def __post_init__(self) -> None:
-        self.mode = _coerce(Mode, self.mode, "rollout.mode")
-        self.load_path = _coerce(LoadPath, self.load_path, "rollout.load_path")
+        self.mode = coerce_enum(Mode, self.mode, "rollout.mode")
+        self.load_path = coerce_enum(LoadPath, self.load_path, "rollout.load_path")
 
 
 @dataclass
@@ -167,17 +167,17 @@ def compare_modes(ro, subject: "Subject", bench: "RefitBenchConfig", device, ver
     state = subject.state
     dests = shared_dests(state) if device.type == "cuda" else {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
     modes = {
-        "direct": dataclasses.replace(ro.transfer, mode=TransferMode.direct),
-        "bucketed_fenced": dataclasses.replace(ro.transfer, mode=TransferMode.bucketed, sync=Sync.fenced),
+        "direct": dataclasses.replace(ro.refitter.transfer, mode=TransferMode.direct),
+        "bucketed_fenced": dataclasses.replace(ro.refitter.transfer, mode=TransferMode.bucketed, sync=Sync.fenced),
     }
     stats: dict[str, list] = {name: [] for name in modes}
     memory: dict[str, list[float]] = {name: [] for name in modes}
     floor: list[float] = []
-    versions, original = itertools.count(version), ro.transfer
+    versions, original = itertools.count(version), ro.refitter.transfer
     try:
         for _ in range(2):
             for name, transfer in modes.items():
-                ro.transfer = transfer
+                ro.refitter.transfer = transfer
                 before = trainer_memory_bytes()
                 ro.update_weights(state.items(), version=next(versions))  # untimed: the new connection
                 for _ in range(bench.num_repeats):
@@ -185,7 +185,7 @@ def compare_modes(ro, subject: "Subject", bench: "RefitBenchConfig", device, ver
                     stats[name].append(ro.update_weights(state.items(), version=next(versions)))
                 memory[name].append((trainer_memory_bytes() - before) / 2**20)
     finally:
-        ro.transfer = original
+        ro.refitter.transfer = original
     med = statistics.median
     out = {"one_copy_floor_s": med(floor), "all_one_copy_floor_s": floor}
     for name, runs in stats.items():
@@ -428,7 +428,7 @@ def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measu
         "dtype": subject.spec.dtype,
         "load_format": cfg.backend.load_format,
         "mode": cfg.mode.value,
-        "transport": ro.transfer.transport.value,
+        "transport": ro.refitter.transfer.transport.value,
         "gpu_memory_utilization": cfg.backend.gpu_memory_utilization,
         "num_bytes": num_bytes,
         "num_tensors": len(subject.state),

@@ -6,7 +6,7 @@ Example:
     from rollout import RolloutConfig, build_rollout
     with build_rollout(RolloutConfig(), model_path) as ro:     # RolloutConfig() = vLLM on the CPU
         samples = ro.generate(prompts, n=4, max_tokens=32, temperature=1.0, seed=0)
-        stats = ro.update_weights(model.named_parameters(), version=1)
+        stats = ro.refit(1, send_tensors(model.named_parameters()))   # == ro.update_weights(params, 1)
 """
 
 from __future__ import annotations
@@ -14,11 +14,29 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from rollout.config import Backend, BackendConfig, CacheReset, EngineKind, Mode, PauseMode, RolloutConfig
+from rollout.api import (
+    RefitEndpoint,
+    RefitError,
+    RefitPort,
+    RefitStats,
+    RolloutEngine,
+    Sample,
+    Send,
+    send_tensors,
+)
+from rollout.config import (
+    Backend,
+    BackendConfig,
+    CacheReset,
+    EngineKind,
+    Mode,
+    PauseMode,
+    RolloutConfig,
+)
 
 if TYPE_CHECKING:
     from rollout.async_engine import AsyncVllmRollout
-    from rollout.engine import RefitError, RefitStats, Sample, VllmRollout
+    from rollout.engine import VllmRollout
     from rollout.engine_group import EngineGroup
 
 __all__ = [
@@ -30,21 +48,26 @@ __all__ = [
     "EngineGroup",
     "Mode",
     "PauseMode",
+    "RefitEndpoint",
     "RefitError",
+    "RefitPort",
     "RefitStats",
     "RolloutConfig",
+    "RolloutEngine",
     "Sample",
+    "Send",
     "VllmRollout",
     "build_rollout",
+    "send_tensors",
 ]
 
 
 def build_rollout(
     cfg: RolloutConfig, model_path: str | os.PathLike, worker_extension: str | None = None
-) -> "VllmRollout | AsyncVllmRollout | EngineGroup":
+) -> RolloutEngine:
     """Start a vLLM engine for `cfg.backend` on the Hugging Face model at `model_path` (`cfg.engine`: vLLM's
-    LLM, or its AsyncLLM behind the same API plus submit/collect; `worker_extension`: see VllmRollout), or
-    `cfg.num_engines` sync engines behind the same API (an EngineGroup)."""
+    LLM, or its AsyncLLM, whose submit() returns at once; `worker_extension`: see VllmRollout), or
+    `cfg.num_engines` of them behind the same API (an EngineGroup)."""
     if cfg.num_engines > 1:
         from rollout.engine_group import EngineGroup
 
@@ -59,10 +82,10 @@ def build_rollout(
 
 
 def __getattr__(name: str):
-    if name in ("RefitError", "RefitStats", "Sample", "VllmRollout"):
-        from rollout import engine
+    if name == "VllmRollout":
+        from rollout.engine import VllmRollout
 
-        return getattr(engine, name)
+        return VllmRollout
     if name == "AsyncVllmRollout":
         from rollout import async_engine
 

@@ -20,14 +20,27 @@ from typing import Any, Awaitable, Iterable, Iterator, Sequence
 
 import torch
 
-from rollout.cache_reset import ASYNC_LLM_CALLS, Cache, caches_to_reset, check_reset, reset_calls
+from rollout.api import RefitStats, Sample, Send
+from rollout.cache_reset import (
+    ASYNC_LLM_CALLS,
+    Cache,
+    caches_to_reset,
+    check_reset,
+    reset_calls,
+)
 from rollout.config import Mode, RolloutConfig
 from rollout.engine import (
-    EngineState, RefitStats, Sample, check_awake, check_engine_setup, engine_kwargs, prompt_inputs, refit_stats,
-    resolved_transfer, sampling_params, to_samples, vllm_worker_env,
+    check_awake,
+    check_engine_setup,
+    engine_kwargs,
+    prompt_inputs,
+    resolved_transfer,
+    sampling_params,
+    to_samples,
+    vllm_worker_env,
 )
 from rollout.platform import Platform, get_platform
-from rollout.refit_channel import RefitChannel
+from rollout.refit import EngineState, Refitter
 from rollout.vllm_compat import (
     has_weight_versions,
     installed_vllm_version,
@@ -36,6 +49,7 @@ from rollout.vllm_compat import (
     token_versions,
 )
 from rollout.vllm_segments import EngineSegments
+from rollout.worker.rpc import ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
@@ -116,19 +130,21 @@ class AsyncVllmRollout:
     """
 
     def __init__(
-        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None, worker_extension: str | None = None
+        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None,
+        worker_extension: str | None = None, engine_index: int = 0,
     ) -> None:
-        """`worker_extension`: as for VllmRollout (a RefitWorkerExtension subclass by qualified name)."""
+        """`worker_extension`, `engine_index`: as for VllmRollout."""
         self.cfg = cfg
+        self.engine_index = engine_index
         self.worker_extension = worker_extension
         self.model_path = str(model_path)
         self.platform = platform or get_platform(cfg.backend.name)
         self.vllm_version = installed_vllm_version()
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
-        self.transfer = resolved_transfer(cfg, self.platform)
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, cfg.backend.tensor_parallel_size)
-        self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
-        self.version = 0  # the weights loaded from model_path
+        transfer = resolved_transfer(cfg, self.platform)
+        self.state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
+        self.refitter = Refitter([self], self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, transfer,
+                                 cfg.load_path, cfg.backend.tensor_parallel_size)
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         # (trainer's cores, engine's cores), or None: vLLM binds its worker as it likes (rollout.engine_cores)
@@ -145,7 +161,7 @@ class AsyncVllmRollout:
         except BaseException:
             self._stop_loop()
             raise
-        self.vllm_segments = EngineSegments.of_client(self.engine.engine_core, "async engine")  # see VllmRollout
+        self.vllm_segments = EngineSegments.of_client(self.engine.engine_core, f"async engine {engine_index}")  # see VllmRollout
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
         self._tokenizer = self.engine.get_tokenizer()
@@ -162,11 +178,11 @@ class AsyncVllmRollout:
         kwargs = engine_kwargs(self.cfg, self.model_path, self.platform, self._can_sleep,
                                self.worker_extension or ASYNC_WORKER_EXTENSION)
         # Built on the loop: the engine-core client's sockets and the output handler belong to it.
-        tp = self.cfg.backend.tensor_parallel_size
+        tp, k, num_engines = self.cfg.backend.tensor_parallel_size, self.engine_index, self.cfg.num_engines
         if self._cores is None:
-            env = self.platform.worker_env(0, 1, tp)
+            env = self.platform.worker_env(k, num_engines, tp)
         else:  # the engine-core process inherits this (the loop's) thread's cores; the worker binds its own
-            env = self.platform.worker_env(0, 1, tp, units=sorted(self._cores[1]), bind_alone=True)
+            env = self.platform.worker_env(k, num_engines, tp, units=sorted(self._cores[1]), bind_alone=True)
             os.sched_setaffinity(0, self._cores[1])
         with vllm_worker_env(env):
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
@@ -205,14 +221,19 @@ class AsyncVllmRollout:
             os.sched_setaffinity(0, before)
 
     @property
+    def version(self) -> int:
+        return self.state.version
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine computes in (after vLLM resolved `auto`)."""
+        return self.engine.model_config.dtype
+
+    @property
     def tokenizer(self) -> Any:
         if self.engine is None:
             raise RuntimeError("tokenizer of a closed rollout")
         return self.engine.get_tokenizer()
-
-    @property
-    def _endpoint(self) -> str | None:
-        return self._channel.endpoint
 
     # -- generation -----------------------------------------------------------------------------
     def submit(
@@ -223,18 +244,20 @@ class AsyncVllmRollout:
         temperature: float = 1.0,
         seed: int | None = None,
         top_p: float = 1.0,
+        prompt_offset: int = 0,
     ) -> Handle:
-        """Start `n` samples per prompt and return at once; seeds as in the sync engine's generate()."""
+        """Start `n` samples per prompt and return at once; seeds and `prompt_offset` as in the sync engine's
+        generate()."""
         from vllm.sampling_params import RequestOutputKind
 
-        self._state.check_can_generate()
+        self.state.check_can_generate()
         # FINAL_ONLY and no incremental detokenizer: this process's event loop shares the GIL with the
         # trainer, and per-step output work there slowed training (0.13 -> 0.10 s of loop CPU per
         # 32x16-sample batch without detokenizing); the text is decoded once, when a request finishes.
-        params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p,
+        params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p, prompt_offset,
                                  output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
         handle = Handle(len(prompts), self.cfg.generate_timeout_s)
-        self._loop.call_soon_threadsafe(self._spawn, handle, prompt_inputs(prompts), params)
+        self._loop.call_soon_threadsafe(self._spawn, handle, prompt_inputs(prompts), params, prompt_offset)
         return handle
 
     def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
@@ -242,7 +265,7 @@ class AsyncVllmRollout:
         """`n` samples per prompt, grouped in prompt order: submit() and wait (the sync engine's call)."""
         return self.submit(prompts, n, max_tokens, temperature, seed, top_p).result()
 
-    def _spawn(self, handle: Handle, prompts: list[Any], params: list[Any]) -> None:
+    def _spawn(self, handle: Handle, prompts: list[Any], params: list[Any], offset: int) -> None:
         """On the loop, once per submit(): the batch's prompts tokenized in one call, one task per prompt."""
         try:
             prompts = self._render(prompts)
@@ -250,7 +273,7 @@ class AsyncVllmRollout:
             handle._fail(exc)
             return
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            task = self._loop.create_task(self._request(handle, i, prompt, p))
+            task = self._loop.create_task(self._request(handle, i, prompt, p, offset))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -266,17 +289,17 @@ class AsyncVllmRollout:
         model_config = self.engine.model_config
         return renderer.render_cmpl([self._parse_prompt(model_config, p) for p in prompts])
 
-    async def _request(self, handle: Handle, index: int, prompt: Any, params: Any) -> None:
+    async def _request(self, handle: Handle, index: int, prompt: Any, params: Any, offset: int) -> None:
         try:
             while True:
                 version = self.version  # what the engine holds now: the label where vLLM tags nothing
                 final = None
                 async for out in self.engine.generate(prompt, params, f"refit-{next(self._ids)}"):
                     final = out
-                if any(c.finish_reason == "abort" for c in final.outputs) and not self._state.closed:
+                if any(c.finish_reason == "abort" for c in final.outputs) and not self.state.closed:
                     await self._resumed.wait()  # aborted by a refit (pause_mode=abort): again, on the new weights
                     continue
-                samples = to_samples(index, final, version, self._versions_of)
+                samples = to_samples(offset + index, final, version, self._versions_of)
                 # as the sync engine's text: special tokens skipped; one call per prompt (vLLM's tokenizer
                 # lends a copy from its pool per call)
                 texts = self._tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
@@ -304,44 +327,47 @@ class AsyncVllmRollout:
             self.platform.check_sleep_level(level)
             self._call(self._clear_resumed(), "clearing the resume event")
             self._call(self.engine.sleep(level, mode=self.cfg.pause_mode.value), f"sleep(level={level})")
-        self._state.asleep = True
-        self._state.weights_discarded = self._state.weights_discarded or level == 2
+        self.state.asleep = True
+        self.state.weights_discarded = self.state.weights_discarded or level == 2
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        if not self._state.asleep:
+        if not self.state.asleep:
             return
         if self._can_sleep:
             check_awake(self._call(self.engine.wake_up(tags), f"wake_up({tags})"), tags, self.vllm_version)
         if tags is None or "kv_cache" in tags:
-            self._state.asleep = False
+            self.state.asleep = False
             self._reset_caches(after_sleep=True)
             self._resume()
 
-    # -- refit ----------------------------------------------------------------------------------
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+    # -- refit: the verb, and this engine's part in it (rollout.refit.RefitTarget) -----------------
+    def refit(self, version: int, send: Send) -> RefitStats:
         """Pause generation (`pause_mode`), refit through the transfer, tag the new version, reset the
         caches, resume. On failure raises RefitError and stays paused until a later refit succeeds."""
-        if self._state.closed:
-            raise RuntimeError("update_weights() on a closed rollout")
-        start = time.perf_counter()
-        slept = self._state.asleep and self._can_sleep  # sleep() already paused the scheduler
-        # Two loop round trips around the transfer (not one per call): this process's loop shares a core
-        # and the GIL with the trainer, whose step waits for the refit.
-        if not slept:
-            self._call(self._pause(), f"pausing generation ({self.cfg.pause_mode.value})")
-        else:
+        return self.refitter.refit(version, send)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+        """A refit from this process: one pass over `named_tensors`."""
+        return self.refitter.update_weights(named_tensors, version)
+
+    # Two loop round trips around the transfer (not one per call): this process's loop shares a core
+    # and the GIL with the trainer, whose step waits for the refit.
+    def refit_prepare(self) -> bool:
+        if self.state.asleep and self._can_sleep:  # sleep() already paused the scheduler
             self._call(self.engine.wake_up(["weights"]), "wake_up(['weights'])")  # the KV cache stays released
-        try:
-            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, [self._receive], self.cfg.load_path)
-        except BaseException:
-            self._state.failed_version = version
-            raise
-        self._state.refit_succeeded()
-        self.version = version
-        was_asleep, self._state.asleep = self._state.asleep, False
+        else:
+            self._call(self._pause(), f"pausing generation ({self.cfg.pause_mode.value})")
+        return self.state.asleep
+
+    def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
+        rpc = self.engine.collective_rpc("refit_receive", args=(request.to_dict(),))
+        return self._call(rpc, "refit_receive", self.cfg.timeouts.worker_reply_s)  # every worker's answer
+
+    def refit_finish(self, version: int, was_asleep: bool) -> tuple[Cache, ...]:
+        self.state.asleep = False
         wanted = self._caches_wanted(after_sleep=was_asleep)
-        caches = self._call(self._after_refit(version, slept, wanted), "tagging the version, cache reset, resume")
-        return refit_stats(version, time.perf_counter() - start, send_stats, replies, caches)
+        slept = was_asleep and self._can_sleep
+        return self._call(self._after_refit(version, slept, wanted), "tagging the version, cache reset, resume")
 
     async def _pause(self) -> None:
         """Stop scheduling (`rollout.pause_mode`); what is aborted waits for the resume event to retry."""
@@ -367,10 +393,6 @@ class AsyncVllmRollout:
         await self.engine.resume_generation()
         self._resumed.set()
         return caches
-
-    def _receive(self, args: tuple) -> list[dict[str, Any]]:
-        rpc = self.engine.collective_rpc("refit_receive", args=args)
-        return self._call(rpc, "refit_receive", self.cfg.timeouts.worker_reply_s)  # every worker's answer
 
     def _tag_version(self, version: int) -> None:
         if has_weight_versions(self.vllm_version):
@@ -407,16 +429,16 @@ class AsyncVllmRollout:
     def close(self) -> None:
         """Idempotent, bounded by the backend's shutdown timeout even with requests in flight: closes
         the transfer on both ends, cancels what still runs, shuts vLLM's processes and the loop down."""
-        if self._state.closed:
+        if self.state.closed:
             return
-        self._state.closed = True
+        self.state.closed = True
         timeout_s = self.cfg.backend.shutdown_timeout_s
         try:
-            if self._channel.connected:
-                self._call(self.engine.collective_rpc("refit_close", timeout=self.transfer.timeout_s),
-                           "refit_close", self.transfer.timeout_s)
+            if self.state.receivers_open:
+                self._call(self.engine.collective_rpc("refit_close", timeout=self.refitter.transfer.timeout_s),
+                           "refit_close", self.refitter.transfer.timeout_s)
         finally:
-            self._channel.close()
+            self.refitter.close()
             self.vllm_segments.record()
             try:
                 self._call(self._cancel_requests(), "cancelling in-flight requests", timeout_s)

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Optional
 
 from rollout.load_path import LoadPath
-from rollout.transfer.config import TransferConfig, TransferMode, _coerce
+from rollout.transfer.config import TransferConfig, TransferMode, coerce_enum
 
 
 class Backend(str, Enum):
@@ -67,7 +67,7 @@ class BackendConfig:
     shutdown_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        self.name = _coerce(Backend, self.name, "rollout.backend.name")
+        self.name = coerce_enum(Backend, self.name, "rollout.backend.name")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"rollout.backend.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
@@ -137,8 +137,8 @@ class RolloutConfig:
     num_engines: int = 1
 
     def __post_init__(self) -> None:
-        self.mode = _coerce(Mode, self.mode, "rollout.mode")
-        self.cache_reset = _coerce(CacheReset, self.cache_reset, "rollout.cache_reset")
+        self.mode = coerce_enum(Mode, self.mode, "rollout.mode")
+        self.cache_reset = coerce_enum(CacheReset, self.cache_reset, "rollout.cache_reset")
         t, message_s = self.timeouts, self.transfer.timeout_s
         if not t.next_bucket_s > message_s:
             raise ValueError(
@@ -151,9 +151,9 @@ class RolloutConfig:
             )
         if not t.receiver_exit_s > 0:
             raise ValueError(f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}")
-        self.engine = _coerce(EngineKind, self.engine, "rollout.engine")
-        self.pause_mode = _coerce(PauseMode, self.pause_mode, "rollout.pause_mode")
-        self.load_path = _coerce(LoadPath, self.load_path, "rollout.load_path")
+        self.engine = coerce_enum(EngineKind, self.engine, "rollout.engine")
+        self.pause_mode = coerce_enum(PauseMode, self.pause_mode, "rollout.pause_mode")
+        self.load_path = coerce_enum(LoadPath, self.load_path, "rollout.load_path")
         if self.worker_idle_spin_s is not None and not self.worker_idle_spin_s >= 0:
             raise ValueError(f"rollout.worker_idle_spin_s must be >= 0 or null, got {self.worker_idle_spin_s!r}")
         if self.engine_cores is not None and (isinstance(self.engine_cores, bool) or self.engine_cores < 0):
@@ -162,8 +162,6 @@ class RolloutConfig:
             raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")
         if isinstance(self.num_engines, bool) or not isinstance(self.num_engines, int) or self.num_engines < 1:
             raise ValueError(f"rollout.num_engines must be an integer >= 1, got {self.num_engines!r}")
-        if self.num_engines > 1 and self.engine is not EngineKind.sync:
-            raise ValueError(f"rollout.num_engines={self.num_engines} runs sync engines only; got rollout.engine={self.engine.value!r}")
         num_workers = self.num_engines * self.backend.tensor_parallel_size
         if num_workers > 1 and self.transfer.mode is TransferMode.direct:
             raise ValueError(f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "

@@ -8,88 +8,28 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from rollout.api import FinishedHandle, RefitStats, Sample, Send, no_core_split
 from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
-from rollout.refit_channel import RefitChannel, RefitEndpoint, RefitError, WorkerReply, new_endpoint_in  # noqa: F401 - re-exported
-from rollout.vllm_compat import fully_awake, has_flat_logprobs, has_layerwise_reload, installed_vllm_version, sampled_logprobs
+from rollout.refit import EngineState, Refitter
+from rollout.vllm_compat import (
+    fully_awake,
+    has_flat_logprobs,
+    has_layerwise_reload,
+    installed_vllm_version,
+    sampled_logprobs,
+)
 from rollout.vllm_segments import EngineSegments
+from rollout.worker.rpc import ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rollout.worker.extension.RefitWorkerExtension"  # vLLM imports it by name in its workers
-
-
-@dataclass
-class Sample:
-    """One generated sequence. `token_ids`/`logprobs`/`text` are the response only."""
-
-    prompt_index: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float]  # log-probability of each response token under the model (before temperature)
-    text: str
-    version: int  # the weight version that produced it (the oldest, if several did)
-    finish_reason: str | None = None
-    # The version of each response token, where vLLM reports it (the async engine on vLLM >= 0.32):
-    # a request kept running across a refit holds tokens of both versions.
-    token_versions: list[int] | None = None
-
-
-@dataclass
-class RefitStats:
-    version: int
-    seconds: float  # end to end: wake-up, transfer + load, cache resets
-    num_bytes: int
-    num_tensors: int
-    num_buckets: int
-    send_s: float  # the trainer's send() (returns once the last bucket is loaded by every worker)
-    load_s: float  # the slowest worker's reload_weights, final processing included
-    detached_bytes: int  # copied out because a layer straddled a bucket boundary (summed over workers)
-    caches_reset: tuple[str, ...] = field(default_factory=tuple)
-    load_path: str = "layerwise"  # how the worker loaded it: "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
-    worker_load_s: tuple[float, ...] = ()  # each worker's load_s, by receiver rank (engine k, worker w: k * TP + w)
-    load_plan: str = ""  # direct path: "recorded" (first refit), "replayed", or "off: <why>" (load_weights each time)
-
-
-@dataclass
-class EngineState:
-    """What an engine may do now, shared by the sync and async engines: the refusals of generate()."""
-
-    dummy_weights: bool  # load_format=dummy: random weights until the first refit
-    failed_version: int | None = None  # a refit to this version failed midway: half-updated weights
-    asleep: bool = False
-    weights_discarded: bool = False  # a level-2 sleep dropped them: a refit must come first
-    closed: bool = False
-
-    def check_can_generate(self) -> None:
-        if self.closed:
-            raise RuntimeError("generate() on a closed rollout")
-        if self.failed_version is not None:
-            raise RefitError(
-                f"refit to version {self.failed_version} failed midway: the engine holds half-updated weights "
-                "and refuses to generate until a complete update_weights() succeeds"
-            )
-        if self.dummy_weights:
-            raise RuntimeError(
-                "the engine started with load_format='dummy' (random weights): call update_weights() before generate()"
-            )
-        if self.weights_discarded:
-            raise RuntimeError(
-                "the engine slept at level 2, which discarded its weights: call update_weights() before generate()"
-            )
-        if self.asleep:
-            raise RuntimeError("the engine is asleep: call wake_up() or update_weights() before generate()")
-
-    def refit_succeeded(self) -> None:
-        self.failed_version = None
-        self.weights_discarded = False
-        self.dummy_weights = False
 
 
 @contextlib.contextmanager
@@ -109,53 +49,9 @@ def vllm_worker_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-class RefitPhases:
-    """A refit of an engine (or of a group of engines) around one RefitChannel: `update_weights` with the
-    sender here, or `begin_refit` + a sender in another process + `finish_refit`. The class supplies the
-    steps: `_prepare(version) -> (start, slept)`, `_receives()`, `_failed(version)`, `_done(...)`."""
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
-        """One refit of every worker through the configured transfer, one pass over `named_tensors`; on any
-        failure raises RefitError and the engine refuses to generate until a later refit succeeds."""
-        start, slept = self._prepare(version)
-        try:
-            send_stats, replies = self._channel.refit(self.transfer, named_tensors, version, self._receives(),
-                                                      self.cfg.load_path)
-        except BaseException:
-            self._failed(version)
-            raise
-        return self._done(version, start, slept, send_stats, replies)
-
-    def begin_refit(self, version: int) -> RefitEndpoint:
-        """The receiving half of a refit whose sender lives in another process on this node (a sharded
-        trainer's rank): wakes the weights, starts the workers' receive, returns where the sender binds.
-        That process keeps `endpoint.sender()` across refits and calls `send(named_tensors, version)`; then
-        `finish_refit` here with its stats, or the error that stopped it."""
-        start, slept = self._prepare(version)
-        try:
-            endpoint = self._channel.begin(self.transfer, version, self._receives(), self.cfg.load_path)
-        except BaseException:
-            self._failed(version)
-            raise
-        self._pending_refit = (version, start, slept)
-        return endpoint
-
-    def finish_refit(self, send_stats: Any = None, error: BaseException | None = None) -> RefitStats:
-        """The end of a refit begun with `begin_refit`: the sender's stats, or the error that stopped it."""
-        if self._pending_refit is None:
-            raise RuntimeError("finish_refit() without begin_refit()")
-        (version, start, slept), self._pending_refit = self._pending_refit, None
-        try:
-            send_stats, replies = self._channel.finish(send_stats, error)
-        except BaseException:
-            self._failed(version)
-            raise
-        return self._done(version, start, slept, send_stats, replies)
-
-
-class VllmRollout(RefitPhases):
-    """A vLLM engine plus the sending end of the weight transfer. Build it with `build_rollout`. With
-    `backend.tensor_parallel_size=N` each of its N workers is a receiver of the same refit (refit_channel.py).
+class VllmRollout:
+    """vLLM's LLM in this process, composed with a Refitter. Build it with `build_rollout`. With
+    `backend.tensor_parallel_size=N` each of its N workers is a receiver of the same refit (rollout/refit.py).
 
     Example:
         with build_rollout(RolloutConfig(), model_path) as ro:
@@ -166,12 +62,12 @@ class VllmRollout(RefitPhases):
     """
 
     def __init__(
-        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None, worker_extension: str | None = None,
-        engine_index: int = 0,
+        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None,
+        worker_extension: str | None = None, engine_index: int = 0,
     ) -> None:
-        """`worker_extension`: the qualified name of a RefitWorkerExtension subclass for the workers (benchmarks
-        and tests add their RPCs this way); None = RefitWorkerExtension. `engine_index`: this engine's place
-        among `cfg.num_engines` (its cores or devices; see EngineGroup)."""
+        """`worker_extension`: the qualified name of a worker extension for the workers (benchmarks and tests
+        add their RPCs this way); None = the library's. `engine_index`: this engine's place among
+        `cfg.num_engines` (its cores or devices; see EngineGroup)."""
         from vllm import LLM
 
         self.cfg = cfg
@@ -179,7 +75,7 @@ class VllmRollout(RefitPhases):
         self.platform = platform or get_platform(cfg.backend.name)
         self.vllm_version = installed_vllm_version()
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
-        self.transfer = resolved_transfer(cfg, self.platform)
+        transfer = resolved_transfer(cfg, self.platform)
         tp = cfg.backend.tensor_parallel_size
         with vllm_worker_env(self.platform.worker_env(engine_index, cfg.num_engines, tp)):
             self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
@@ -187,11 +83,13 @@ class VllmRollout(RefitPhases):
         # leave any (a SIGKILLed worker does)
         self.vllm_segments = EngineSegments.of_client(self.llm.llm_engine.engine_core, f"engine {engine_index}")
         self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, tp)
-        self._receivers_open = False  # a refit reached the workers (this engine's or its group's): close() closes them
-        self._pending_refit: tuple[int, float, bool] | None = None  # begin_refit: (version, start, was_asleep)
-        self.version = 0  # the weights loaded from model_path
-        self._state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
+        self.state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
+        self.refitter = Refitter([self], self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, transfer,
+                                 cfg.load_path, tp)
+
+    @property
+    def version(self) -> int:
+        return self.state.version
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,10 +99,6 @@ class VllmRollout(RefitPhases):
     @property
     def tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
-
-    @property
-    def _endpoint(self) -> str | None:
-        return self._channel.endpoint
 
     # -- generation -----------------------------------------------------------------------------
     def generate(
@@ -220,10 +114,20 @@ class VllmRollout(RefitPhases):
         """`n` samples per prompt, grouped in prompt order. Prompt i's sample j uses seed `seed + i*n + j`.
         `prompt_offset`: these prompts are prompts `prompt_offset`, ... of a larger batch (an EngineGroup's
         share): their seeds and `Sample.prompt_index` are the batch's, so samples do not depend on the split."""
-        self._state.check_can_generate()
+        self.state.check_can_generate()
         params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p, prompt_offset=prompt_offset)
         outputs = self.llm.generate(prompt_inputs(prompts), params, use_tqdm=False)
         return [s for i, out in enumerate(outputs) for s in to_samples(prompt_offset + i, out, self.version)]
+
+    def submit(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
+               temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0,
+               prompt_offset: int = 0) -> FinishedHandle:
+        """generate(), as a handle: this engine cannot generate while the caller does something else."""
+        samples = self.generate(prompts, n, max_tokens, temperature, seed, top_p, prompt_offset)
+        return FinishedHandle(samples, time.perf_counter())
+
+    def off_engine_cores(self) -> contextlib.AbstractContextManager[None]:
+        return no_core_split()
 
     # -- colocate memory hand-off ----------------------------------------------------------------
     def sleep(self, level: int | None = None) -> None:
@@ -234,57 +138,48 @@ class VllmRollout(RefitPhases):
         if self._can_sleep:
             self.platform.check_sleep_level(level)
             self.llm.sleep(level=level)
-        self._state.asleep = True
-        self._state.weights_discarded = self._state.weights_discarded or level == 2
+        self.state.asleep = True
+        self.state.weights_discarded = self.state.weights_discarded or level == 2
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        if not self._state.asleep:
+        if not self.state.asleep:
             return
         if self._can_sleep:
             self._wake(tags)
         if tags is None or "kv_cache" in tags:
-            self._state.asleep = False
+            self.state.asleep = False
             self._reset_caches(after_sleep=True)
 
     def _wake(self, tags: list[str] | None) -> None:
         check_awake(self.llm.wake_up(tags), tags, self.vllm_version)
 
-    # -- refit (update_weights, begin_refit, finish_refit: RefitPhases) --------------------------
-    def _prepare(self, version: int) -> tuple[float, bool]:
-        return time.perf_counter(), self.prepare_refit()
+    # -- refit: the verb, and this engine's part in it (rollout.refit.RefitTarget) -----------------
+    def refit(self, version: int, send: Send) -> RefitStats:
+        """One refit of every worker (rollout/refit.py); on any failure raises RefitError and the engine
+        refuses to generate until a later refit succeeds."""
+        return self.refitter.refit(version, send)
 
-    def _receives(self) -> list[Any]:
-        return [self._receive]
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+        """A refit from this process: one pass over `named_tensors`."""
+        return self.refitter.update_weights(named_tensors, version)
 
-    def _failed(self, version: int) -> None:
-        self._state.failed_version = version
-
-    def _done(self, version: int, start: float, was_asleep: bool, send_stats: Any, replies: list) -> RefitStats:
-        return refit_stats(version, time.perf_counter() - start, send_stats, replies, self.refit_done(version, was_asleep))
-
-    # The steps of a refit around the transfer; EngineGroup runs each on all of its engines.
-    def prepare_refit(self) -> bool:
+    def refit_prepare(self) -> bool:
         """Before the transfer: wakes the weights (colocate); returns whether the engine slept."""
-        if self._state.closed:
-            raise RuntimeError("update_weights() on a closed rollout")
-        was_asleep = self._state.asleep
+        was_asleep = self.state.asleep
         if was_asleep and self._can_sleep:
             self.llm.wake_up(["weights"])  # weights first: the KV cache stays released during the transfer
-        self._receivers_open = True
         return was_asleep
 
-    def refit_done(self, version: int, was_asleep: bool) -> tuple[Cache, ...]:
-        """After a transfer every worker confirmed: the new version, the KV cache back, caches reset."""
-        self._state.refit_succeeded()
-        self.version = version
+    def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
+        return self.llm.collective_rpc("refit_receive", args=(request.to_dict(),))
+
+    def refit_finish(self, version: int, was_asleep: bool) -> tuple[Cache, ...]:
+        """After a transfer every worker confirmed: the KV cache back, caches reset."""
         if was_asleep:
             if self._can_sleep:
                 self._wake(["kv_cache"])
-            self._state.asleep = False
+            self.state.asleep = False
         return self._reset_caches(after_sleep=was_asleep)
-
-    def _receive(self, args: tuple) -> list[dict[str, Any]]:
-        return self.llm.collective_rpc("refit_receive", args=args)
 
     def _reset_caches(self, after_sleep: bool) -> tuple[Cache, ...]:
         wanted = caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
@@ -294,16 +189,16 @@ class VllmRollout(RefitPhases):
     def close(self) -> None:
         """Idempotent: closes the transfer on both ends, then shuts vLLM's processes down and removes the
         shared memory they left (rollout/vllm_segments.py)."""
-        if self._state.closed:
+        if self.state.closed:
             return
-        self._state.closed = True
+        self.state.closed = True
         try:
-            if self._receivers_open:
-                self.llm.collective_rpc("refit_close", timeout=self.transfer.timeout_s)
+            if self.state.receivers_open:
+                self.llm.collective_rpc("refit_close", timeout=self.refitter.transfer.timeout_s)
         except Exception as exc:  # noqa: BLE001 - a dead engine's receivers died with it; shut down regardless
             logger.warning("closing the workers' receivers failed (engine dead?): %s", exc)
         finally:
-            self._channel.close()
+            self.refitter.close()
             self.vllm_segments.record()
             try:
                 # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
@@ -399,16 +294,6 @@ def check_awake(result: Any, tags: list[str] | None, vllm_version: str) -> None:
     awake = fully_awake(result, vllm_version)  # None on 0.24: it does not say
     if awake is False and (tags is None or "kv_cache" in tags):
         raise RuntimeError(f"vLLM {vllm_version} still sleeps after wake_up({tags}): it will not schedule")
-
-
-def refit_stats(version: int, seconds: float, send_stats: Any, replies: Sequence[WorkerReply],
-                caches: tuple[Cache, ...]) -> RefitStats:
-    loads = tuple(r.load_s for r in replies)
-    return RefitStats(
-        version, seconds, send_stats.num_bytes, send_stats.num_tensors, send_stats.num_buckets,
-        send_stats.seconds, max(loads), sum(r.detached_bytes for r in replies), tuple(c.value for c in caches),
-        replies[0].load_path, loads, replies[0].load_plan,
-    )
 
 
 def resolve_dtype(dtype: str, device_type: str, model_path: str) -> str:

@@ -1,7 +1,7 @@
 """Several vLLM engines (data-parallel replicas) behind the one-engine API, fed by ONE refit.
 
-`generate` splits the prompts into contiguous shares, one per engine, runs them concurrently (each
-`LLM.generate` waits on its own engine-core process) and joins the samples in prompt order; each prompt
+`generate`/`submit` split the prompts into contiguous shares, one per engine, run them concurrently (each
+engine waits on its own engine-core process) and join the samples in prompt order; each prompt
 keeps the seeds it has on one engine, so samples do not depend on `num_engines`. `update_weights` packs
 every bucket once for all K x TP workers: one sender, one receiver per worker. The engines move to a new
 version together: if any worker fails, every engine refuses to generate until a refit succeeds.
@@ -9,17 +9,21 @@ version together: if any worker fails, every engine refuses to generate until a 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from rollout.config import RolloutConfig
-from rollout.engine import RefitPhases, RefitStats, Sample, VllmRollout, refit_stats
-from rollout.refit_channel import RefitChannel
+import torch
+
+from rollout.api import RefitStats, Sample, Send
+from rollout.config import EngineKind, RolloutConfig
+from rollout.refit import Refitter
 
 
-class EngineGroup(RefitPhases):
-    """`cfg.num_engines` engines of `cfg.backend.tensor_parallel_size` workers each. Build it with `build_rollout`.
+class EngineGroup:
+    """`cfg.num_engines` engines (sync or async, `cfg.engine`) of `cfg.backend.tensor_parallel_size` workers
+    each, composed with ONE Refitter over all of them. Build it with `build_rollout`.
 
     Example:
         cfg = RolloutConfig(num_engines=2)
@@ -31,19 +35,22 @@ class EngineGroup(RefitPhases):
 
     def __init__(self, cfg: RolloutConfig, model_path: str, worker_extension: str | None = None) -> None:
         self.cfg = cfg
-        self.engines: list[VllmRollout] = []
+        self.engines: list[Any] = []
+        self._closed = False
+        if cfg.engine is EngineKind("async"):
+            from rollout.async_engine import AsyncVllmRollout as engine_cls
+        else:
+            from rollout.engine import VllmRollout as engine_cls
         try:
             for k in range(cfg.num_engines):  # one at a time: each start sets its own worker environment
-                self.engines.append(VllmRollout(cfg, model_path, worker_extension=worker_extension, engine_index=k))
+                self.engines.append(engine_cls(cfg, model_path, worker_extension=worker_extension, engine_index=k))
         except BaseException:
             self.close()
             raise
-        self.platform = self.engines[0].platform
-        self.transfer = self.engines[0].transfer
-        self._channel = RefitChannel(self.platform.device_type, cfg.endpoint_dir, cfg.timeouts,
-                                     cfg.backend.tensor_parallel_size, cfg.num_engines)
-        self._pending_refit: tuple[int, float, list[bool]] | None = None  # begin_refit: (version, start, slept)
-        self._closed = False
+        first = self.engines[0]
+        self.platform = first.platform
+        self.refitter = Refitter(self.engines, self.platform.device_type, cfg.endpoint_dir, cfg.timeouts,
+                                 first.refitter.transfer, cfg.load_path, cfg.backend.tensor_parallel_size)
 
     @property
     def tokenizer(self) -> Any:
@@ -54,8 +61,8 @@ class EngineGroup(RefitPhases):
         return self.engines[0].version
 
     @property
-    def _endpoint(self) -> str | None:
-        return self._channel.endpoint
+    def dtype(self) -> Any:
+        return self.engines[0].dtype
 
     @property
     def vllm_segments(self) -> Any:
@@ -67,20 +74,28 @@ class EngineGroup(RefitPhases):
     def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
                  temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0) -> list[Sample]:
         """As VllmRollout.generate, over all engines; refuses (before any engine starts) if one cannot generate."""
+        return self.submit(prompts, n, max_tokens, temperature, seed, top_p).result()
+
+    def submit(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
+               temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0) -> "GroupHandle":
+        """Each engine's share submitted at once (sync engines: each in a thread, joined here); one handle."""
         for engine in self.engines:
-            engine._state.check_can_generate()
-        shares = split(len(prompts), len(self.engines))
-        results: list[list[Sample] | BaseException] = [[] for _ in shares]
+            engine.state.check_can_generate()
+        shares = [(k, a, b) for k, (a, b) in enumerate(split(len(prompts), len(self.engines))) if b > a]
+        if self.cfg.engine is EngineKind("async"):
+            return GroupHandle([self.engines[k].submit(prompts[a:b], n, max_tokens, temperature, seed, top_p,
+                                                       prompt_offset=a) for k, a, b in shares])
+        results: list[Any] = [None] * len(shares)
 
-        def run(k: int, start: int, stop: int) -> None:
+        def run(i: int, k: int, start: int, stop: int) -> None:
             try:
-                results[k] = self.engines[k].generate(prompts[start:stop], n, max_tokens, temperature, seed, top_p,
-                                                      prompt_offset=start)
+                results[i] = self.engines[k].submit(prompts[start:stop], n, max_tokens, temperature, seed, top_p,
+                                                    prompt_offset=start)
             except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-                results[k] = exc
+                results[i] = exc
 
-        threads = [threading.Thread(target=run, args=(k, a, b), name=f"generate-{k}", daemon=True)
-                   for k, (a, b) in enumerate(shares) if b > a]
+        threads = [threading.Thread(target=run, args=(i, *share), name=f"generate-{share[0]}", daemon=True)
+                   for i, share in enumerate(shares)]
         for t in threads:
             t.start()
         for t in threads:
@@ -88,23 +103,17 @@ class EngineGroup(RefitPhases):
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return [s for r in results for s in r]
+        return GroupHandle(results)
 
-    def _prepare(self, version: int) -> tuple[float, list[bool]]:
-        if self._closed:
-            raise RuntimeError("update_weights() on a closed rollout")
-        return time.perf_counter(), [engine.prepare_refit() for engine in self.engines]
+    def off_engine_cores(self) -> contextlib.AbstractContextManager[None]:
+        return self.engines[0].off_engine_cores()  # the engines share the cores they were given
 
-    def _receives(self) -> list[Any]:
-        return [engine._receive for engine in self.engines]
+    def refit(self, version: int, send: Send) -> RefitStats:
+        """One refit of every worker of every engine: each bucket packed once for all of them."""
+        return self.refitter.refit(version, send)
 
-    def _failed(self, version: int) -> None:
-        for engine in self.engines:
-            engine._state.failed_version = version
-
-    def _done(self, version: int, start: float, was_asleep: list[bool], send_stats: Any, replies: list) -> RefitStats:
-        caches = [engine.refit_done(version, slept) for engine, slept in zip(self.engines, was_asleep)]
-        return refit_stats(version, time.perf_counter() - start, send_stats, replies, caches[0])
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+        return self.refitter.update_weights(named_tensors, version)
 
     def sleep(self, level: int | None = None) -> None:
         for engine in self.engines:
@@ -116,7 +125,7 @@ class EngineGroup(RefitPhases):
 
     def close(self) -> None:
         """Idempotent: closes every engine (each closes its workers' receivers), then the sender."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
         errors = []
@@ -125,8 +134,8 @@ class EngineGroup(RefitPhases):
                 engine.close()
             except Exception as exc:  # noqa: BLE001 - close the others first, then raise it
                 errors.append(exc)
-        if getattr(self, "_channel", None) is not None:
-            self._channel.close()
+        if getattr(self, "refitter", None) is not None:
+            self.refitter.close()
         if errors:
             raise errors[0]
 
@@ -135,6 +144,24 @@ class EngineGroup(RefitPhases):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GroupHandle:
+    """The engines' handles of one submit, as one: samples in prompt order."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self._handles = handles
+
+    @property
+    def finished_at(self) -> float | None:
+        times = [h.finished_at for h in self._handles]
+        return None if any(t is None for t in times) else max(times, default=time.perf_counter())
+
+    def done(self) -> bool:
+        return all(h.done() for h in self._handles)
+
+    def result(self, timeout_s: float | None = None) -> list[Sample]:
+        return [s for h in self._handles for s in h.result(timeout_s)]
 
 
 def split(num_prompts: int, num_engines: int) -> list[tuple[int, int]]:

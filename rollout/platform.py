@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rollout.config import Backend
-from rollout.transfer.config import Transport, _coerce
+from rollout.transfer.config import Transport, resolve_transport
 
 DEVICE_TYPES = {Backend.vllm_cpu: "cpu", Backend.vllm_gpu: "cuda", Backend.vllm_ascend: "npu"}
 
@@ -92,16 +92,6 @@ class Platform:
         if level not in self.sleep_levels:
             allowed = ", ".join(map(str, self.sleep_levels)) or "none (no sleep mode)"
             raise ValueError(f"sleep level {level!r} is not supported on {self.device_type}; allowed: {allowed}")
-
-
-def resolve_transport(transport: Transport | str, device_type: str) -> Transport:
-    """The one place `auto` is decided: cuda -> cuda_ipc (the bucket stays on the GPU), anything else -> shm.
-    An NPU gets shm even where its driver could share device memory (ipc_supported): rollout.transfer has
-    no NPU IPC transport, and cuda_ipc serves CUDA devices only. An explicit choice is returned as is."""
-    transport = _coerce(Transport, transport, "rollout.transfer.transport")
-    if transport is not Transport.auto:
-        return transport
-    return Transport.cuda_ipc if device_type == "cuda" else Transport.shm
 
 
 def share_out(units: list, num_workers: int) -> list[list]:

@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 
-from rollout.engine import new_endpoint_in
+from rollout.refit import new_endpoint_in
 from rollout.transfer.channel import ipc_path, remove_endpoint
 
 

@@ -15,7 +15,8 @@ import dataclasses
 import time
 from typing import Any
 
-from trainers.ppo import Rollouts, sample_seed
+from rollout.api import RolloutEngine
+from trainers.rollouts import Rollouts, sample_seed
 from trainers.tasks import Example, Task
 
 
@@ -29,18 +30,14 @@ class AsyncRollouts:
             ...train...; ro.update_weights(params, version=step)   # generation goes on meanwhile
     """
 
-    def __init__(self, ro: Any, task: Task, cfg: Any) -> None:
-        if not hasattr(ro, "submit"):
-            raise ValueError(f"trainer.max_staleness={cfg.trainer.max_staleness} needs rollout.engine=async "
-                             f"(got {type(ro).__name__}, which cannot generate while the trainer trains)")
+    def __init__(self, ro: RolloutEngine, task: Task, cfg: Any) -> None:
         self.ro, self.task, self.cfg = ro, task, cfg
         self.max_staleness = cfg.trainer.max_staleness
         self._pending: dict[int, tuple[list[Example], Any, float]] = {}  # step -> (examples, handle, submitted)
         self._handed_over: float | None = None  # when the previous batch went to the trainer
         # The trainer's thread off the cores of vLLM's processes (rollout.engine_cores) until close().
         self._pinned = contextlib.ExitStack()
-        if hasattr(ro, "off_engine_cores"):
-            self._pinned.enter_context(ro.off_engine_cores())
+        self._pinned.enter_context(ro.off_engine_cores())
 
     def close(self) -> None:
         self._pinned.close()

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rollout.config import EngineKind, RolloutConfig
-from rollout.transfer.config import _coerce
+from rollout.transfer.config import coerce_enum
 from trainers.distributed.cluster import RayConfig
 
 
@@ -73,8 +73,8 @@ class AlgorithmConfig:
     lam: float = 0.95
 
     def __post_init__(self) -> None:
-        self.name = _coerce(Algorithm, self.name, "algorithm.name")
-        self.kl_estimator = _coerce(KLEstimator, self.kl_estimator, "algorithm.kl_estimator")
+        self.name = coerce_enum(Algorithm, self.name, "algorithm.name")
+        self.kl_estimator = coerce_enum(KLEstimator, self.kl_estimator, "algorithm.kl_estimator")
         if self.name is Algorithm.grpo and self.num_samples < 2:
             raise ValueError(f"algorithm=grpo needs algorithm.num_samples >= 2 (a group), got {self.num_samples!r}")
         if self.num_samples < 1 or self.num_epochs < 1 or self.num_minibatches < 1:
@@ -105,7 +105,7 @@ class TaskConfig:
     reward: Any = field(default_factory=lambda: {"_target_": "trainers.rewards.AdditionReward"})
 
     def __post_init__(self) -> None:
-        self.name = _coerce(TaskName, self.name, "task.name")
+        self.name = coerce_enum(TaskName, self.name, "task.name")
         if self.max_tokens < 1 or self.num_eval_prompts < 1 or self.max_operand < 0:
             raise ValueError("task.max_tokens and task.num_eval_prompts must be >= 1, task.max_operand >= 0")
         if not isinstance(self.reward, dict) or "_target_" not in self.reward:
@@ -204,9 +204,6 @@ class PPOConfig:
         if self.trainer.max_staleness > 0 and self.rollout.engine is not EngineKind("async"):
             raise ValueError(f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.engine=async "
                              f"(got {self.rollout.engine.value}: the sync engine cannot generate while the trainer trains)")
-        if self.trainer.num_workers > 1 and self.rollout.engine is EngineKind("async"):
-            raise ValueError(f"trainer.num_workers={self.trainer.num_workers} runs the engine as a Ray actor, which "
-                             "takes rollout.engine=sync only (the async engine's submit/handle API stays in one process)")
 
 
 def register_configs() -> None:

@@ -1,26 +1,26 @@
-"""The trainer's model side behind one small object: policy, optimizer, frozen reference, critic.
+"""The trainer's model side behind one small typed object: policy, optimizer, frozen reference, critic.
 
-The PPO loop talks to a `Learner` only through the methods below, so a sharded learner (FSDP ranks
-on Ray, say) can stand in for this single-process one without the loop changing.
+The PPO loop talks to a `Learner` (the Protocol below) only, so a sharded learner (FSDP2 ranks on Ray,
+trainers/distributed/learner.py) stands in for this single-process one without the loop changing; both
+run the same update math (trainers/update.py).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Protocol
 
 import torch
 from torch import Tensor
 
-from trainers.algorithms import masked_mean, truncated_is_weights
+from rollout.api import RefitPort, RolloutEngine
+from trainers.algorithms import masked_mean
 from trainers.checkpoint import SHARDS, save_checkpoint
 from trainers.config import Algorithm, AlgorithmConfig, TrainerConfig
-from trainers.distributed.cluster import RayConfig
 from trainers.policy import TokenBatch, ValueModel, collate, load_policy, token_logprobs
 from trainers.tasks import Example, Task
-from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
+from trainers.update import Models, OldScores, minibatch_order, minibatch_step, score
 
 UPDATE_METRICS = ("loss", "clip_frac", "ppo_kl", "entropy", "kl", "grad_norm", "value_loss")
 
@@ -35,41 +35,69 @@ def warm_start_batch(tokenizer: Any, examples: list[Example]) -> TokenBatch:
     )
 
 
-@dataclass
-class OldScores:
-    """What the trainer's models say about the sampled tokens before the update ([B, L-1] each)."""
+class Learner(Protocol):
+    """What the PPO loop relies on, and all it relies on: `LocalLearner` (one process) and
+    `trainers.distributed.learner.ShardedLearner` (FSDP2 ranks on Ray) implement it."""
 
-    logp: Tensor  # the policy's, at the sampling temperature: the ratio's denominator
-    raw_logp: Tensor  # the policy's at temperature 1: what vLLM reports, for `logprob_gap`
-    ref_logp: Optional[Tensor]  # the frozen reference's (None without a KL penalty)
-    values: Optional[Tensor]  # the critic's (None for GRPO)
-    # min(pi_policy / pi_sampler, algorithm.tis_cap) per token, at temperature 1 on both sides (what
-    # vLLM reports); None with tis_cap off
-    is_weights: Optional[Tensor] = None
+    device: torch.device  # where a step's batch goes before the learner's calls
+    last_gather_peak_bytes: Optional[int]  # the last refit's gathered-tensor peak (sharded), else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The policy's parameter dtype (the precision of the trainer's log-probs)."""
+
+    def warm_start(self, tokenizer: Any, task: Task) -> Optional[float]: ...
+
+    def freeze_reference(self, state: Optional[dict] = None) -> None: ...
+
+    def logprobs(self, batch: TokenBatch) -> OldScores: ...
+
+    def update(self, batch: TokenBatch, old: OldScores, advantages: Tensor, returns: Optional[Tensor],
+               seed: int) -> dict[str, Optional[float]]: ...
+
+    def send(self, port: RefitPort, version: int) -> Any:
+        """The sending half of a refit (rollout.api.Send): the policy's full tensors through `port`."""
+
+    def open_engine(self, rollout_cfg: Any, model_path: str) -> RolloutEngine:
+        """The rollout engine placed where this learner feeds it."""
+
+    def save_checkpoint(self, path: Path, run_state: dict[str, Any]) -> Path: ...
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None: ...
+
+    def close(self) -> None: ...
 
 
-class Learner:
+class LocalLearner:
     """The policy, its AdamW, and (as the algorithm asks) a frozen reference and a critic, on one device.
 
     Example:
-        learner = Learner(model_path, cfg.algorithm, cfg.trainer, torch.device("cpu"))
+        learner = LocalLearner(model_path, cfg.algorithm, cfg.trainer, torch.device("cpu"))
         learner.warm_start(tokenizer, task)          # or learner.load_state_dict(checkpoint)
         learner.freeze_reference()
         old = learner.logprobs(batch)
         metrics = learner.update(batch, old, advantages, returns, seed=step)
-        learner.refit(engine, version=step)
+        engine.refit(step, learner.send)
         learner.save_checkpoint(path, run_state)     # run_state: step, history, ... (a dict)
     """
 
     def __init__(self, model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, device: torch.device) -> None:
         self.alg, self.micro_batch_size, self.device = alg, trainer.micro_batch_size, device
         self.trainer = trainer
-        self.policy = load_policy(model_path).to(device)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay)
-        self.critic = ValueModel(model_path).to(device) if alg.name is Algorithm.ppo else None
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=alg.critic_lr) if self.critic else None
-        self.reference: Optional[torch.nn.Module] = None
+        policy = load_policy(model_path).to(device)
+        critic = ValueModel(model_path).to(device) if alg.name is Algorithm.ppo else None
+        self.models = Models(
+            policy, torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay), None, critic,
+            torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr) if critic is not None else None)
         self._reference_loaded = False  # from a sharded checkpoint, by load_state_dict
+        self.last_gather_peak_bytes: Optional[int] = None  # nothing is gathered here
+
+    # the models by name, for the methods below and the tests
+    policy = property(lambda self: self.models.policy)
+    optimizer = property(lambda self: self.models.optimizer)
+    critic = property(lambda self: self.models.critic)
+    critic_opt = property(lambda self: self.models.critic_opt)
+    reference = property(lambda self: self.models.reference)
 
     def warm_start(self, tokenizer: Any, task: Task) -> Optional[float]:
         """A short supervised warm-start on the task's reference completions; returns the last loss."""
@@ -92,48 +120,26 @@ class Learner:
         """With a KL penalty: the reference is a frozen copy of the policy now (or `state`, on resume)."""
         if self.alg.kl_coef <= 0 or (state is None and self._reference_loaded):
             return
-        self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        self.models.reference = copy.deepcopy(self.policy).requires_grad_(False)
         if state is not None:
             self.reference.load_state_dict(state)
 
-    @torch.no_grad()
     def logprobs(self, batch: TokenBatch) -> OldScores:
-        temperature, micro = self.alg.temperature, self.micro_batch_size
-        logp = logprobs_no_grad(self.policy, batch, temperature, micro)
-        raw = logp if temperature == 1.0 else logprobs_no_grad(self.policy, batch, 1.0, micro)
-        ref = logprobs_no_grad(self.reference, batch, temperature, micro) if self.reference else None
-        values = values_no_grad(self.critic, batch, micro) if self.critic is not None else None
-        weights = None
-        if self.alg.tis_cap is not None:
-            weights = truncated_is_weights(raw, batch.sampler_logprobs, self.alg.tis_cap, batch.mask)
-        return OldScores(logp, raw, ref, values, weights)
+        return score(self.models, batch, self.alg, self.micro_batch_size)
 
     def update(
         self, batch: TokenBatch, old: OldScores, advantages: Tensor, returns: Optional[Tensor], seed: int
     ) -> dict[str, Optional[float]]:
         """`num_epochs` passes of `num_minibatches` clipped steps (shuffled by `seed`); mean metrics."""
-        alg, micro = self.alg, self.micro_batch_size
         acc = dict.fromkeys(UPDATE_METRICS, 0.0)
-        num_updates = 0
-        shuffle = torch.Generator().manual_seed(seed)
-        for _ in range(alg.num_epochs):
-            for idx in torch.randperm(batch.tokens.shape[0], generator=shuffle).to(self.device).chunk(alg.num_minibatches):
-                mb = batch.select(idx)
-                self.optimizer.zero_grad(set_to_none=True)
-                ref = old.ref_logp[idx] if old.ref_logp is not None else None
-                weights = old.is_weights[idx] if old.is_weights is not None else None
-                for key, value in policy_backward(self.policy, mb, old.logp[idx], advantages[idx], ref, alg, micro,
-                                                  weights).items():
-                    acc[key] += value
-                acc["grad_norm"] += torch.nn.utils.clip_grad_norm_(self.policy.parameters(), alg.max_grad_norm).item()
-                self.optimizer.step()
-                if self.critic is not None:
-                    self.critic_opt.zero_grad(set_to_none=True)
-                    acc["value_loss"] += value_backward(self.critic, mb, old.values[idx], returns[idx], alg.value_clip, micro)
-                    torch.nn.utils.clip_grad_norm_(self.critic.parameters(), alg.max_grad_norm)
-                    self.critic_opt.step()
-                num_updates += 1
-        metrics: dict[str, Optional[float]] = {k: v / num_updates for k, v in acc.items()}
+        minibatches = minibatch_order(batch.tokens.shape[0], self.alg, seed)
+        for idx in minibatches:
+            idx = idx.to(self.device)
+            step = minibatch_step(self.models, batch.select(idx), old.select(idx), advantages[idx],
+                                  returns[idx] if returns is not None else None, self.alg, self.micro_batch_size)
+            for key, value in step.items():
+                acc[key] += value
+        metrics: dict[str, Optional[float]] = {k: v / len(minibatches) for k, v in acc.items()}
         metrics["kl"] = metrics["kl"] if self.reference is not None else None
         metrics["value_loss"] = metrics["value_loss"] if self.critic is not None else None
         return metrics
@@ -144,19 +150,25 @@ class Learner:
         return next(self.policy.parameters()).dtype
 
     def named_parameters_for_refit(self) -> Iterable[tuple[str, Tensor]]:
-        """The policy's full tensors, by Hugging Face name, for `update_weights`."""
+        """The policy's full tensors, by Hugging Face name."""
         return self.policy.named_parameters()
 
-    def refit(self, ro: Any, version: int) -> Any:
-        """`update_weights` of engine `ro` with the policy; returns its RefitStats."""
-        return ro.update_weights(self.named_parameters_for_refit(), version=version)
+    def send(self, port: RefitPort, version: int) -> Any:
+        """The sending half of a refit: the policy's tensors through this process's sender (the engine's,
+        kept across refits)."""
+        return port.sender().send(self.named_parameters_for_refit(), version)
+
+    def open_engine(self, rollout_cfg: Any, model_path: str) -> RolloutEngine:
+        from rollout import build_rollout
+
+        return build_rollout(rollout_cfg, model_path)
 
     def save_checkpoint(self, path: Path, run_state: dict[str, Any]) -> Path:
         return save_checkpoint(path, {**run_state, **self.state_dict()})
 
     def close(self) -> None:
         """Drop the models and optimizers (their memory goes back at once)."""
-        self.policy = self.optimizer = self.critic = self.critic_opt = self.reference = None
+        self.models = Models(None, None)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
         critic = self.critic
@@ -185,18 +197,3 @@ class Learner:
                 raise ValueError(f"trainer.resume={source!r} holds no critic: it was not an algorithm=ppo run")
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_optimizer"])
-
-
-def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, backend: str,
-                  ray: Optional[RayConfig] = None, engine_gpus: Optional[float] = None) -> Learner:
-    """One process, or with `trainer.num_workers > 1` that many FSDP2 ranks on Ray (a ShardedLearner) with
-    the engine's bundle: rank 0's (`engine_gpus=None`, colocate) or one of its own with that many GPUs."""
-    device = trainer.device
-    if device == "auto":
-        device = {"vllm_cpu": "cpu", "vllm_gpu": "cuda", "vllm_ascend": "npu"}[backend]
-    if trainer.num_workers > 1:
-        from trainers.distributed.learner import ShardedLearner
-
-        return ShardedLearner(model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device,
-                              engine_gpus).start()
-    return Learner(model_path, alg, trainer, torch.device(device))

@@ -17,28 +17,37 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
+from rollout.api import RolloutEngine
 from rollout.config import Mode
-
 from trainers.algorithms import gae, grpo_advantages, masked_whiten, terminal_rewards
+from trainers.async_rollouts import AsyncRollouts
 from trainers.checkpoint import checkpoint_path, load_checkpoint
-from trainers.config import Algorithm, AlgorithmConfig, PPOConfig, TrainerConfig, register_configs, to_typed
-from trainers.learner import Learner, build_learner
+from trainers.config import (
+    Algorithm,
+    AlgorithmConfig,
+    PPOConfig,
+    TrainerConfig,
+    register_configs,
+    to_typed,
+)
+from trainers.distributed.cluster import RayConfig
+from trainers.learner import Learner, LocalLearner
 from trainers.loggers import build_loggers
 from trainers.policy import collate
 from trainers.refit_canary import check_refit_gap, gap_threshold
-from trainers.tasks import Example, Task, build_task
+from trainers.rollouts import RolloutProducer, Rollouts, SyncRollouts
+from trainers.tasks import Task, build_task
 
 register_configs()
 
@@ -60,11 +69,6 @@ def build_reward(node: dict) -> RewardFn:
 
 def score(samples, answers: list[str], reward_fn: RewardFn) -> torch.Tensor:
     return torch.tensor([float(reward_fn(s.text, answers[s.prompt_index])) for s in samples])
-
-
-def sample_seed(seed: int, step: int) -> int:
-    """vLLM's sampling seed of a training step: distinct per (run seed, step), the same on resume."""
-    return seed * 1_000_003 + step * 100_003
 
 
 def shuffle_seed(seed: int, step: int) -> int:
@@ -99,18 +103,7 @@ class Setup:
     warmup_loss: Optional[float] = None  # None: resumed, or no warm-start
 
 
-@dataclass
-class Rollouts:
-    """One step's sampled responses and the prompts they answer."""
-
-    examples: list[Example]
-    samples: list[Any]  # rollout.Sample, in prompt order, n per prompt
-    gen_s: float  # how long the trainer waited for them
-    dropped: int = 0  # samples too stale to train on (trainer.max_staleness), left out of `samples`
-    overlap_s: float = 0.0  # seconds the engine generated while the trainer trained (the previous step)
-
-
-def evaluate(ro, task: Task, reward_fn: RewardFn, cfg: PPOConfig) -> float:
+def evaluate(ro: RolloutEngine, task: Task, reward_fn: RewardFn, cfg: PPOConfig) -> float:
     """Mean reward on the fixed eval prompts (same sampling settings and seed every time)."""
     samples = ro.generate(
         [e.prompt for e in task.eval], n=cfg.trainer.eval_samples, max_tokens=cfg.task.max_tokens,
@@ -125,6 +118,21 @@ def resolve_model(cfg: PPOConfig) -> str:
     from rollout.tiny_model import ensure_tiny_model
 
     return str(ensure_tiny_model(cache_dir=cfg.model.cache_dir))
+
+
+def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, backend: str,
+                  ray: Optional[RayConfig] = None, engine_gpus: Optional[float] = None) -> Learner:
+    """A LocalLearner, or with `trainer.num_workers > 1` that many FSDP2 ranks on Ray (a ShardedLearner) with
+    the engine's bundle: rank 0's (`engine_gpus=None`, colocate) or one of its own with that many GPUs."""
+    device = trainer.device
+    if device == "auto":
+        device = {"vllm_cpu": "cpu", "vllm_gpu": "cuda", "vllm_ascend": "npu"}[backend]
+    if trainer.num_workers > 1:
+        from trainers.distributed.learner import ShardedLearner
+
+        return ShardedLearner(model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device,
+                              engine_gpus).start()
+    return LocalLearner(model_path, alg, trainer, torch.device(device))
 
 
 def setup(cfg: PPOConfig) -> Setup:
@@ -177,22 +185,20 @@ def resume(learner: Learner, ckpt: dict, t: TrainerConfig) -> RunState:
     return RunState(ckpt["step"], ckpt["history"], ckpt["baseline"])
 
 
-def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, rollout=None, learner=None):
-    """A new engine on `model_path` (its transfer endpoint in the run directory), or the caller's running one
-    (left open at the end). A sharded learner places it in its Ray placement group, beside its feeding rank."""
+def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, learner: Learner,
+                rollout: Optional[RolloutEngine] = None) -> ContextManager[RolloutEngine]:
+    """A new engine on `model_path` (its transfer endpoint in the run directory), placed by the learner (a
+    sharded one puts it in its Ray placement group, beside its feeding rank), or the caller's running one
+    (left open at the end)."""
     if rollout is not None:
         return contextlib.nullcontext(rollout)
-    from rollout import build_rollout
-
     rollout_cfg = cfg.rollout
     if rollout_cfg.endpoint_dir is None:
         rollout_cfg = dataclasses.replace(rollout_cfg, endpoint_dir=str(out_dir.resolve()))
-    if hasattr(learner, "engine"):
-        return learner.engine(rollout_cfg, model_path)
-    return build_rollout(rollout_cfg, model_path)
+    return learner.open_engine(rollout_cfg, model_path)
 
 
-def run(cfg: PPOConfig, rollout=None) -> dict:
+def run(cfg: PPOConfig, rollout: Optional[RolloutEngine] = None) -> dict:
     """Train; returns the summary also written to <out_dir>/summary.json.
 
     `rollout`: an already running engine on the same model to use (and leave open) instead of
@@ -202,9 +208,10 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
     """
     wall_start = time.perf_counter()
     s = setup(cfg)
-    with contextlib.closing(s.learner), contextlib.closing(s.log), open_engine(cfg, s.model_path, s.out_dir, rollout, s.learner) as ro:
+    with contextlib.closing(s.learner), contextlib.closing(s.log), \
+            open_engine(cfg, s.model_path, s.out_dir, s.learner, rollout) as ro:
         start_engine(ro, s, cfg)
-        gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, getattr(ro, "dtype", None), s.learner.dtype)
+        gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, ro.dtype, s.learner.dtype)
         next_rollouts = rollout_producer(ro, s.task, cfg)
         try:
             with frozen_gc_heap():
@@ -218,8 +225,7 @@ def run(cfg: PPOConfig, rollout=None) -> dict:
                     metrics["timing/step_s"] = time.perf_counter() - step_start
                     record(s, cfg, step, metrics)
         finally:
-            if hasattr(next_rollouts, "close"):  # the async producer: its trainer thread back on every core
-                next_rollouts.close()
+            next_rollouts.close()  # the async producer: its trainer thread back on every core
         final_eval = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.log_eval({"eval/reward": final_eval}, step=cfg.trainer.total_steps)
         s.log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {s.state.baseline:.3f})")
@@ -240,39 +246,22 @@ def frozen_gc_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def start_engine(ro, s: Setup, cfg: PPOConfig) -> None:
+def start_engine(ro: RolloutEngine, s: Setup, cfg: PPOConfig) -> None:
     """The engine starts from the trainer's weights (warm-started, resumed, or whatever a shared
     engine held before); a fresh run measures its pre-RL baseline."""
-    s.learner.refit(ro, version=s.state.step)
+    ro.refit(s.state.step, s.learner.send)
     if s.state.baseline is None:
         s.state.baseline = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.message(f"pre-RL baseline: eval reward {s.state.baseline:.3f}")
         s.log.log_eval({"eval/reward": s.state.baseline, "warmup/loss": s.warmup_loss}, step=s.state.step)
 
 
-def rollout_producer(ro, task: Task, cfg: PPOConfig) -> Callable[[int], Rollouts]:
+def rollout_producer(ro: RolloutEngine, task: Task, cfg: PPOConfig) -> RolloutProducer:
     """step -> Rollouts: generate each batch when its step comes, or (trainer.max_staleness > 0) keep
     the next batches generating on the async engine while the trainer trains."""
     if cfg.trainer.max_staleness == 0:
-        return functools.partial(generate, ro, task, cfg)
-    from trainers.async_rollouts import AsyncRollouts
-
+        return SyncRollouts(ro, task, cfg)
     return AsyncRollouts(ro, task, cfg)
-
-
-def generate(ro, task: Task, cfg: PPOConfig, step: int) -> Rollouts:
-    """Sample `num_samples` responses per prompt of this step's batch with the engine's current weights."""
-    start = time.perf_counter()
-    ro.wake_up()  # no-op unless it slept through a step without a refit (trainer.refit_every > 1)
-    examples = task.batch(step, cfg.trainer.prompts_per_step)
-    alg = cfg.algorithm
-    samples = ro.generate(
-        [e.prompt for e in examples], n=alg.num_samples, max_tokens=cfg.task.max_tokens,
-        temperature=alg.temperature, seed=sample_seed(cfg.trainer.seed, step),
-    )
-    gen_s = time.perf_counter() - start
-    ro.sleep()  # colocate: the engine's device memory goes to training; update_weights wakes it up
-    return Rollouts(examples, samples, gen_s)
 
 
 def advantages(alg: AlgorithmConfig, rewards: torch.Tensor, mask: torch.Tensor, values: Optional[torch.Tensor]):
@@ -318,14 +307,14 @@ def staleness(samples: list, rollouts: Rollouts, step: int) -> dict:
     }
 
 
-def refit(ro, learner: Learner, t: TrainerConfig, step: int) -> dict:
+def refit(ro: RolloutEngine, learner: Learner, t: TrainerConfig, step: int) -> dict:
     """Every `refit_every` steps (and at the last): the engine samples the next step with these weights."""
     refit_s, gbps, peak_mb = 0.0, None, None
     if step % t.refit_every == 0 or step == t.total_steps:
-        stats = learner.refit(ro, version=step)
+        stats = ro.refit(step, learner.send)
         refit_s, gbps = stats.seconds, stats.num_bytes / stats.seconds / 1e9
-        report = getattr(learner, "last_refit", None)  # a sharded learner's feeding rank: its gather's peak
-        peak_mb = report["gather_peak_bytes"] / 2**20 if report else None
+        peak = learner.last_gather_peak_bytes  # a sharded learner's feeding rank: its gather's peak
+        peak_mb = peak / 2**20 if peak is not None else None
     return {"refit/gbps": gbps, "timing/refit_s": refit_s, "refit/gather_peak_mb": peak_mb}
 
 

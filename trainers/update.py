@@ -1,4 +1,5 @@
-"""One minibatch's gradients, accumulated micro-batch by micro-batch so that big models fit.
+"""The update math, written once for the one-process learner and the sharded ranks: the old scores of a
+batch, and one minibatch's step, its gradients accumulated micro-batch by micro-batch so that big models fit.
 
 The loss is a token-mean over the whole minibatch: each micro-batch's token-mean is weighted by its
 share of the minibatch's response tokens, so any `micro_batch_size` gives the same gradient.
@@ -6,12 +7,19 @@ share of the minibatch's response tokens, so any `micro_batch_size` gives the sa
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from trainers.algorithms import clipped_policy_loss, clipped_value_loss, kl_estimate, masked_mean
+from trainers.algorithms import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_estimate,
+    masked_mean,
+    truncated_is_weights,
+)
 from trainers.config import AlgorithmConfig
 from trainers.policy import TokenBatch, token_logprobs
 
@@ -83,3 +91,78 @@ def value_backward(
         (loss * weight).backward()
         out += loss.item() * weight.item()
     return out
+
+
+@dataclass
+class OldScores:
+    """What the trainer's models say about the sampled tokens before the update ([B, L-1] each)."""
+
+    logp: Tensor  # the policy's, at the sampling temperature: the ratio's denominator
+    raw_logp: Optional[Tensor]  # the policy's at temperature 1: what vLLM reports, for `logprob_gap`
+    ref_logp: Optional[Tensor]  # the frozen reference's (None without a KL penalty)
+    values: Optional[Tensor]  # the critic's (None for GRPO)
+    # min(pi_policy / pi_sampler, algorithm.tis_cap) per token, at temperature 1 on both sides (what
+    # vLLM reports); None with tis_cap off
+    is_weights: Optional[Tensor] = None
+
+    def select(self, idx: Tensor) -> "OldScores":
+        return OldScores(*(None if t is None else t[idx] for t in self.tensors()))
+
+    def tensors(self) -> tuple[Optional[Tensor], ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass
+class Models:
+    """The models one process (or one rank, its shards) trains: the policy, its optimizer, and as the
+    algorithm asks a frozen reference and a critic with its optimizer."""
+
+    policy: nn.Module
+    optimizer: torch.optim.Optimizer
+    reference: Optional[nn.Module] = None
+    critic: Optional[nn.Module] = None
+    critic_opt: Optional[torch.optim.Optimizer] = None
+
+
+@torch.no_grad()
+def score(m: Models, batch: TokenBatch, alg: AlgorithmConfig, micro_batch_size: int) -> OldScores:
+    """The old log-probs (at the sampling temperature and at 1), the reference's, the critic's values and
+    the truncated importance weights of `batch`'s rows."""
+    temperature = alg.temperature
+    logp = logprobs_no_grad(m.policy, batch, temperature, micro_batch_size)
+    raw = logp if temperature == 1.0 else logprobs_no_grad(m.policy, batch, 1.0, micro_batch_size)
+    ref = logprobs_no_grad(m.reference, batch, temperature, micro_batch_size) if m.reference is not None else None
+    values = values_no_grad(m.critic, batch, micro_batch_size) if m.critic is not None else None
+    weights = None
+    if alg.tis_cap is not None:
+        weights = truncated_is_weights(raw, batch.sampler_logprobs, alg.tis_cap, batch.mask)
+    return OldScores(logp, raw, ref, values, weights)
+
+
+def minibatch_order(num_rows: int, alg: AlgorithmConfig, seed: int) -> list[Tensor]:
+    """The row indices of every minibatch of an update: `num_epochs` shuffles (by `seed`), each cut into
+    `num_minibatches`."""
+    shuffle = torch.Generator().manual_seed(seed)
+    return [idx for _ in range(alg.num_epochs)
+            for idx in torch.randperm(num_rows, generator=shuffle).chunk(alg.num_minibatches)]
+
+
+def minibatch_step(
+    m: Models, mb: TokenBatch, old: OldScores, advantages: Tensor, returns: Optional[Tensor], alg: AlgorithmConfig,
+    micro_batch_size: int, total_tokens: Optional[Tensor] = None, grad_norm: Callable[[Tensor], float] = float,
+) -> dict[str, float]:
+    """One clipped policy step (and a critic step) on minibatch `mb`, whose rows `old`, `advantages` and
+    `returns` are; returns its metrics. `total_tokens`, `grad_norm`: a rank's share of a minibatch (see
+    policy_backward; the whole model's gradient norm of sharded gradients)."""
+    m.optimizer.zero_grad(set_to_none=True)
+    metrics = policy_backward(m.policy, mb, old.logp, advantages, old.ref_logp, alg, micro_batch_size,
+                              old.is_weights, total_tokens)
+    metrics["grad_norm"] = grad_norm(torch.nn.utils.clip_grad_norm_(m.policy.parameters(), alg.max_grad_norm))
+    m.optimizer.step()
+    if m.critic is not None:
+        m.critic_opt.zero_grad(set_to_none=True)
+        metrics["value_loss"] = value_backward(m.critic, mb, old.values, returns, alg.value_clip, micro_batch_size,
+                                               total_tokens)
+        torch.nn.utils.clip_grad_norm_(m.critic.parameters(), alg.max_grad_norm)
+        m.critic_opt.step()
+    return metrics

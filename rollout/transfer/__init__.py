@@ -15,14 +15,41 @@ Example:
         stats = receiver.receive(consume)                         # consume(weights, is_last)
 """
 
-from rollout.transfer.channel import new_endpoint
-from rollout.transfer.config import DirectFallback, Sync, TransferConfig, TransferMode, Transport
-from rollout.transfer.errors import IntegrityError, PeerError, TransferError, TransferTimeout
-from rollout.transfer.receiver import WeightReceiver
-from rollout.transfer.sender import WeightSender
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from rollout.transfer.config import (
+    DirectFallback,
+    Sync,
+    TransferConfig,
+    TransferMode,
+    Transport,
+)
+from rollout.transfer.errors import (
+    IntegrityError,
+    PeerError,
+    TransferError,
+    TransferTimeout,
+)
 from rollout.transfer.stats import TransferStats
-from rollout.transfer.transports import resolve_transport
-from rollout.transfer.wire import ProtocolError
+
+if TYPE_CHECKING:
+    from rollout.transfer.channel import new_endpoint
+    from rollout.transfer.receiver import WeightReceiver
+    from rollout.transfer.sender import WeightSender
+    from rollout.transfer.transports import resolve_transport
+    from rollout.transfer.wire import ProtocolError
+
+# The implementation is imported on first use: a config (rollout.config, trainers.config) imports the
+# typed choices above and no transport, socket or wire code.
+_LAZY = {"new_endpoint": "channel", "WeightReceiver": "receiver", "WeightSender": "sender",
+         "resolve_transport": "transports", "ProtocolError": "wire"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"rollout.transfer.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'rollout.transfer' has no attribute {name!r}")
 
 __all__ = [
     "DirectFallback",

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from rollout.transfer.nccl import NcclConfig
-
 
 class Transport(str, Enum):
     """How bucket bytes move from the trainer to the rollout worker."""
@@ -39,12 +37,48 @@ class DirectFallback(str, Enum):
     bucketed = "bucketed"  # send that refit through buckets instead, with a warning naming the tensor
 
 
-def _coerce(enum_cls: type[Enum], value: object, key: str) -> Enum:
+def coerce_enum(enum_cls: type[Enum], value: object, key: str) -> Enum:
+    """`value` as a member of `enum_cls` (by value), or ValueError naming config key `key` and the choices."""
     try:
         return enum_cls(value.value if isinstance(value, Enum) else value)
     except ValueError:
         allowed = ", ".join(m.value for m in enum_cls)
         raise ValueError(f"{key}={value!r} is not one of: {allowed}") from None
+
+
+@dataclass
+class NcclConfig:
+    """The `rollout.transfer.nccl` node: what only the nccl transport reads.
+
+    Example:
+        TransferConfig(transport="nccl", nccl=NcclConfig(watchdog_s=1800.0, nvls=False))
+    """
+
+    # where the receiver reaches the sender's rendezvous store; the channel is ipc://, so one host
+    store_host: str = "127.0.0.1"
+    # NCCL's watchdog ends the process when a collective outlives it: it must stay far past our own
+    # deadlines, which abort the group first (checked against timeout_s by TransferConfig)
+    watchdog_s: float = 1800.0
+    # NVLink multicast (NCCL's NVLS): off, as the lent H200 machines require; on only where it works
+    nvls: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store_host, str) or not self.store_host:
+            raise ValueError(f"rollout.transfer.nccl.store_host must be a host name or address, got {self.store_host!r}")
+        if not self.watchdog_s > 0:
+            raise ValueError(f"rollout.transfer.nccl.watchdog_s must be > 0 seconds, got {self.watchdog_s!r}")
+        if not isinstance(self.nvls, bool):
+            raise ValueError(f"rollout.transfer.nccl.nvls must be true or false, got {self.nvls!r}")
+
+
+def resolve_transport(transport: Transport | str, device_type: str) -> Transport:
+    """The one place `auto` is decided: cuda -> cuda_ipc (the bucket stays on the GPU), anything else -> shm.
+    An NPU gets shm even where its driver could share device memory: this package has no NPU IPC transport,
+    and cuda_ipc serves CUDA devices only. An explicit choice is returned as is."""
+    transport = coerce_enum(Transport, transport, "rollout.transfer.transport")
+    if transport is not Transport.auto:
+        return transport
+    return Transport.cuda_ipc if device_type == "cuda" else Transport.shm
 
 
 @dataclass
@@ -70,10 +104,10 @@ class TransferConfig:
     nccl: NcclConfig = field(default_factory=NcclConfig)  # read only by transport=nccl
 
     def __post_init__(self) -> None:
-        self.transport = _coerce(Transport, self.transport, "rollout.transfer.transport")
-        self.sync = _coerce(Sync, self.sync, "rollout.transfer.sync")
-        self.mode = _coerce(TransferMode, self.mode, "rollout.transfer.mode")
-        self.direct_fallback = _coerce(DirectFallback, self.direct_fallback, "rollout.transfer.direct_fallback")
+        self.transport = coerce_enum(Transport, self.transport, "rollout.transfer.transport")
+        self.sync = coerce_enum(Sync, self.sync, "rollout.transfer.sync")
+        self.mode = coerce_enum(TransferMode, self.mode, "rollout.transfer.mode")
+        self.direct_fallback = coerce_enum(DirectFallback, self.direct_fallback, "rollout.transfer.direct_fallback")
         if self.mode is TransferMode.direct and self.transport is Transport.nccl:
             raise ValueError("rollout.transfer.mode=direct maps the trainer's memory on its own device: it needs "
                              "transport shm, cuda_ipc or auto, not nccl")

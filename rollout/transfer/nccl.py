@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
@@ -34,35 +33,11 @@ import torch
 import torch.distributed as dist
 
 from rollout.transfer import wire
+from rollout.transfer.config import NcclConfig
 from rollout.transfer.errors import TransferError, TransferTimeout
 
 _CLAIM_KEY = "refit/receiver/{rank}"
 _RANK_SENDER = 0  # receiver r is rank 1 + r
-
-
-@dataclass
-class NcclConfig:
-    """The `rollout.transfer.nccl` node: what only the nccl transport reads.
-
-    Example:
-        TransferConfig(transport="nccl", nccl=NcclConfig(watchdog_s=1800.0, nvls=False))
-    """
-
-    # where the receiver reaches the sender's rendezvous store; the channel is ipc://, so one host
-    store_host: str = "127.0.0.1"
-    # NCCL's watchdog ends the process when a collective outlives it: it must stay far past our own
-    # deadlines, which abort the group first (checked against timeout_s by TransferConfig)
-    watchdog_s: float = 1800.0
-    # NVLink multicast (NCCL's NVLS): off, as the lent H200 machines require; on only where it works
-    nvls: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.store_host, str) or not self.store_host:
-            raise ValueError(f"rollout.transfer.nccl.store_host must be a host name or address, got {self.store_host!r}")
-        if not self.watchdog_s > 0:
-            raise ValueError(f"rollout.transfer.nccl.watchdog_s must be > 0 seconds, got {self.watchdog_s!r}")
-        if not isinstance(self.nvls, bool):
-            raise ValueError(f"rollout.transfer.nccl.nvls must be true or false, got {self.nvls!r}")
 
 
 @contextlib.contextmanager

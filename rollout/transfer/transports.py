@@ -8,6 +8,7 @@ import torch
 
 from rollout.transfer import wire
 from rollout.transfer.config import TransferConfig, Transport
+from rollout.transfer.config import resolve_transport as resolve_for_device
 
 
 class BucketTransport(Protocol):
@@ -61,10 +62,8 @@ class BucketTransport(Protocol):
 
 
 def resolve_transport(cfg: TransferConfig, device: torch.device | str) -> Transport:
-    """The transport `cfg` asks for on `device`; `auto` is decided by the platform (rollout.platform)."""
-    from rollout.platform import resolve_transport as platform_resolve  # the one place that decides
-
-    return platform_resolve(cfg.transport, torch.device(device).type)
+    """The transport `cfg` asks for on `device` (`auto`: by the device's type, transfer.config.resolve_transport)."""
+    return resolve_for_device(cfg.transport, torch.device(device).type)
 
 
 def allocate(cfg: TransferConfig, kind: Transport, num_buffers: int, device: torch.device | str | None,

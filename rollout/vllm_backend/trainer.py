@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -106,7 +106,7 @@ class RefitTrainerEngine(TrainerWeightTransferEngine[RefitTrainerInitInfo]):
     @classmethod
     def trainer_init(
         cls, init_info: RefitTrainerInitInfo, *, client: Any, source: WeightSource | None = None
-    ) -> Self:
+    ) -> RefitTrainerEngine:
         if source is None:
             raise ValueError(
                 "the refit backend sends the whole model every round: pass "

@@ -23,7 +23,7 @@ class RefitWorkerExtension:
     Every worker of every engine is one receiver of the same sender: worker `self.rank` of an engine
     whose workers start at receiver `request.rank_offset` is receiver `rank_offset + self.rank`.
 
-    Example (driver side, see rollout/refit_channel.py):
+    Example (driver side, see rollout/refit.py Refitter._start and _check_engine):
         request = ReceiveRequest(endpoint, transfer_cfg, version, 120.0, 120.0).to_dict()
         thread per engine: replies = llm.collective_rpc("refit_receive", args=(request,))
         caller: sender.send(named_tensors, version); join; ReceiveReply.from_dict(each reply)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Self
+from typing import Any, TypeVar
 
 from rollout.load_path import LoadPath
 from rollout.transfer.config import TransferConfig
 
 PROTOCOL = 1
+M = TypeVar("M", bound="Message")
 
 
 def _plain(value: Any) -> Any:
@@ -38,7 +39,7 @@ class Message:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
+    def from_dict(cls: type[M], data: dict[str, Any]) -> M:
         if not isinstance(data, dict):
             raise TypeError(
                 f"refit worker RPC: a {cls.__name__} must be a dict, got {type(data).__name__}"

@@ -4,23 +4,17 @@ trainer-side Hugging Face copy of the model, and a float64 reference for logprob
 from __future__ import annotations
 
 import os
-import time
 
-import psutil
 import pytest
 import torch
-
-from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
-from rollout import BackendConfig, RolloutConfig, build_rollout
-from rollout.tiny_model import ensure_tiny_model
-from rollout.transfer import TransferConfig
+from helpers import TEST_ENGINE_CFG, child_pids, wait_gone
 from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
-# fp32 engine, 1 MB buckets so every refit of the tiny model (1.8 MB) spans several buckets.
-ENGINE_CFG = RolloutConfig(
-    backend=BackendConfig(dtype="float32", max_model_len=512, max_num_seqs=32),
-    transfer=TransferConfig(bucket_mb=1, timeout_s=30.0),
-)
+from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
+from rollout import build_rollout
+from rollout.tiny_model import ensure_tiny_model
+
+ENGINE_CFG = TEST_ENGINE_CFG
 
 
 @pytest.fixture(scope="session")
@@ -40,27 +34,6 @@ def base_state(hf_model):
     return {k: v.detach().to(torch.float32).clone() for k, v in hf_model.state_dict().items()}
 
 
-def child_pids() -> set[int]:
-    """Our child processes, minus Python's multiprocessing resource tracker (one per parent, lives until exit)."""
-    pids = set()
-    for p in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if not any("resource_tracker" in part for part in p.cmdline()):
-                pids.add(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids
-
-
-def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    alive = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = {p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
-    return alive
-
-
 @pytest.fixture(scope="session")
 def engine(tiny_path):
     """The shared engine. Its workers run the benchmarks' extension (RefitWorkerExtension plus test-only RPCs,
@@ -70,7 +43,7 @@ def engine(tiny_path):
     spawned = child_pids() - before
     segments = vllm_segments_held_by(spawned)
     yield ro
-    endpoint = ro._endpoint
+    endpoint = ro.refitter.endpoint
     ro.close()
     assert not wait_gone(spawned), "vLLM processes survived close()"
     assert not vllm_segments_left(segments), f"vLLM's shared memory survived close(): {vllm_segments_left(segments)}"

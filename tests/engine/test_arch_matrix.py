@@ -15,6 +15,9 @@ not transformers after the first refit.
 
 from __future__ import annotations
 
+import functools
+
+import helpers
 import pytest
 import torch
 
@@ -48,8 +51,7 @@ def step(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict
     return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
 
-def greedy(ro):
-    return ro.generate(PROMPTS, n=1, max_tokens=MAX_TOKENS, temperature=0.0)
+greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=MAX_TOKENS)
 
 
 @torch.no_grad()

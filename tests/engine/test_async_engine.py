@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 
+import helpers
 import psutil
 import pytest
 import torch
+from helpers import ASYNC_TEST_ENGINE_CFG, child_pids
 from test_engine_vllm import LONG_PROMPT, PROMPTS, perturbed
 
-from rollout import BackendConfig, CacheReset, PauseMode, RolloutConfig, build_rollout
-from rollout.transfer import TransferConfig
+from rollout import CacheReset, PauseMode, build_rollout
 
 # Long enough that a batch is still running when the refit comes (~0.3 s in), short enough to stay fast.
 SPAN = dict(n=4, max_tokens=300, temperature=1.0)
@@ -44,8 +46,7 @@ def refit_mid_batch(ro, state, version, seed):
     return handle.result()
 
 
-def greedy(ro, prompts=PROMPTS, max_tokens=16):
-    return ro.generate(prompts, n=1, max_tokens=max_tokens, temperature=0.0)
+greedy = functools.partial(helpers.greedy, prompts=PROMPTS)
 
 
 def test_same_samples_as_the_sync_engine_for_the_same_seeds(engine, async_engine, base_state):
@@ -103,14 +104,9 @@ def fresh_async(tiny_path, base_state, tmp_path_factory):
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(tiny_path).save_pretrained(out)
-    cfg = RolloutConfig(backend=BackendConfig(dtype="float32", max_model_len=512, max_num_seqs=32),
-                        transfer=TransferConfig(bucket_mb=1, timeout_s=30.0), engine="async",
-                        generate_timeout_s=120.0)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    ro = build_rollout(cfg, out)
-    ro.spawned = [p for p in me.children(recursive=True)
-                  if p.pid not in before and not any("resource_tracker" in c for c in p.cmdline())]
+    before = child_pids()
+    ro = build_rollout(ASYNC_TEST_ENGINE_CFG, out)
+    ro.spawned = [psutil.Process(p) for p in child_pids() - before]
     yield target, ro
     ro.close()  # idempotent: the close test has closed it already
 

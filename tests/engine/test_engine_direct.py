@@ -8,16 +8,16 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from test_engine_vllm import PROMPTS, assert_matches_reference, greedy, perturbed
 
 from rollout.transfer import TransferMode
-from test_engine_vllm import PROMPTS, assert_matches_reference, greedy, perturbed
 
 
 def test_direct_refits_track_in_place_updates_and_reallocations(engine, hf_model, base_state):
-    original = engine.transfer
+    original = engine.refitter.transfer
     state = {k: v.clone() for k, v in perturbed(base_state, seed=7).items()}  # the "trainer's" tensors
     try:
-        engine.transfer = dataclasses.replace(original, mode=TransferMode.direct)
+        engine.refitter.transfer = dataclasses.replace(original, mode=TransferMode.direct)
         for version in range(300, 306):
             if version == 303:  # a re-allocated parameter: a new storage under the same name
                 name = "model.layers.0.mlp.down_proj.weight"
@@ -39,8 +39,8 @@ def test_direct_refits_track_in_place_updates_and_reallocations(engine, hf_model
                 for k, t in state.items():
                     t.copy_(perturbed({k: base_state[k]}, seed=version)[k])
         # the bucketed mode still works on the same engine afterwards
-        engine.transfer = original
+        engine.refitter.transfer = original
         assert engine.update_weights(state.items(), version=310).num_buckets >= 2
         assert_matches_reference(hf_model, state, greedy(engine, PROMPTS[:2], max_tokens=10))
     finally:
-        engine.transfer = original
+        engine.refitter.transfer = original

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 import torch
+from test_engine_vllm import PROMPTS, assert_matches_reference, greedy, perturbed
 
 from rollout import EngineGroup, RefitError
 from rollout.engine_group import split
-from test_engine_vllm import PROMPTS, assert_matches_reference, greedy, perturbed
 
 BATCH = [*PROMPTS, "a", "Once upon a time"]  # 5 prompts: engine 0 gets 2, engine 1 gets 3
 
@@ -72,14 +72,14 @@ def test_a_failed_refit_stops_every_engine_until_a_good_one(group, hf_model, bas
 def test_sleep_and_wake_apply_to_every_engine(group, base_state):
     group.update_weights(base_state.items(), version=14)
     group.sleep()
-    assert all(e._state.asleep for e in group.engines)
+    assert all(e.state.asleep for e in group.engines)
     with pytest.raises(RuntimeError, match="asleep"):
         group.generate(BATCH, max_tokens=2)
     group.wake_up()
     assert greedy(group)[0].version == 14
     group.sleep()
     group.update_weights(base_state.items(), version=15)  # wakes them all
-    assert not any(e._state.asleep for e in group.engines) and greedy(group)[0].version == 15
+    assert not any(e.state.asleep for e in group.engines) and greedy(group)[0].version == 15
 
 
 def test_bad_num_engines_is_rejected():

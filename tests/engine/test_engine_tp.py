@@ -9,11 +9,10 @@ import signal
 import time
 
 import pytest
-import torch
+from test_engine_vllm import PROMPTS, assert_matches_reference, greedy, perturbed
 
 from rollout import BackendConfig, RefitError, RolloutConfig
 from rollout.transfer import TransferConfig
-from test_engine_vllm import PROMPTS, assert_matches_reference, greedy, perturbed
 
 TIMEOUT_S = 15.0
 TP_CFG = RolloutConfig(
@@ -64,8 +63,8 @@ def test_worker_sigkilled_mid_refit_fails_within_timeout_and_refuses_generation(
     """Runs last: the engine is dead afterwards. The refit fails within timeout_s with a RefitError naming
     the silent receiver, generation is refused, and close() leaves no socket or segment behind."""
     tp_engine.update_weights(base_state.items(), version=20)  # the receivers are attached
-    endpoint = tp_engine._endpoint
-    names = [b.name for b in tp_engine._channel._sender._transport.describe()["shm_buffers"]]  # before the failure closes it
+    endpoint = tp_engine.refitter.endpoint
+    names = [b.name for b in tp_engine.refitter._sender._transport.describe()["shm_buffers"]]  # before the failure closes it
     infos = tp_engine.llm.collective_rpc("refit_worker_info")
     victim = next(i["pid"] for i in infos if i["rank"] == 1)
     state = perturbed(base_state, seed=21)

@@ -8,14 +8,16 @@ tokens vLLM generated; vLLM runs in float32, so logprobs agree to REF_ATOL (obse
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
+import helpers
 import pytest
 import torch
+from helpers import TEST_ENGINE_CFG
 
 from rollout import CacheReset, Mode, RefitError
 from rollout.transfer import Sync, layout
-
 
 REF_ATOL = 1e-4  # float32 engine vs float64 reference
 FRESH_ATOL = 1e-5  # refitted float32 engine vs fresh float32 engine on the same weights
@@ -28,8 +30,7 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) ->
     return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
 
-def greedy(ro, prompts=PROMPTS, max_tokens=16):
-    return ro.generate(prompts, n=1, max_tokens=max_tokens, temperature=0.0)
+greedy = functools.partial(helpers.greedy, prompts=PROMPTS)
 
 
 def reference_logprobs(hf_model, state, sample) -> torch.Tensor:
@@ -78,10 +79,10 @@ def test_refit_equals_fresh_engine_for_every_sync_policy(engine, hf_model, base_
     expected = greedy(fresh, max_tokens=24)
     fresh.close()
 
-    original_transfer = engine.transfer
+    original_transfer = engine.refitter.transfer
     try:
         for k, sync in enumerate([Sync.fenced, Sync.double_buffer, Sync.clone]):
-            engine.transfer = dataclasses.replace(original_transfer, sync=sync)
+            engine.refitter.transfer = dataclasses.replace(original_transfer, sync=sync)
             engine.update_weights(perturbed(base_state, seed=100 + k).items(), version=10 + 2 * k)  # move away
             stats = engine.update_weights(target.items(), version=11 + 2 * k)
             assert stats.num_buckets >= 2 and stats.version == 11 + 2 * k
@@ -92,7 +93,7 @@ def test_refit_equals_fresh_engine_for_every_sync_policy(engine, hf_model, base_
                 torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=FRESH_ATOL, rtol=0)
                 assert g.version == 11 + 2 * k
     finally:
-        engine.transfer = original_transfer
+        engine.refitter.transfer = original_transfer
 
 
 def _fused_layer(name: str) -> str:
@@ -125,7 +126,7 @@ def test_without_the_detach_a_refit_reads_the_next_bucket(engine, hf_model, base
         "model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.gate_proj.weight",  # does not fit bucket 0
     ]
     named = [(n, state[n]) for n in first] + [(n, t) for n, t in state.items() if n not in first]
-    assert "model.layers.0.self_attn.q_proj.weight" in _overwritten_before_use(named, engine.transfer.bucket_bytes)
+    assert "model.layers.0.self_attn.q_proj.weight" in _overwritten_before_use(named, engine.refitter.transfer.bucket_bytes)
     engine.llm.collective_rpc("refit_debug_skip_detach", args=(True,))
     try:
         stats = engine.update_weights(named, version=61)
@@ -246,17 +247,13 @@ def test_dummy_start_then_first_refit_brings_the_weights(hf_model, base_state, t
     shutdown timeout. Also the bench's worker-side reload from (name, shape, dtype) specs."""
     from benchmarks.refit import checkpoint_specs
     from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
-    from rollout import BackendConfig, RolloutConfig, build_rollout
+    from rollout import build_rollout
     from rollout.tiny_model import TinyModelSpec, ensure_tiny_model
-    from rollout.transfer import TransferConfig
 
     path = ensure_tiny_model(TinyModelSpec(), tmp_path, with_weights=False)
     assert not (path / "model.safetensors").exists()
-    cfg = RolloutConfig(  # the shared engine's settings (conftest.ENGINE_CFG), dummy start
-        backend=BackendConfig(dtype="float32", max_model_len=512, max_num_seqs=32, load_format="dummy",
-                              shutdown_timeout_s=30.0),
-        transfer=TransferConfig(bucket_mb=1, timeout_s=30.0),
-    )
+    backend = dataclasses.replace(TEST_ENGINE_CFG.backend, load_format="dummy", shutdown_timeout_s=30.0)
+    cfg = dataclasses.replace(TEST_ENGINE_CFG, backend=backend)  # the shared engine's settings, dummy start
     with build_rollout(cfg, path, worker_extension=BENCH_WORKER_EXTENSION) as ro:
         with pytest.raises(RuntimeError, match="dummy"):
             greedy(ro)

@@ -7,8 +7,10 @@ Runs only where CUDA and vLLM's CUDA build exist (`bash .ci/gpu test` on a lent 
 
 from __future__ import annotations
 
+import functools
 import json
 
+import helpers
 import pytest
 import torch
 
@@ -43,8 +45,7 @@ def async_cfg(pause_mode: PauseMode) -> RolloutConfig:
     )
 
 
-def greedy(ro):
-    return ro.generate(PROMPTS, n=1, max_tokens=24, temperature=0.0)
+greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=24)
 
 
 @pytest.mark.parametrize("pause_mode", [PauseMode.keep, PauseMode.abort])

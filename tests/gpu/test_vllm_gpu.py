@@ -10,7 +10,9 @@ FlashAttention 3 on Hopper has no fp32 path, so the model here is the tiny Qwen2
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import helpers
 import pytest
 import torch
 
@@ -30,8 +32,8 @@ if not _vllm_cuda():
 
 from benchmarks.worker_ext import BENCH_WORKER_EXTENSION  # noqa: E402
 from rollout import BackendConfig, CacheReset, Mode, RolloutConfig, build_rollout  # noqa: E402
-from rollout.tiny_model import TinyModelSpec, build_tokenizer, ensure_tiny_model  # noqa: E402
 from rollout.load_path import LoadPath  # noqa: E402
+from rollout.tiny_model import TinyModelSpec, build_tokenizer, ensure_tiny_model  # noqa: E402
 from rollout.transfer import Sync, TransferConfig, Transport  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
@@ -79,8 +81,7 @@ def save_model(src_dir, state, out_dir):
     return out_dir
 
 
-def greedy(ro):
-    return ro.generate(PROMPTS, n=1, max_tokens=24, temperature=0.0)
+greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=24)
 
 
 def assert_same(a, b, atol=0.0):
@@ -110,7 +111,7 @@ def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_for
     new, expected = fresh_expected
     cfg = gpu_cfg(sync=sync, load_format=load_format, load_path=load_path)
     with build_rollout(cfg, path, worker_extension=BENCH_WORKER_EXTENSION) as ro:
-        assert ro.transfer.transport is Transport.cuda_ipc  # auto on cuda
+        assert ro.refitter.transfer.transport is Transport.cuda_ipc  # auto on cuda
         assert ro.llm.collective_rpc("refit_worker_info")[0]["device"].startswith("cuda")  # receiver on the GPU
         if load_format == "dummy":  # random weights until the first refit: generating first is refused
             with pytest.raises(RuntimeError, match="dummy"):

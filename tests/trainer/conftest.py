@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import child_pids
 from trainer_helpers import compose_typed
 from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
@@ -21,9 +22,9 @@ def trainer_engine(tiny_path):
     from rollout import build_rollout
 
     cfg = compose_typed().rollout  # the default run's engine settings
-    before = _children()
+    before = child_pids()
     ro = build_rollout(cfg, tiny_path)
-    segments = vllm_segments_held_by(_children() - before)
+    segments = vllm_segments_held_by(child_pids() - before)
     yield ro
     ro.close()
     assert not vllm_segments_left(segments), f"the trainer engine's vLLM shared memory survived close(): " \
@@ -37,12 +38,6 @@ def _shared_engine_awake(request):
     if "trainer_engine" in request.fixturenames:
         request.getfixturevalue("trainer_engine").wake_up()
     yield
-
-
-def _children() -> set[int]:
-    import psutil
-
-    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-import psutil
 import pytest
+from helpers import child_pids
 from hydra.errors import ConfigCompositionException
 from trainer_helpers import ROOT, compose_typed
 
@@ -113,14 +113,12 @@ def test_bad_config_fails_at_compose_or_conversion(override, error, match):
     assert re.search(match, "\n".join(chain)), chain
 
 
-def test_sharded_trainer_refuses_the_async_engine():
-    """trainer.num_workers > 1 runs the engine as a Ray actor: the sync engine's API only."""
-    with pytest.raises(ValueError, match="trainer.num_workers=2 runs the engine as a Ray actor"):
-        compose_typed(["trainer.num_workers=2", "rollout.engine=async"])
-
-
-def _vllm_children() -> list[str]:
-    return [p.name() for p in psutil.Process().children(recursive=True) if "VLLM" in p.name()]
+def test_the_async_engine_composes_with_sharded_trainers_and_several_engines():
+    """One engine API for all: the async engine runs in the Ray engine actor and as several engines."""
+    cfg = compose_typed(["trainer.num_workers=2", "rollout.engine=async", "trainer.max_staleness=1"])
+    assert cfg.trainer.num_workers == 2 and cfg.rollout.engine.value == "async"
+    cfg = compose_typed(["rollout.num_engines=2", "rollout.engine=async", "trainer.max_staleness=1"])
+    assert cfg.rollout.num_engines == 2 and cfg.rollout.engine.value == "async"
 
 
 @pytest.mark.parametrize(
@@ -137,7 +135,7 @@ def _vllm_children() -> list[str]:
 )
 def test_run_fails_before_any_engine_starts(tmp_path, overrides, error, match):
     cfg = compose_typed([f"trainer.out_dir={tmp_path}", "logger=[jsonl]", *overrides])
-    before = _vllm_children()
+    before = child_pids()
     with pytest.raises(error, match=match):
         run(cfg)
-    assert _vllm_children() == before, "a vLLM engine was started for a config that cannot run"
+    assert child_pids() == before, "a vLLM engine was started for a config that cannot run"

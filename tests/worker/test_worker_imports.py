@@ -26,7 +26,7 @@ DRIVER = (
     "rollout.engine",
     "rollout.async_engine",
     "rollout.engine_group",
-    "rollout.refit_channel",
+    "rollout.refit",
     "rollout.platform",
     "rollout.cache_reset",
     "rollout.vllm_segments",
@@ -87,4 +87,4 @@ def test_vllm_workers_load_no_driver_module():
     ]  # the second: the old name
     assert _driver_modules_loaded(*worker_modules) == []
     # negative control: the driver's engine module does pull the driver in
-    assert "rollout.refit_channel" in _driver_modules_loaded("rollout.engine")
+    assert "rollout.refit" in _driver_modules_loaded("rollout.engine")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
 
-from rollout.transfer.config import _coerce
+from rollout.transfer.config import coerce_enum
 
 
 class PlacementStrategy(str, Enum):
@@ -40,7 +40,7 @@ class RayConfig:
     timeout_s: float = 300.0  # placement, actor calls and torch.distributed collectives
 
     def __post_init__(self) -> None:
-        self.placement_strategy = _coerce(PlacementStrategy, self.placement_strategy, "ray.placement_strategy")
+        self.placement_strategy = coerce_enum(PlacementStrategy, self.placement_strategy, "ray.placement_strategy")
         if self.address is not None and self.num_cpus is not None:
             raise ValueError(f"ray.num_cpus={self.num_cpus!r} sizes a local Ray; ray.address={self.address!r} joins one")
         for key in ("num_cpus", "cpus_per_worker"):

@@ -14,12 +14,13 @@ from typing import Any, Optional
 
 import torch
 
+from trainers.checkpoint import SHARDS, save_sharded_checkpoint
 from trainers.config import AlgorithmConfig, TrainerConfig
 from trainers.distributed.cluster import RayCluster, RayConfig
-from trainers.checkpoint import SHARDS, save_sharded_checkpoint
 from trainers.distributed.rank import RankSpec, TrainerRank
-from trainers.learner import OldScores, warm_start_batch
+from trainers.learner import warm_start_batch
 from trainers.policy import TokenBatch
+from trainers.update import OldScores, minibatch_order
 
 
 class ShardedLearner:
@@ -27,7 +28,7 @@ class ShardedLearner:
         with ShardedLearner(model_path, alg, trainer_cfg, RayConfig(), num_workers=2) as learner:
             old = learner.logprobs(batch)
             metrics = learner.update(batch, old, advantages, None, seed=step)
-            stats = learner.refit(ro, version=1)
+            stats = ro.refit(1, learner.send)           # ro = learner.open_engine(rollout_cfg, model_path)
             learner.save("out/checkpoints/step_000001")
     """
 
@@ -47,6 +48,7 @@ class ShardedLearner:
         self.ranks: list[Any] = []
         self.device = torch.device("cpu")  # the driver's copy of a batch; each rank moves its share to its device
         self.last_refit: Optional[dict[str, Any]] = None  # the feeding rank's report of the last refit
+        self.last_gather_peak_bytes: Optional[int] = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -110,10 +112,7 @@ class ShardedLearner:
     def update(self, batch: TokenBatch, old: OldScores, advantages: torch.Tensor, returns: Optional[torch.Tensor],
                seed: int) -> dict[str, Optional[float]]:
         """`num_epochs` passes of `num_minibatches` clipped steps (shuffled by `seed`): the mean metrics."""
-        alg = self.spec.algorithm
-        shuffle = torch.Generator().manual_seed(seed)
-        minibatches = [idx for _ in range(alg.num_epochs)
-                       for idx in torch.randperm(batch.tokens.shape[0], generator=shuffle).chunk(alg.num_minibatches)]
+        minibatches = minibatch_order(batch.tokens.shape[0], self.spec.algorithm, seed)
         for idx in minibatches:
             self._check_rows(len(idx), "a minibatch (the step's samples / algorithm.num_minibatches)")
         cpu = [None if t is None else t.cpu()
@@ -131,37 +130,39 @@ class ShardedLearner:
         return metrics
 
     # -- the engine, refit, checkpoints ------------------------------------------------------------
-    def engine(self, rollout_cfg: Any, model_path: str) -> Any:
+    def open_engine(self, rollout_cfg: Any, model_path: str) -> Any:
         """The rollout engine as an actor of this run's placement group (trainers/distributed/engine_actor.py):
-        on rank 0's bundle (colocate) or on its own (standalone)."""
+        on rank 0's bundle (colocate) or on its own (standalone), on rank 0's node (the transfer is node-local)."""
         from trainers.distributed.engine_actor import RayEngine
 
-        return RayEngine(self.cluster, self.engine_bundle, rollout_cfg, model_path,
-                         share_bundle=self.engine_bundle == 0)
-
-    def refit(self, ro: Any, version: int, feeding_rank: int = 0) -> Any:
-        """A refit of engine `ro` (in this process) from the sharded policy: every rank gathers, `feeding_rank`
-        (the rank on the engine's host/device) streams each full tensor into its sender's buckets."""
-        self._check_beside_engine(ro, feeding_rank)
-        endpoint = ro.begin_refit(version)
-        refs = [r.send_weights.remote(endpoint if i == feeding_rank else None, version) for i, r in enumerate(self.ranks)]
+        engine = RayEngine(self.cluster, self.engine_bundle, rollout_cfg, model_path,
+                           share_bundle=self.engine_bundle == 0)
         try:
-            answers = self.cluster.get(refs, f"refit to version {version}")
-        except BaseException as exc:  # noqa: BLE001 - finish_refit raises RefitError naming the root cause
-            return ro.finish_refit(error=exc)
-        self.last_refit = answers[feeding_rank]
-        return ro.finish_refit(self.last_refit["stats"])
+            self._check_beside_engine(engine.node_id, 0)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
 
-    def _check_beside_engine(self, ro: Any, rank: int) -> None:
+    def send(self, port: Any, version: int, feeding_rank: int = 0) -> Any:
+        """The sending half of a refit from the sharded policy: every rank gathers, `feeding_rank` (the rank
+        on the engine's node and device) streams each full tensor into its sender's buckets."""
+        endpoint = port.endpoint()
+        if endpoint.node_id is not None:
+            self._check_beside_engine(endpoint.node_id, feeding_rank)
+        refs = [r.send_weights.remote(endpoint if i == feeding_rank else None, version)
+                for i, r in enumerate(self.ranks)]
+        self.last_refit = self.cluster.get(refs, f"refit to version {version}")[feeding_rank]
+        self.last_gather_peak_bytes = self.last_refit["gather_peak_bytes"]
+        return self.last_refit["stats"]
+
+    def _check_beside_engine(self, engine_node: str, rank: int) -> None:
         """The transfer's socket and shared memory are node-local: the feeding rank must share the engine's node."""
-        import ray
-
-        here = getattr(ro, "node_id", None) or ray.get_runtime_context().get_node_id()  # an engine actor's, or ours
         there = self.node_ids[rank]
-        if there != here:
+        if there != engine_node:
             raise RuntimeError(
-                f"trainer rank {rank} was placed on Ray node {there}, the engine runs on {here}: a refit needs them "
-                "on one node (the transfer is node-local); use ray.placement_strategy=PACK or STRICT_PACK, or "
+                f"trainer rank {rank} was placed on Ray node {there}, the engine runs on {engine_node}: a refit needs "
+                "them on one node (the transfer is node-local); use ray.placement_strategy=PACK or STRICT_PACK, or "
                 "rollout.mode=colocate, which puts the engine on rank 0's bundle")
 
     def save(self, path: str) -> None:

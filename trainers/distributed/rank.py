@@ -15,12 +15,17 @@ from typing import Any, Optional
 
 import torch
 
-from trainers.algorithms import truncated_is_weights
 from trainers.config import AlgorithmConfig, TrainerConfig
-from trainers.distributed.sharding import GatherMeter, drain, full_grad_norm, gathered_parameters, shard_model
+from trainers.distributed.sharding import (
+    GatherMeter,
+    drain,
+    full_grad_norm,
+    gathered_parameters,
+    shard_model,
+)
 from trainers.distributed.states import Parts, load_states, save_states
 from trainers.policy import TokenBatch, ValueModel, load_policy, token_logprobs
-from trainers.update import logprobs_no_grad, policy_backward, value_backward, values_no_grad
+from trainers.update import Models, OldScores, minibatch_step, score
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class TrainerRank:
             self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
         self._sender = None  # kept across refits on the rank that feeds the engine
+        self._warmup_opt: Optional[torch.optim.Optimizer] = None
 
     def node_id(self) -> str:
         import ray
@@ -77,17 +83,23 @@ class TrainerRank:
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(self.spec.trainer.seed)
         alg = self.spec.algorithm
-        self.policy = shard_model(load_policy(self.spec.model_path).to(self.device), self.mesh)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay)
-        self.critic = self.critic_opt = self.reference = None
+        policy = shard_model(load_policy(self.spec.model_path).to(self.device), self.mesh)
+        self.models = Models(policy, torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay))
         if self.spec.with_critic:
-            self.critic = shard_model(ValueModel(self.spec.model_path).to(self.device), self.mesh)
-            self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=alg.critic_lr)
+            critic = shard_model(ValueModel(self.spec.model_path).to(self.device), self.mesh)
+            self.models.critic, self.models.critic_opt = critic, torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr)
+
+    # this rank's shards by name
+    policy = property(lambda self: self.models.policy)
+    optimizer = property(lambda self: self.models.optimizer)
+    critic = property(lambda self: self.models.critic)
+    critic_opt = property(lambda self: self.models.critic_opt)
+    reference = property(lambda self: self.models.reference)
 
     # -- warm-start and the frozen reference ----------------------------------------------------
     def warm_start_step(self, batch: TokenBatch) -> float:
         """One supervised step on this rank's share of `batch`'s rows; returns this rank's share of the loss."""
-        if getattr(self, "_warmup_opt", None) is None:
+        if self._warmup_opt is None:
             self._warmup_opt = torch.optim.AdamW(self.policy.parameters(), lr=self.spec.trainer.warmup_lr,
                                                  weight_decay=0.0)
         total_tokens = batch.mask.sum().clamp_min(1.0)
@@ -109,27 +121,18 @@ class TrainerRank:
         with torch.no_grad():
             for ref, param in zip(reference.parameters(), self.policy.parameters()):
                 ref.copy_(param)  # shard to shard: same mesh, same placements
-        self.reference = reference
+        self.models.reference = reference
 
     # -- the phases of a step, on this rank's rows -----------------------------------------------
     def share(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's equal part of `rows` (the driver checked that they divide evenly)."""
         return rows.chunk(self.world_size)[self.rank]
 
-    @torch.no_grad()
     def score(self, batch: TokenBatch) -> tuple[Optional[torch.Tensor], ...]:
-        """Old log-probs (at the sampling temperature and at 1), the reference's, the critic's values and the
-        truncated importance weights (trainers.learner.OldScores' fields), on this rank's share of the rows."""
-        batch = batch.select(self.share(torch.arange(batch.tokens.shape[0])))
-        batch, temperature, micro = batch.to(self.device), self.spec.algorithm.temperature, self.spec.trainer.micro_batch_size
-        logp = logprobs_no_grad(self.policy, batch, temperature, micro)
-        raw = logp if temperature == 1.0 else logprobs_no_grad(self.policy, batch, 1.0, micro)
-        ref = logprobs_no_grad(self.reference, batch, temperature, micro) if self.reference is not None else None
-        values = values_no_grad(self.critic, batch, micro) if self.critic is not None else None
-        weights = None
-        if self.spec.algorithm.tis_cap is not None:
-            weights = truncated_is_weights(raw, batch.sampler_logprobs, self.spec.algorithm.tis_cap, batch.mask)
-        return tuple(None if t is None else t.cpu() for t in (logp, raw, ref, values, weights))
+        """trainers.update.score on this rank's share of the rows (OldScores' fields, on the CPU)."""
+        batch = batch.select(self.share(torch.arange(batch.tokens.shape[0]))).to(self.device)
+        old = score(self.models, batch, self.spec.algorithm, self.spec.trainer.micro_batch_size)
+        return tuple(None if t is None else t.cpu() for t in old.tensors())
 
     def update(self, batch: TokenBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
                old_values: Optional[torch.Tensor], is_weights: Optional[torch.Tensor], advantages: torch.Tensor,
@@ -137,26 +140,15 @@ class TrainerRank:
         """One optimizer step per minibatch (row indices into the WHOLE batch, given to every rank), each on
         this rank's share of its rows; returns each minibatch's metrics as this rank's share."""
         d, alg, micro = self.device, self.spec.algorithm, self.spec.trainer.micro_batch_size
-        batch, advantages, old_logp = batch.to(d), advantages.to(d), old_logp.to(d)
+        batch = batch.to(d)
+        old = OldScores(*(None if t is None else t.to(d) for t in (old_logp, None, ref_logp, old_values, is_weights)))
+        advantages, returns = advantages.to(d), None if returns is None else returns.to(d)
         out = []
         for idx in minibatches:
             total = batch.mask[idx].sum()  # the minibatch's tokens over all ranks
             mine = self.share(idx).to(d)
-            mb = batch.select(mine)
-            self.optimizer.zero_grad(set_to_none=True)
-            ref = None if ref_logp is None else ref_logp.to(d)[mine]
-            weights = None if is_weights is None else is_weights.to(d)[mine]
-            metrics = policy_backward(self.policy, mb, old_logp[mine], advantages[mine], ref, alg, micro, weights, total)
-            norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), alg.max_grad_norm)
-            metrics["grad_norm"] = full_grad_norm(norm)  # the whole model's, the same on every rank
-            self.optimizer.step()
-            if self.critic is not None:
-                self.critic_opt.zero_grad(set_to_none=True)
-                metrics["value_loss"] = value_backward(self.critic, mb, old_values.to(d)[mine], returns.to(d)[mine],
-                                                       alg.value_clip, micro, total)
-                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), alg.max_grad_norm)
-                self.critic_opt.step()
-            out.append(metrics)
+            out.append(minibatch_step(self.models, batch.select(mine), old.select(mine), advantages[mine],
+                                      None if returns is None else returns[mine], alg, micro, total, full_grad_norm))
         return out
 
     # -- refit ----------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""What many tests share, written once: the test engine's settings, greedy decoding, our child processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import psutil
+
+from rollout import BackendConfig, RolloutConfig
+from rollout.transfer import TransferConfig
+
+# The engine most tests run: fp32 (the trainer's precision), 1 MB buckets so every refit of the tiny model
+# (1.8 MB) spans several buckets.
+TEST_ENGINE_CFG = RolloutConfig(
+    backend=BackendConfig(dtype="float32", max_model_len=512, max_num_seqs=32),
+    transfer=TransferConfig(bucket_mb=1, timeout_s=30.0),
+)
+
+ASYNC_TEST_ENGINE_CFG = dataclasses.replace(TEST_ENGINE_CFG, engine="async", generate_timeout_s=120.0)
+
+PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+
+
+def greedy(ro, prompts=PROMPTS, max_tokens: int = 16) -> list:
+    """One greedy sample per prompt."""
+    return ro.generate(prompts, n=1, max_tokens=max_tokens, temperature=0.0)
+
+
+def child_pids() -> set[int]:
+    """This process's children, minus Python's multiprocessing resource tracker (one per parent, lives until
+    exit)."""
+    pids = set()
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if not any("resource_tracker" in part for part in p.cmdline()):
+                pids.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
+    """The pids still alive (zombies count as gone) after waiting up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+
+    def alive() -> set[int]:
+        return {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+
+    left = alive()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = alive()
+    return left
