@@ -32,8 +32,12 @@ def print_and_write_json(result: Any, path: str) -> None:
         f.write(text + "\n")
 
 
-def hydra_app(name: str, root_cls: type, run: Callable[[Any], Any],
-              report: Callable[[Any, str], None] = print_and_write_json) -> Callable[[], None]:
+def hydra_app(
+    name: str,
+    root_cls: type,
+    run: Callable[[Any], Any],
+    report: Callable[[Any, str], None] = print_and_write_json,
+) -> Callable[[], None]:
     """The main of `python -m benchmarks.<name>`: Hydra composes conf/<name>.yaml over `root_cls` (overrides,
     `-m` multiruns, `--cfg job`, `--help`), then `report(run(root), <Hydra's output dir>/<root.bench.out>)`."""
 
@@ -48,7 +52,9 @@ def hydra_app(name: str, root_cls: type, run: Callable[[Any], Any],
             root = OmegaConf.to_object(dcfg)  # DictConfig stops here; __post_init__ validates
             report(run(root), os.path.join(HydraConfig.get().runtime.output_dir, root.bench.out))
 
-        task.__module__ = f"benchmarks.{name}"  # Hydra names the job (its log, --help) after the module
+        task.__module__ = (
+            f"benchmarks.{name}"  # Hydra names the job (its log, --help) after the module
+        )
         hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=name)(task)()
 
     return main

@@ -62,7 +62,9 @@ class FanoutBenchRollout:
     transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))
     # the engine's own waits must outlast the transfer's (RolloutConfig checks it): a 0.5B refit on a busy host
     timeouts: RefitTimeouts = field(
-        default_factory=lambda: RefitTimeouts(next_bucket_s=600.0, receiver_exit_s=600.0, worker_reply_s=900.0)
+        default_factory=lambda: RefitTimeouts(
+            next_bucket_s=600.0, receiver_exit_s=600.0, worker_reply_s=900.0
+        )
     )
 
 
@@ -73,9 +75,19 @@ class FanoutBenchRoot:
 
 
 def _rollout_cfg(root: FanoutBenchRoot, dtype: str, num_engines: int, tp: int) -> RolloutConfig:
-    backend = BackendConfig(name=root.bench.backend, dtype=dtype, max_model_len=512, max_num_seqs=16, tensor_parallel_size=tp)
-    return RolloutConfig(backend=backend, transfer=root.rollout.transfer, timeouts=root.rollout.timeouts,
-                         num_engines=num_engines)
+    backend = BackendConfig(
+        name=root.bench.backend,
+        dtype=dtype,
+        max_model_len=512,
+        max_num_seqs=16,
+        tensor_parallel_size=tp,
+    )
+    return RolloutConfig(
+        backend=backend,
+        transfer=root.rollout.transfer,
+        timeouts=root.rollout.timeouts,
+        num_engines=num_engines,
+    )
 
 
 def _greedy(ro) -> list[list[int]]:
@@ -95,9 +107,14 @@ def _compare(one, other, state: dict, repeats: int, version) -> dict[str, list]:
 
 def _summary(stats: list, start_s: float | None = None) -> dict[str, Any]:
     med = statistics.median
-    out = {"refit_s": med(s.seconds for s in stats), "send_s": med(s.send_s for s in stats),
-           "worker_load_s": [med(s.worker_load_s[w] for s in stats) for w in range(len(stats[0].worker_load_s))],
-           "all_refit_s": [s.seconds for s in stats]}
+    out = {
+        "refit_s": med(s.seconds for s in stats),
+        "send_s": med(s.send_s for s in stats),
+        "worker_load_s": [
+            med(s.worker_load_s[w] for s in stats) for w in range(len(stats[0].worker_load_s))
+        ],
+        "all_refit_s": [s.seconds for s in stats],
+    }
     if start_s is not None:
         out["engine_start_s"] = start_s
     return out
@@ -115,9 +132,14 @@ def run(root: FanoutBenchRoot) -> dict[str, Any]:
     state = load_file(os.path.join(path, "model.safetensors"))
     version = iter(range(1, 100_000))
     result: dict[str, Any] = {
-        "model": root.bench.model, "dtype": spec.dtype, "backend": root.bench.backend.value,
-        "num_bytes": sum(t.numel() * t.element_size() for t in state.values()), "bucket_mb": root.rollout.transfer.bucket_mb,
-        "sync": root.rollout.transfer.sync.value, "trainer_torch_threads": root.bench.num_threads, "layouts": {},
+        "model": root.bench.model,
+        "dtype": spec.dtype,
+        "backend": root.bench.backend.value,
+        "num_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "bucket_mb": root.rollout.transfer.bucket_mb,
+        "sync": root.rollout.transfer.sync.value,
+        "trainer_torch_threads": root.bench.num_threads,
+        "layouts": {},
     }
     with build_rollout(_rollout_cfg(root, spec.dtype, 1, 1), path) as one:
         result["transport"] = one.transfer.transport.value
@@ -128,8 +150,13 @@ def run(root: FanoutBenchRoot) -> dict[str, Any]:
                 start_s = time.perf_counter() - start
                 stats = _compare(one, other, state, root.bench.num_repeats, version)
                 same_tokens = _greedy(other) == _greedy(one)
-            layout = {"num_engines": num_engines, "tensor_parallel_size": tp, **_summary(stats["other"], start_s),
-                      "one_worker": _summary(stats["one"]), "same_greedy_tokens": same_tokens}
+            layout = {
+                "num_engines": num_engines,
+                "tensor_parallel_size": tp,
+                **_summary(stats["other"], start_s),
+                "one_worker": _summary(stats["one"]),
+                "same_greedy_tokens": same_tokens,
+            }
             layout["over_one_worker"] = layout["refit_s"] / layout["one_worker"]["refit_s"]
             result["layouts"][name] = layout
     return result

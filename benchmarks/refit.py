@@ -82,7 +82,9 @@ class RefitBenchConfig:
     # The engine's share of device memory; null: 0.4 on a GPU (7B = 15.2 GB trainer state + 15.2 GB engine
     # weights + KV cache + the reload measurement's 15.2 GB on an 80 GB card), BackendConfig's on the CPU.
     gpu_memory_utilization: Optional[float] = None
-    disk: bool = True  # also time the save-to-disk-and-reload path (never for 7B: no room for a copy)
+    disk: bool = (
+        True  # also time the save-to-disk-and-reload path (never for 7B: no room for a copy)
+    )
     compare_modes: bool = False  # also time mode=direct against bucketed fenced on the same engine
     # Compare the refitted engine with a fresh one on the same weights (7B: writes 15 GB to a temp dir).
     fresh_check: bool = True
@@ -94,7 +96,9 @@ class RefitBenchConfig:
         if self.backend is Backend.vllm_ascend:
             raise ValueError("bench.backend=vllm_ascend is not supported: vllm_cpu or vllm_gpu")
         if self.model is BenchModel.qwen2_7b and self.backend is not Backend.vllm_gpu:
-            raise ValueError("bench.model=qwen2_7b needs bench.backend=vllm_gpu (15 GB of bf16 weights on each side)")
+            raise ValueError(
+                "bench.model=qwen2_7b needs bench.backend=vllm_gpu (15 GB of bf16 weights on each side)"
+            )
         if self.num_repeats < 1:
             raise ValueError(f"bench.num_repeats must be >= 1, got {self.num_repeats!r}")
 
@@ -108,7 +112,9 @@ class RefitBenchRollout:
     # transport auto: shm on the CPU, cuda_ipc on a GPU; long waits: a 15 GB refit on a busy host
     transfer: TransferConfig = field(default_factory=lambda: TransferConfig(timeout_s=300.0))
     timeouts: RefitTimeouts = field(
-        default_factory=lambda: RefitTimeouts(next_bucket_s=600.0, receiver_exit_s=600.0, worker_reply_s=900.0)
+        default_factory=lambda: RefitTimeouts(
+            next_bucket_s=600.0, receiver_exit_s=600.0, worker_reply_s=900.0
+        )
     )
 
     def __post_init__(self) -> None:
@@ -158,17 +164,28 @@ def one_copy_floor(state: dict, dests: dict) -> float:
 def trainer_memory_bytes() -> int:
     """This process's resident anonymous + shared memory (shared pages whole: the engine maps some of them)."""
     with open("/proc/self/status") as f:
-        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssShmem")))}
+        kb = {
+            k: int(v.split()[0])
+            for k, v in (
+                line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssShmem"))
+            )
+        }
     return (kb["RssAnon"] + kb["RssShmem"]) << 10
 
 
 def compare_modes(ro, subject: "Subject", bench: "RefitBenchConfig", device, version: int) -> dict:
     """Direct against bucketed fenced on this engine, end to end; see the module docstring."""
     state = subject.state
-    dests = shared_dests(state) if device.type == "cuda" else {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
+    dests = (
+        shared_dests(state)
+        if device.type == "cuda"
+        else {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
+    )
     modes = {
         "direct": dataclasses.replace(ro.refitter.transfer, mode=TransferMode.direct),
-        "bucketed_fenced": dataclasses.replace(ro.refitter.transfer, mode=TransferMode.bucketed, sync=Sync.fenced),
+        "bucketed_fenced": dataclasses.replace(
+            ro.refitter.transfer, mode=TransferMode.bucketed, sync=Sync.fenced
+        ),
     }
     stats: dict[str, list] = {name: [] for name in modes}
     memory: dict[str, list[float]] = {name: [] for name in modes}
@@ -179,7 +196,9 @@ def compare_modes(ro, subject: "Subject", bench: "RefitBenchConfig", device, ver
             for name, transfer in modes.items():
                 ro.refitter.transfer = transfer
                 before = trainer_memory_bytes()
-                ro.update_weights(state.items(), version=next(versions))  # untimed: the new connection
+                ro.update_weights(
+                    state.items(), version=next(versions)
+                )  # untimed: the new connection
                 for _ in range(bench.num_repeats):
                     floor.append(one_copy_floor(state, dests))
                     stats[name].append(ro.update_weights(state.items(), version=next(versions)))
@@ -190,12 +209,17 @@ def compare_modes(ro, subject: "Subject", bench: "RefitBenchConfig", device, ver
     out = {"one_copy_floor_s": med(floor), "all_one_copy_floor_s": floor}
     for name, runs in stats.items():
         out[name] = {
-            "refit_s": med(r.seconds for r in runs), "send_s": med(r.send_s for r in runs),
-            "worker_load_s": med(r.load_s for r in runs), "num_buckets": runs[-1].num_buckets,
+            "refit_s": med(r.seconds for r in runs),
+            "send_s": med(r.send_s for r in runs),
+            "worker_load_s": med(r.load_s for r in runs),
+            "num_buckets": runs[-1].num_buckets,
             "refit_over_one_copy_floor": med(r.seconds for r in runs) / med(floor),
-            "trainer_memory_mb_per_block": memory[name], "all_refit_s": [r.seconds for r in runs],
+            "trainer_memory_mb_per_block": memory[name],
+            "all_refit_s": [r.seconds for r in runs],
         }
-    out["direct_over_bucketed_fenced"] = out["direct"]["refit_s"] / out["bucketed_fenced"]["refit_s"]
+    out["direct_over_bucketed_fenced"] = (
+        out["direct"]["refit_s"] / out["bucketed_fenced"]["refit_s"]
+    )
     return out
 
 
@@ -234,18 +258,26 @@ def checkpoint_specs(model_dir: str) -> list[tuple[str, list[int], str]]:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    specs = [(name, list(t.shape), str(dtype).removeprefix("torch.")) for name, t in model.state_dict().items()]
+    specs = [
+        (name, list(t.shape), str(dtype).removeprefix("torch."))
+        for name, t in model.state_dict().items()
+    ]
     if getattr(config, "tie_word_embeddings", False):
         specs = [s for s in specs if s[0] != "lm_head.weight"]
     return specs
 
 
-def random_state(specs: list[tuple[str, list[int], str]], device: torch.device, seed: int = 0) -> dict:
+def random_state(
+    specs: list[tuple[str, list[int], str]], device: torch.device, seed: int = 0
+) -> dict:
     """The same tensors, by the same rule and seed, as the worker's `refit_bench_reload_from_memory(specs=...)`."""
     from benchmarks.worker_ext import random_weight
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    return {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs}
+    return {
+        name: random_weight(name, shape, getattr(torch, dtype), device, gen)
+        for name, shape, dtype in specs
+    }
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -274,34 +306,58 @@ def build_subject(bench: RefitBenchConfig, device: torch.device) -> Subject:
         BenchModel.qwen2_0_5b: TinyModelSpec.qwen2_0_5b(),
         BenchModel.qwen2_7b: TinyModelSpec.qwen2_7b(),
     }[bench.model]
-    dummy = bench.model is BenchModel.qwen2_7b  # random engine weights; the real (random) ones come by refit
+    dummy = (
+        bench.model is BenchModel.qwen2_7b
+    )  # random engine weights; the real (random) ones come by refit
     path = ensure_tiny_model(spec, with_weights=not dummy)
     if dummy:
         specs = checkpoint_specs(str(path))
         return Subject(spec, path, random_state(specs, device), specs, None)
     weights_file = os.path.join(path, "model.safetensors")
-    return Subject(spec, path, {k: v.to(device) for k, v in load_file(weights_file).items()}, None, weights_file)
+    return Subject(
+        spec,
+        path,
+        {k: v.to(device) for k, v in load_file(weights_file).items()},
+        None,
+        weights_file,
+    )
 
 
 def rollout_config(root: RefitBenchRoot, subject: Subject) -> RolloutConfig:
     bench = root.bench
-    backend = dict(name=bench.backend, dtype=subject.spec.dtype, max_model_len=bench.max_model_len, max_num_seqs=16,
-                   load_format="dummy" if subject.dummy else "auto")
-    utilization = bench.gpu_memory_utilization or (0.4 if bench.backend is Backend.vllm_gpu else None)
+    backend = dict(
+        name=bench.backend,
+        dtype=subject.spec.dtype,
+        max_model_len=bench.max_model_len,
+        max_num_seqs=16,
+        load_format="dummy" if subject.dummy else "auto",
+    )
+    utilization = bench.gpu_memory_utilization or (
+        0.4 if bench.backend is Backend.vllm_gpu else None
+    )
     if utilization is not None:
         backend["gpu_memory_utilization"] = utilization
     r = root.rollout
-    return RolloutConfig(backend=BackendConfig(**backend), mode=r.mode, transfer=r.transfer, timeouts=r.timeouts,
-                         load_path=r.load_path)
+    return RolloutConfig(
+        backend=BackendConfig(**backend),
+        mode=r.mode,
+        transfer=r.transfer,
+        timeouts=r.timeouts,
+        load_path=r.load_path,
+    )
 
 
-def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, tmp: str, device) -> dict:
+def measure(
+    ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, tmp: str, device
+) -> dict:
     """The interleaved timings (floor, refit, disk, reload) and the refits' stats."""
     from safetensors.torch import save_file
 
     state, bucket_bytes = subject.state, cfg.transfer.bucket_bytes
     gpu = device.type == "cuda"
-    dests = shared_dests(state) if gpu else {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
+    dests = (
+        shared_dests(state) if gpu else {k: torch.empty_like(v).fill_(0) for k, v in state.items()}
+    )
     bucket = torch.zeros(bucket_bytes, dtype=torch.uint8, device=device)
     version = iter(range(1, 10_000))
     stats: list = []
@@ -317,13 +373,22 @@ def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, t
         if reload_error:
             return
         try:
-            kwargs = {"safetensors_path": subject.weights_file} if subject.weights_file else {"specs": subject.specs}
-            reload_only.append(ro.llm.collective_rpc("refit_bench_reload_from_memory", kwargs=kwargs)[0])
-        except Exception as exc:  # e.g. no room for a second copy in the worker: the rest still counts
+            kwargs = (
+                {"safetensors_path": subject.weights_file}
+                if subject.weights_file
+                else {"specs": subject.specs}
+            )
+            reload_only.append(
+                ro.llm.collective_rpc("refit_bench_reload_from_memory", kwargs=kwargs)[0]
+            )
+        except (
+            Exception
+        ) as exc:  # e.g. no room for a second copy in the worker: the rest still counts
             reload_error.append(f"{type(exc).__name__}: {exc}")
 
     fns = {
-        "floor": (lambda: one_copy_floor(state, dests)) if cfg.transfer.mode is TransferMode.direct
+        "floor": (lambda: one_copy_floor(state, dests))
+        if cfg.transfer.mode is TransferMode.direct
         else (lambda: floor_once(state, dests, bucket, bucket_bytes)),
         "one_copy": lambda: one_copy_floor(state, dests),
         "refit": lambda: stats.append(ro.update_weights(state.items(), version=next(version))),
@@ -333,8 +398,13 @@ def measure(ro, subject: Subject, cfg: RolloutConfig, bench: RefitBenchConfig, t
     if not bench.disk or subject.dummy:
         del fns["disk"]
     times = interleaved(fns, bench.num_repeats)
-    return {"times": times, "stats": stats, "reload_only": reload_only, "reload_error": reload_error,
-            "next_version": next(version)}
+    return {
+        "times": times,
+        "stats": stats,
+        "reload_only": reload_only,
+        "reload_error": reload_error,
+        "next_version": next(version),
+    }
 
 
 PROMPTS = ["The quick brown fox", "12+7="]
@@ -366,20 +436,38 @@ def fresh_engine_samples(subject: Subject, cfg: RolloutConfig, tmp: str) -> list
     for f in subject.path.iterdir():  # config and tokenizer; the weights come from subject.state
         if f.is_file() and not f.name.startswith("model.safetensors"):
             shutil.copy(f, fresh_dir / f.name)
-    save_file({k: v.contiguous().cpu() for k, v in subject.state.items()}, str(fresh_dir / "model.safetensors"))
-    fresh_cfg = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, load_format="auto"))
+    save_file(
+        {k: v.contiguous().cpu() for k, v in subject.state.items()},
+        str(fresh_dir / "model.safetensors"),
+    )
+    fresh_cfg = dataclasses.replace(
+        cfg, backend=dataclasses.replace(cfg.backend, load_format="auto")
+    )
     with build_rollout(fresh_cfg, fresh_dir) as fresh:
         return greedy(fresh)
 
 
 def compare(refitted: list, fresh: Optional[list], original: list) -> dict:
     tokens = [s.token_ids for s in refitted]
-    out: dict[str, Any] = {"scaled_weights_changed_tokens": tokens != [s.token_ids for s in original]}
+    out: dict[str, Any] = {
+        "scaled_weights_changed_tokens": tokens != [s.token_ids for s in original]
+    }
     if fresh is None:
-        return {**out, "same_greedy_tokens_refit_vs_fresh": None, "max_logprob_diff_refit_vs_fresh": None}
+        return {
+            **out,
+            "same_greedy_tokens_refit_vs_fresh": None,
+            "max_logprob_diff_refit_vs_fresh": None,
+        }
     same = tokens == [s.token_ids for s in fresh]
-    diff = max((abs(a - b) for x, y in zip(refitted, fresh) for a, b in zip(x.logprobs, y.logprobs)), default=0.0)
-    return {**out, "same_greedy_tokens_refit_vs_fresh": same, "max_logprob_diff_refit_vs_fresh": diff if same else None}
+    diff = max(
+        (abs(a - b) for x, y in zip(refitted, fresh) for a, b in zip(x.logprobs, y.logprobs)),
+        default=0.0,
+    )
+    return {
+        **out,
+        "same_greedy_tokens_refit_vs_fresh": same,
+        "max_logprob_diff_refit_vs_fresh": diff if same else None,
+    }
 
 
 def run(root: RefitBenchRoot) -> dict:
@@ -403,16 +491,37 @@ def run(root: RefitBenchRoot) -> dict:
             worker_info = ro.llm.collective_rpc("refit_worker_info")[0]
             measured = measure(ro, subject, cfg, bench, tmp, device)
             if bench.compare_modes:
-                measured["modes"] = compare_modes(ro, subject, bench, device, measured["next_version"] + 10)
+                measured["modes"] = compare_modes(
+                    ro, subject, bench, device, measured["next_version"] + 10
+                )
             original, refitted = refit_to_scaled(ro, subject, measured["next_version"] + 1000)
         finally:
             ro.close()  # before the fresh engine: a 7B pair does not fit beside the trainer's state
         fresh = fresh_engine_samples(subject, cfg, tmp) if bench.fresh_check else None
-    return result(ro, root, cfg, subject, measured, compare(refitted, fresh, original), worker_info, start_s, device)
+    return result(
+        ro,
+        root,
+        cfg,
+        subject,
+        measured,
+        compare(refitted, fresh, original),
+        worker_info,
+        start_s,
+        device,
+    )
 
 
-def result(ro, root: RefitBenchRoot, cfg: RolloutConfig, subject: Subject, measured: dict, checks: dict,
-           worker_info: dict, start_s: float, device) -> dict:
+def result(
+    ro,
+    root: RefitBenchRoot,
+    cfg: RolloutConfig,
+    subject: Subject,
+    measured: dict,
+    checks: dict,
+    worker_info: dict,
+    start_s: float,
+    device,
+) -> dict:
     bench, med = root.bench, statistics.median
     times, stats, reload_only = measured["times"], measured["stats"], measured["reload_only"]
     floor, refit, disk = times["floor"], times["refit"], times.get("disk")

@@ -58,14 +58,18 @@ class BenchConfig:
     num_repeats: int = 5
     num_threads: int = 1
     out: str = "bench.json"
-    trace: bool = False  # after the timed repeats, one more refit with a per-bucket timeline (see _Trace)
+    trace: bool = (
+        False  # after the timed repeats, one more refit with a per-bucket timeline (see _Trace)
+    )
     timeout_s: float = 1800.0  # the whole run: both processes' results must be in by then
 
 
 @dataclass
 class BenchRollout:
     # shm between two CPU processes unless told otherwise; a long timeout for GB-sized sweeps on a busy host
-    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(transport=Transport.shm, timeout_s=120.0))
+    transfer: TransferConfig = field(
+        default_factory=lambda: TransferConfig(transport=Transport.shm, timeout_s=120.0)
+    )
 
 
 @dataclass
@@ -74,20 +78,29 @@ class BenchRoot:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
-def qwen2_like_shapes(total_bytes: int, hidden: int, itemsize: int) -> list[tuple[str, tuple[int, ...]]]:
+def qwen2_like_shapes(
+    total_bytes: int, hidden: int, itemsize: int
+) -> list[tuple[str, tuple[int, ...]]]:
     """Embedding first, then whole decoder layers while they fit in `total_bytes`, then the final norm."""
     inter = max(128, round(hidden * 35 / 6 / 128) * 128)  # 1536 -> 8960, as in Qwen2-1.5B
     kv = 128 * max(1, hidden // 768)  # two KV heads of 128 at 1536
-    vocab = max(1024, min(151936, total_bytes // 4 // (hidden * itemsize)))  # at most a quarter of the total
+    vocab = max(
+        1024, min(151936, total_bytes // 4 // (hidden * itemsize))
+    )  # at most a quarter of the total
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
     layer = [
-        ("self_attn.q_proj.weight", (hidden, hidden)), ("self_attn.q_proj.bias", (hidden,)),
-        ("self_attn.k_proj.weight", (kv, hidden)), ("self_attn.k_proj.bias", (kv,)),
-        ("self_attn.v_proj.weight", (kv, hidden)), ("self_attn.v_proj.bias", (kv,)),
+        ("self_attn.q_proj.weight", (hidden, hidden)),
+        ("self_attn.q_proj.bias", (hidden,)),
+        ("self_attn.k_proj.weight", (kv, hidden)),
+        ("self_attn.k_proj.bias", (kv,)),
+        ("self_attn.v_proj.weight", (kv, hidden)),
+        ("self_attn.v_proj.bias", (kv,)),
         ("self_attn.o_proj.weight", (hidden, hidden)),
-        ("mlp.gate_proj.weight", (inter, hidden)), ("mlp.up_proj.weight", (inter, hidden)),
+        ("mlp.gate_proj.weight", (inter, hidden)),
+        ("mlp.up_proj.weight", (inter, hidden)),
         ("mlp.down_proj.weight", (hidden, inter)),
-        ("input_layernorm.weight", (hidden,)), ("post_attention_layernorm.weight", (hidden,)),
+        ("input_layernorm.weight", (hidden,)),
+        ("post_attention_layernorm.weight", (hidden,)),
     ]
     layer_bytes = sum(torch.Size(s).numel() for _, s in layer) * itemsize
     used = vocab * hidden * itemsize
@@ -101,7 +114,9 @@ def qwen2_like_shapes(total_bytes: int, hidden: int, itemsize: int) -> list[tupl
 
 def _tensors(shapes, dtype: torch.dtype, device: str, value: float) -> dict[str, torch.Tensor]:
     # fill_ touches every page now, so no measurement pays for first-touch page faults
-    return {name: torch.empty(shape, dtype=dtype, device=device).fill_(value) for name, shape in shapes}
+    return {
+        name: torch.empty(shape, dtype=dtype, device=device).fill_(value) for name, shape in shapes
+    }
 
 
 def _sync(device: str) -> None:
@@ -116,8 +131,14 @@ def _devices(cfg: TransferConfig, bench: BenchConfig) -> tuple[str, str]:
     return bench.device, bench.device
 
 
-def _floor_once(state: dict, dests: dict, bucket: torch.Tensor, bucket_bytes: int, device: str,
-                peer: torch.Tensor | None = None) -> float:
+def _floor_once(
+    state: dict,
+    dests: dict,
+    bucket: torch.Tensor,
+    bucket_bytes: int,
+    device: str,
+    peer: torch.Tensor | None = None,
+) -> float:
     """`peer`: a bucket on the destinations' device when it is not the sender's (the third copy)."""
     start = time.perf_counter()
     for planned in layout.plan_buckets(state.items(), bucket_bytes):
@@ -147,11 +168,21 @@ def _memory(device: str) -> dict[str, int]:
     with open("/proc/self/smaps_rollup") as f:
         kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f.readlines()[1:])}
     with open("/proc/self/status") as f:
-        status = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if line.startswith(("Vm", "Rss")))}
-    out = {"pss": (kb["Pss_Anon"] + kb["Pss_Shmem"]) << 10, "rss": status["VmRSS"] << 10, "rss_peak": status["VmHWM"] << 10,
-           "anon_shmem": (status["RssAnon"] + status["RssShmem"]) << 10}
+        status = {
+            k: int(v.split()[0])
+            for k, v in (line.split(":", 1) for line in f if line.startswith(("Vm", "Rss")))
+        }
+    out = {
+        "pss": (kb["Pss_Anon"] + kb["Pss_Shmem"]) << 10,
+        "rss": status["VmRSS"] << 10,
+        "rss_peak": status["VmHWM"] << 10,
+        "anon_shmem": (status["RssAnon"] + status["RssShmem"]) << 10,
+    }
     if torch.device(device).type == "cuda":
-        out.update(cuda=torch.cuda.memory_allocated(device), cuda_peak=torch.cuda.max_memory_allocated(device))
+        out.update(
+            cuda=torch.cuda.memory_allocated(device),
+            cuda_peak=torch.cuda.max_memory_allocated(device),
+        )
     return out
 
 
@@ -169,15 +200,21 @@ def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes,
     state = _tensors(shapes, dtype, device, 1.0)
     dests = _tensors(shapes, dtype, receiver_device, 0.0)
     direct = cfg.mode is TransferMode.direct
-    if not direct:  # the two-copy floor's bucket, allocated before the memory baseline like the tensors
+    if (
+        not direct
+    ):  # the two-copy floor's bucket, allocated before the memory baseline like the tensors
         bucket = torch.zeros(cfg.bucket_bytes, dtype=torch.uint8, device=device)
-        peer = None if receiver_device == device else torch.zeros_like(bucket, device=receiver_device)
+        peer = (
+            None if receiver_device == device else torch.zeros_like(bucket, device=receiver_device)
+        )
     floors, refits, num_buckets = [], [], 0
     trace = _Trace(device) if bench.trace else None
     memory = {"before": _memory(device)}
     _reset_peaks(device)
     with WeightSender(cfg, endpoint, device=device, on_step=trace and trace.on_step) as sender:
-        for repeat in range(bench.num_repeats + 1):  # repeat 0 warms up buffers, caches, page tables
+        for repeat in range(
+            bench.num_repeats + 1
+        ):  # repeat 0 warms up buffers, caches, page tables
             if direct:
                 floor = _one_copy_floor(state, dests, device)
             else:
@@ -191,9 +228,16 @@ def _sender_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes,
         if trace:
             with trace:
                 sender.send(state.items(), version=bench.num_repeats + 1)
-    results.put({"floor_s": floors, "refit_s": refits, "num_buckets": num_buckets, "num_bytes": num_bytes,
-                 "sender_memory": memory,
-                 "sender_trace": trace and trace.records()})
+    results.put(
+        {
+            "floor_s": floors,
+            "refit_s": refits,
+            "num_buckets": num_buckets,
+            "num_bytes": num_bytes,
+            "sender_memory": memory,
+            "sender_trace": trace and trace.records(),
+        }
+    )
 
 
 def _receiver_main(cfg: TransferConfig, bench: BenchConfig, endpoint: str, shapes, results) -> None:
@@ -264,7 +308,10 @@ class _Trace:
     def records(self) -> dict:
         if self._cuda:
             torch.cuda.synchronize()
-        return {"host": self._host, "gpu_ms": [(what, s.elapsed_time(e)) for what, s, e in self._gpu]}
+        return {
+            "host": self._host,
+            "gpu_ms": [(what, s.elapsed_time(e)) for what, s, e in self._gpu],
+        }
 
 
 def trace_table(sender: dict, receiver: dict) -> list[tuple[str, float]]:
@@ -288,7 +335,11 @@ def trace_table(sender: dict, receiver: dict) -> list[tuple[str, float]]:
         ("sender: Ack in -> pack starts", (s, "got Ack", -1), (s, "pack start", 0)),
         ("sender: pack launch loop", (s, "pack start", 0), (s, "pack end", 0)),
         ("sender: launched -> Packed out", (s, "pack end", 0), (s, "send Packed", 0)),
-        ("Packed on the wire (after the receiver's views)", (s, "send Packed", 0), (r, "got Packed", 0)),
+        (
+            "Packed on the wire (after the receiver's views)",
+            (s, "send Packed", 0),
+            (r, "got Packed", 0),
+        ),
         ("receiver: wait for the packed event", (r, "got Packed", 0), (r, "load start", 0)),
         ("receiver: load launch loop", (r, "load start", 0), (r, "load end", 0)),
         ("receiver: device sync after the loads", (r, "load end", 0), (r, "send Ack", 0)),
@@ -297,19 +348,29 @@ def trace_table(sender: dict, receiver: dict) -> list[tuple[str, float]]:
 
     def median_span(a: dict, ka: str, da: int, b: dict, kb: str, db: int) -> float:
         """Median over buckets k >= 1 of b[k + db][kb] - a[k + da][ka], in ms."""
-        spans = [(b[k + db][kb] - a[k + da][ka]) * 1e3 for k in range(1, len(s))
-                 if ka in a.get(k + da, {}) and kb in b.get(k + db, {})]
+        spans = [
+            (b[k + db][kb] - a[k + da][ka]) * 1e3
+            for k in range(1, len(s))
+            if ka in a.get(k + da, {}) and kb in b.get(k + db, {})
+        ]
         return statistics.median(spans) if spans else float("nan")
 
     rows = [(label, median_span(*start, *end)) for label, start, end in steps]
     # on a CPU the copies run inside the launch loops
     pack = statistics.median(ms for w, ms in sender["gpu_ms"]) if sender["gpu_ms"] else rows[1][1]
-    load = statistics.median(ms for w, ms in receiver["gpu_ms"]) if receiver["gpu_ms"] else rows[5][1]
+    load = (
+        statistics.median(ms for w, ms in receiver["gpu_ms"]) if receiver["gpu_ms"] else rows[5][1]
+    )
     cycle = median_span(s, "got Ack", -1, s, "got Ack", 0)
     return rows + [
-        ("= one bucket, Ack to Ack", cycle), ("device time: pack", pack), ("device time: load", load),
+        ("= one bucket, Ack to Ack", cycle),
+        ("device time: pack", pack),
+        ("device time: load", load),
         ("device idle per bucket (cycle - pack - load)", cycle - pack - load),
-        ("(off the path) BucketMeta in -> Packed in", median_span(r, "got BucketMeta", 0, r, "got Packed", 0)),
+        (
+            "(off the path) BucketMeta in -> Packed in",
+            median_span(r, "got BucketMeta", 0, r, "got Packed", 0),
+        ),
     ]
 
 
@@ -323,8 +384,12 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     endpoint = new_endpoint()
-    receiver = ctx.Process(target=_receiver_main, args=(cfg, bench, endpoint, shapes, results), daemon=True)
-    sender = ctx.Process(target=_sender_main, args=(cfg, bench, endpoint, shapes, results), daemon=True)
+    receiver = ctx.Process(
+        target=_receiver_main, args=(cfg, bench, endpoint, shapes, results), daemon=True
+    )
+    sender = ctx.Process(
+        target=_sender_main, args=(cfg, bench, endpoint, shapes, results), daemon=True
+    )
     receiver.start()
     sender.start()
     try:
@@ -340,18 +405,36 @@ def run(cfg: TransferConfig, bench: BenchConfig) -> dict:
     gb = out["num_bytes"] / 1e9
     direct = cfg.mode is TransferMode.direct
     return {
-        "mode": cfg.mode.value, "floor": "one-copy" if direct else "two-copy",
-        "transport": cfg.transport.value, "sync": "-" if direct else cfg.sync.value,
+        "mode": cfg.mode.value,
+        "floor": "one-copy" if direct else "two-copy",
+        "transport": cfg.transport.value,
+        "sync": "-" if direct else cfg.sync.value,
         "bucket_mb": "-" if direct else cfg.bucket_mb,
-        "device": bench.device, "sender_device": _devices(cfg, bench)[0], "receiver_device": _devices(cfg, bench)[1],
-        "dtype": bench.dtype, "num_threads": bench.num_threads,
-        "total_gb": round(gb, 4), "num_tensors": len(shapes), "num_buckets": out["num_buckets"],
-        "num_repeats": bench.num_repeats, "floor_s": floor_s, "refit_s": refit_s,
-        "floor_gbps": gb / floor_s, "refit_gbps": gb / refit_s, "ratio": refit_s / floor_s,
-        "overhead_per_bucket_ms": (refit_s - floor_s) / out["num_buckets"] * 1e3 if out["num_buckets"] else None,
+        "device": bench.device,
+        "sender_device": _devices(cfg, bench)[0],
+        "receiver_device": _devices(cfg, bench)[1],
+        "dtype": bench.dtype,
+        "num_threads": bench.num_threads,
+        "total_gb": round(gb, 4),
+        "num_tensors": len(shapes),
+        "num_buckets": out["num_buckets"],
+        "num_repeats": bench.num_repeats,
+        "floor_s": floor_s,
+        "refit_s": refit_s,
+        "floor_gbps": gb / floor_s,
+        "refit_gbps": gb / refit_s,
+        "ratio": refit_s / floor_s,
+        "overhead_per_bucket_ms": (refit_s - floor_s) / out["num_buckets"] * 1e3
+        if out["num_buckets"]
+        else None,
         **_memory_figures(out["sender_memory"], out["receiver_memory"]),
-        "floor_all_s": out["floor_s"], "refit_all_s": out["refit_s"],
-        **({"trace_ms": trace_table(out["sender_trace"], out["receiver_trace"])} if bench.trace else {}),
+        "floor_all_s": out["floor_s"],
+        "refit_all_s": out["refit_s"],
+        **(
+            {"trace_ms": trace_table(out["sender_trace"], out["receiver_trace"])}
+            if bench.trace
+            else {}
+        ),
     }
 
 
@@ -360,23 +443,40 @@ def _memory_figures(sender: dict, receiver: dict) -> dict:
     once); the sender's resident anonymous + shared memory after minus before; its resident peak above its start."""
     mb = lambda n: n / 2**20  # noqa: E731
     figures = {
-        "transfer_memory_mb": mb(sender["after"]["pss"] + receiver["after"]["pss"]
-                                 - sender["before"]["pss"] - receiver["before"]["pss"]),
-        "sender_memory_mb": mb(sender["after"]["anon_shmem"] - sender["before"]["anon_shmem"]),  # its own, unshared
+        "transfer_memory_mb": mb(
+            sender["after"]["pss"]
+            + receiver["after"]["pss"]
+            - sender["before"]["pss"]
+            - receiver["before"]["pss"]
+        ),
+        "sender_memory_mb": mb(
+            sender["after"]["anon_shmem"] - sender["before"]["anon_shmem"]
+        ),  # its own, unshared
         "sender_peak_over_start_mb": mb(sender["after"]["rss_peak"] - sender["before"]["rss"]),
     }
     if "cuda" in sender["before"]:
         figures["sender_cuda_mb"] = mb(sender["after"]["cuda"] - sender["before"]["cuda"])
-        figures["sender_cuda_peak_over_start_mb"] = mb(sender["after"]["cuda_peak"] - sender["before"]["cuda"])
+        figures["sender_cuda_peak_over_start_mb"] = mb(
+            sender["after"]["cuda_peak"] - sender["before"]["cuda"]
+        )
     return figures
 
 
 _COLUMNS = [  # (result key, header, format)
-    ("mode", "mode", "{}"), ("transport", "transport", "{}"), ("sync", "sync", "{}"), ("bucket_mb", "bucket MB", "{}"),
-    ("num_buckets", "buckets", "{}"), ("floor_s", "floor s", "{:.3f}"), ("refit_s", "refit s", "{:.3f}"),
-    ("floor_gbps", "floor GB/s", "{:.2f}"), ("refit_gbps", "refit GB/s", "{:.2f}"), ("ratio", "refit/floor", "{:.2f}"),
-    ("overhead_per_bucket_ms", "ms/bucket", "{:.2f}"), ("floor", "floor", "{}"),
-    ("transfer_memory_mb", "transfer MB", "{:.0f}"), ("sender_peak_over_start_mb", "sender peak MB", "{:.0f}"),
+    ("mode", "mode", "{}"),
+    ("transport", "transport", "{}"),
+    ("sync", "sync", "{}"),
+    ("bucket_mb", "bucket MB", "{}"),
+    ("num_buckets", "buckets", "{}"),
+    ("floor_s", "floor s", "{:.3f}"),
+    ("refit_s", "refit s", "{:.3f}"),
+    ("floor_gbps", "floor GB/s", "{:.2f}"),
+    ("refit_gbps", "refit GB/s", "{:.2f}"),
+    ("ratio", "refit/floor", "{:.2f}"),
+    ("overhead_per_bucket_ms", "ms/bucket", "{:.2f}"),
+    ("floor", "floor", "{}"),
+    ("transfer_memory_mb", "transfer MB", "{:.0f}"),
+    ("sender_peak_over_start_mb", "sender peak MB", "{:.0f}"),
 ]
 
 
@@ -388,7 +488,12 @@ def print_table(rows: list[dict], title: str) -> None:
     for _, header, _ in _COLUMNS:
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*(fmt.format(row[key]) if row.get(key) not in (None, "-") else "-" for key, _, fmt in _COLUMNS))
+        table.add_row(
+            *(
+                fmt.format(row[key]) if row.get(key) not in (None, "-") else "-"
+                for key, _, fmt in _COLUMNS
+            )
+        )
     Console(width=max(150, Console().width)).print(table)
 
 
@@ -407,25 +512,47 @@ def summarize(sweep_dir: str) -> list[dict]:
             rows.append(row)
     if not rows:
         raise SystemExit(f"no benchmark results under {sweep_dir}")
-    rows.sort(key=lambda r: (r.get("mode", "bucketed"), r["transport"], r["sync"], str(r["bucket_mb"]).zfill(6)))
-    print_table(rows, f"refit vs floor: two-copy (bucketed), one-copy (direct) ({rows[0]['total_gb']} GB "
-                      f"{rows[0]['dtype']}, {rows[0]['device']})")
+    rows.sort(
+        key=lambda r: (
+            r.get("mode", "bucketed"),
+            r["transport"],
+            r["sync"],
+            str(r["bucket_mb"]).zfill(6),
+        )
+    )
+    print_table(
+        rows,
+        f"refit vs floor: two-copy (bucketed), one-copy (direct) ({rows[0]['total_gb']} GB "
+        f"{rows[0]['dtype']}, {rows[0]['device']})",
+    )
     with open(os.path.join(sweep_dir, "summary.json"), "w") as f:
         json.dump(rows, f, indent=1)
     fig, (ax_gbps, ax_ratio) = plt.subplots(1, 2, figsize=(10, 4))
     for r in [r for r in rows if r.get("mode") == "direct"]:  # no bucket: one line across the sizes
         ax_gbps.axhline(r["refit_gbps"], ls="--", color="C9", label=f"{r['transport']} direct")
-        ax_ratio.axhline(r["ratio"], ls="--", color="C9", label=f"{r['transport']} direct (vs one-copy floor)")
+        ax_ratio.axhline(
+            r["ratio"], ls="--", color="C9", label=f"{r['transport']} direct (vs one-copy floor)"
+        )
     rows = [r for r in rows if r.get("mode", "bucketed") == "bucketed"]
     for key in sorted({(r["transport"], r["sync"]) for r in rows}):
         sel = [r for r in rows if (r["transport"], r["sync"]) == key]
         mbs = [r["bucket_mb"] for r in sel]
         ax_gbps.plot(mbs, [r["refit_gbps"] for r in sel], "o-", label=f"{key[0]} {key[1]}")
         ax_ratio.plot(mbs, [r["ratio"] for r in sel], "o-", label=f"{key[0]} {key[1]}")
-    ax_gbps.plot([r["bucket_mb"] for r in rows], [r["floor_gbps"] for r in rows], "k.", label="two-copy floor (each run)")
+    ax_gbps.plot(
+        [r["bucket_mb"] for r in rows],
+        [r["floor_gbps"] for r in rows],
+        "k.",
+        label="two-copy floor (each run)",
+    )
     ax_gbps.set(xscale="log", xlabel="bucket_mb", ylabel="GB/s", title="refit throughput")
     ax_ratio.axhline(1.0, color="k", lw=0.8)
-    ax_ratio.set(xscale="log", xlabel="bucket_mb", ylabel="refit / floor (same run)", title="ratio to the two-copy floor")
+    ax_ratio.set(
+        xscale="log",
+        xlabel="bucket_mb",
+        ylabel="refit / floor (same run)",
+        title="ratio to the two-copy floor",
+    )
     ax_gbps.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(sweep_dir, "summary.png"), dpi=120)
@@ -444,7 +571,9 @@ def _report(result: dict, path: str) -> None:
         print(f"{label:>48}: {ms:8.3f} ms")
 
 
-_hydra_main = hydra_app("transfer", BenchRoot, lambda root: run(root.rollout.transfer, root.bench), _report)
+_hydra_main = hydra_app(
+    "transfer", BenchRoot, lambda root: run(root.rollout.transfer, root.bench), _report
+)
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--summary":

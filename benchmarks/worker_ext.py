@@ -19,7 +19,7 @@ BENCH_WORKER_EXTENSION = "benchmarks.worker_ext.BenchWorkerExtension"
 
 
 class BenchWorkerExtension(RefitWorkerExtension):
-    """RefitWorkerExtension with `refit_bench_*`, `refit_worker_info` and `refit_debug_skip_detach`, each
+    """RefitWorkerExtension with `refit_bench_*`, `refit_worker_info` and the `refit_debug_*` switches, each
     working through the extension's one WorkerRefit (rollout/worker/refit.py), which holds all the state.
 
     Example:
@@ -30,10 +30,18 @@ class BenchWorkerExtension(RefitWorkerExtension):
     def refit_worker_info(self) -> dict[str, Any]:
         """Plain facts about the worker process, for benchmarks, logs and the kill tests (pid, rank in its engine)."""
         device = self._refit_component().target.device
-        return {"torch_threads": torch.get_num_threads(), "device": str(device), "pid": os.getpid(), "rank": self.rank}
+        return {
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "pid": os.getpid(),
+            "rank": self.rank,
+        }
 
     def refit_bench_reload_from_memory(
-        self, safetensors_path: str | None = None, specs: list[tuple[str, list[int], str]] | None = None, seed: int = 0,
+        self,
+        safetensors_path: str | None = None,
+        specs: list[tuple[str, list[int], str]] | None = None,
+        seed: int = 0,
         load_path: str = "auto",
     ) -> float:
         """Seconds of the load into the model alone (through the path a refit asking for `load_path` takes),
@@ -49,7 +57,10 @@ class BenchWorkerExtension(RefitWorkerExtension):
             state = load_file(safetensors_path, device=str(device))
         else:
             gen = torch.Generator(device=device).manual_seed(seed)
-            state = {name: random_weight(name, shape, getattr(torch, dtype), device, gen) for name, shape, dtype in specs or []}
+            state = {
+                name: random_weight(name, shape, getattr(torch, dtype), device, gen)
+                for name, shape, dtype in specs or []
+            }
         path = refit.prepare(LoadPath(load_path))
         refit.sync()
         start = time.perf_counter()
@@ -70,6 +81,14 @@ class BenchWorkerExtension(RefitWorkerExtension):
         refit.sync()
         return time.perf_counter() - start
 
+    def refit_debug_reallocate(self, name: str) -> int:
+        """Give parameter `name` a fresh storage with the same values: what a refit must never do
+        under CUDA graphs (they keep reading the old one). The graph-audit test shows the audit
+        names it."""
+        param = dict(self.model_runner.get_model().named_parameters())[name]
+        param.data = param.data.clone()
+        return param.data_ptr()
+
     def refit_debug_skip_detach(self, skip: bool) -> None:
         """`True` stops copying the reload's buffered tensors out of a bucket before its release: the race
         this project exists to prevent. The engine tests use it to show that the copy keeps refits exact."""
@@ -80,10 +99,14 @@ def _no_detach(bucket: Any) -> int:
     return 0
 
 
-def random_weight(name: str, shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+def random_weight(
+    name: str, shape: list[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> torch.Tensor:
     """A plausible random weight: norms 1, biases 0, the rest N(0, 0.02) (finite activations in bf16)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype, device=device)
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)  # no fp32 temporary
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(
+        0.02
+    )  # no fp32 temporary

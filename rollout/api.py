@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
     from rollout.transfer import TransferConfig, TransferStats, WeightSender
 
-Prompt = "str | Sequence[int]"
-
 
 @dataclass
 class Sample:
@@ -36,7 +34,9 @@ class Sample:
     prompt_index: int
     prompt_token_ids: list[int]
     token_ids: list[int]
-    logprobs: list[float]  # log-probability of each response token under the model (before temperature)
+    logprobs: list[
+        float
+    ]  # log-probability of each response token under the model (before temperature)
     text: str
     version: int  # the weight version that produced it (the oldest, if several did)
     finish_reason: str | None = None
@@ -54,11 +54,16 @@ class RefitStats:
     num_buckets: int
     send_s: float  # the sending half (returns once the last bucket is loaded by every worker)
     load_s: float  # the slowest worker's reload_weights, final processing included
-    detached_bytes: int  # copied out because a layer straddled a bucket boundary (summed over workers)
+    detached_bytes: (
+        int  # copied out because a layer straddled a bucket boundary (summed over workers)
+    )
     caches_reset: tuple[str, ...] = field(default_factory=tuple)
     load_path: str = "layerwise"  # "direct" (weight loaders) or "layerwise" (rollout/load_path.py)
-    worker_load_s: tuple[float, ...] = ()  # each worker's load_s, by receiver rank (engine k, worker w: k*TP+w)
+    worker_load_s: tuple[
+        float, ...
+    ] = ()  # each worker's load_s, by receiver rank (engine k, worker w: k*TP+w)
     load_plan: str = ""  # direct path: "recorded" (first refit), "replayed", or "off: <why>"
+    graph_audit: Any = None  # rollout.graph_audit=true: a rollout.graph_audit.GraphAudit
 
 
 class RefitError(RuntimeError):
@@ -78,7 +83,9 @@ class RefitEndpoint:
     transfer: "TransferConfig"
     device: str  # where the sender's buffers live (the engine's device type)
     num_receivers: int = 1  # every worker of every engine
-    node_id: str | None = None  # the Ray node of the engine's workers, where the engine is a Ray actor
+    node_id: str | None = (
+        None  # the Ray node of the engine's workers, where the engine is a Ray actor
+    )
 
     def sender(self, device: str | None = None) -> "WeightSender":
         """A new sender bound at this endpoint; the caller keeps (and closes) it."""
@@ -89,8 +96,12 @@ class RefitEndpoint:
 
         # A previous sender on this endpoint removed its private directory on close: make it again (0700).
         os.makedirs(os.path.dirname(ipc_path(self.address)), mode=0o700, exist_ok=True)
-        return WeightSender(self.transfer, self.address, device=device or self.device,
-                            num_receivers=self.num_receivers)
+        return WeightSender(
+            self.transfer,
+            self.address,
+            device=device or self.device,
+            num_receivers=self.num_receivers,
+        )
 
 
 class RefitPort(Protocol):
@@ -148,12 +159,26 @@ class RolloutEngine(Protocol):
     @property
     def tokenizer(self) -> Any: ...
 
-    def generate(self, prompts: Sequence[Any], n: int = 1, max_tokens: int = 32, temperature: float = 1.0,
-                 seed: int | None = None, top_p: float = 1.0) -> list[Sample]:
+    def generate(
+        self,
+        prompts: Sequence[Any],
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> list[Sample]:
         """`n` samples per prompt, grouped in prompt order; prompt i's sample j uses seed `seed + i*n + j`."""
 
-    def submit(self, prompts: Sequence[Any], n: int = 1, max_tokens: int = 32, temperature: float = 1.0,
-               seed: int | None = None, top_p: float = 1.0) -> Handle:
+    def submit(
+        self,
+        prompts: Sequence[Any],
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> Handle:
         """Start generation; an async engine returns at once, a sync one once the samples are there."""
 
     def off_engine_cores(self) -> ContextManager[None]:
@@ -166,7 +191,9 @@ class RolloutEngine(Protocol):
     def refit(self, version: int, send: Send) -> RefitStats:
         """One refit: the engine's workers receive what `send` moves; RefitError on any failure."""
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int) -> RefitStats:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int
+    ) -> RefitStats:
         """`refit(version, send_tensors(named_tensors))`."""
 
     def close(self) -> None: ...

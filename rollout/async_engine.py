@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Iterable, Iterator, Sequence
 
 import torch
 
-from rollout.api import RefitStats, Sample, Send
+from rollout.api import RefitStats, Sample, Send, send_tensors
 from rollout.cache_reset import (
     ASYNC_LLM_CALLS,
     Cache,
@@ -82,7 +82,9 @@ class Handle:
     def result(self, timeout_s: float | None = None) -> list[Sample]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if not self._done.wait(timeout_s):
-            raise TimeoutError(f"async rollout: {self._remaining} prompt(s) still unfinished after {timeout_s} s")
+            raise TimeoutError(
+                f"async rollout: {self._remaining} prompt(s) still unfinished after {timeout_s} s"
+            )
         if self._error is not None:
             raise RuntimeError(f"async rollout: the batch failed: {self._error}") from self._error
         return [s for group in self._groups for s in group]  # type: ignore[union-attr]
@@ -94,7 +96,9 @@ class Handle:
             try:
                 item = self._finished.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"async rollout: {self._remaining} prompt(s) still unfinished at the deadline") from None
+                raise TimeoutError(
+                    f"async rollout: {self._remaining} prompt(s) still unfinished at the deadline"
+                ) from None
             if isinstance(item, BaseException):
                 raise RuntimeError(f"async rollout: the batch failed: {item}") from item
             yield self._groups[item]  # type: ignore[misc]
@@ -130,8 +134,12 @@ class AsyncVllmRollout:
     """
 
     def __init__(
-        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None,
-        worker_extension: str | None = None, engine_index: int = 0,
+        self,
+        cfg: RolloutConfig,
+        model_path: str,
+        platform: Platform | None = None,
+        worker_extension: str | None = None,
+        engine_index: int = 0,
     ) -> None:
         """`worker_extension`, `engine_index`: as for VllmRollout."""
         self.cfg = cfg
@@ -143,30 +151,46 @@ class AsyncVllmRollout:
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
         transfer = resolved_transfer(cfg, self.platform)
         self.state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
-        self.refitter = Refitter([self], self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, transfer,
-                                 cfg.load_path, cfg.backend.tensor_parallel_size)
+        self.refitter = Refitter(
+            [self],
+            self.platform.device_type,
+            cfg.endpoint_dir,
+            cfg.timeouts,
+            transfer,
+            cfg.load_path,
+            cfg.backend.tensor_parallel_size,
+        )
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         # (trainer's cores, engine's cores), or None: vLLM binds its worker as it likes (rollout.engine_cores)
         self._cores = split_cores(cfg.engine_cores) if self.platform.device_type == "cpu" else None
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="async-rollout-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="async-rollout-loop", daemon=True
+        )
         self._thread.start()
         try:
             self._resumed = self._call(_new_event(), "creating the resume event")
             self.engine = self._call(self._start(), "engine start-up")
             self._tag_version(self.version)
-            if self._cores is not None:  # the loop shares the GIL with the trainer: it runs on the trainer's cores
+            if (
+                self._cores is not None
+            ):  # the loop shares the GIL with the trainer: it runs on the trainer's cores
                 os.sched_setaffinity(self._thread.native_id, self._cores[0])
         except BaseException:
             self._stop_loop()
             raise
-        self.vllm_segments = EngineSegments.of_client(self.engine.engine_core, f"async engine {engine_index}")  # see VllmRollout
+        self.vllm_segments = EngineSegments.of_client(
+            self.engine.engine_core, f"async engine {engine_index}"
+        )  # see VllmRollout
         self.multimodal = bool(getattr(self.engine.model_config, "is_multimodal_model", False))
         self._set_worker_idle_spin()
+        if cfg.graph_audit:  # the model as the CUDA graphs captured it (rollout/graph_audit.py)
+            self._call(self.engine.collective_rpc("refit_audit_start"), "refit_audit_start")
         self._tokenizer = self.engine.get_tokenizer()
         try:  # what AsyncLLM itself parses a raw prompt with (vLLM 0.24, 0.32); else prompts go to it raw
             from vllm.renderers.inputs.preprocess import parse_model_prompt
+
             self._parse_prompt: Any = parse_model_prompt
         except ImportError:
             self._parse_prompt = None
@@ -175,14 +199,25 @@ class AsyncVllmRollout:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = engine_kwargs(self.cfg, self.model_path, self.platform, self._can_sleep,
-                               self.worker_extension or ASYNC_WORKER_EXTENSION)
+        kwargs = engine_kwargs(
+            self.cfg,
+            self.model_path,
+            self.platform,
+            self._can_sleep,
+            self.worker_extension or ASYNC_WORKER_EXTENSION,
+        )
         # Built on the loop: the engine-core client's sockets and the output handler belong to it.
-        tp, k, num_engines = self.cfg.backend.tensor_parallel_size, self.engine_index, self.cfg.num_engines
+        tp, k, num_engines = (
+            self.cfg.backend.tensor_parallel_size,
+            self.engine_index,
+            self.cfg.num_engines,
+        )
         if self._cores is None:
             env = self.platform.worker_env(k, num_engines, tp)
         else:  # the engine-core process inherits this (the loop's) thread's cores; the worker binds its own
-            env = self.platform.worker_env(k, num_engines, tp, units=sorted(self._cores[1]), bind_alone=True)
+            env = self.platform.worker_env(
+                k, num_engines, tp, units=sorted(self._cores[1]), bind_alone=True
+            )
             os.sched_setaffinity(0, self._cores[1])
         with vllm_worker_env(env):
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
@@ -195,9 +230,15 @@ class AsyncVllmRollout:
         if seconds is None:
             return
         if self.worker_extension is not None:
-            logger.info("rollout.worker_idle_spin_s not applied: worker extension %s is the caller's", self.worker_extension)
+            logger.info(
+                "rollout.worker_idle_spin_s not applied: worker extension %s is the caller's",
+                self.worker_extension,
+            )
             return
-        counts = self._call(self.engine.collective_rpc("refit_set_idle_spin", args=(seconds,)), "refit_set_idle_spin")
+        counts = self._call(
+            self.engine.collective_rpc("refit_set_idle_spin", args=(seconds,)),
+            "refit_set_idle_spin",
+        )
         logger.debug("worker idle spin %s s on %s shm reader(s) per worker", seconds, counts)
 
     @property
@@ -254,14 +295,32 @@ class AsyncVllmRollout:
         # FINAL_ONLY and no incremental detokenizer: this process's event loop shares the GIL with the
         # trainer, and per-step output work there slowed training (0.13 -> 0.10 s of loop CPU per
         # 32x16-sample batch without detokenizing); the text is decoded once, when a request finishes.
-        params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p, prompt_offset,
-                                 output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
+        params = sampling_params(
+            len(prompts),
+            n,
+            max_tokens,
+            temperature,
+            seed,
+            top_p,
+            prompt_offset,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            detokenize=False,
+        )
         handle = Handle(len(prompts), self.cfg.generate_timeout_s)
-        self._loop.call_soon_threadsafe(self._spawn, handle, prompt_inputs(prompts), params, prompt_offset)
+        self._loop.call_soon_threadsafe(
+            self._spawn, handle, prompt_inputs(prompts), params, prompt_offset
+        )
         return handle
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
-                 temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0) -> list[Sample]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> list[Sample]:
         """`n` samples per prompt, grouped in prompt order: submit() and wait (the sync engine's call)."""
         return self.submit(prompts, n, max_tokens, temperature, seed, top_p).result()
 
@@ -283,26 +342,37 @@ class AsyncVllmRollout:
         that shares this process's GIL. Elsewhere the prompts as they are (0.24 has the renderer too, but this
         path never ran there)."""
         renderer = getattr(self.engine, "renderer", None)
-        if (self._parse_prompt is None or not hasattr(renderer, "render_cmpl")
-                or not renders_in_one_call(self.vllm_version)):
+        if (
+            self._parse_prompt is None
+            or not hasattr(renderer, "render_cmpl")
+            or not renders_in_one_call(self.vllm_version)
+        ):
             return prompts
         model_config = self.engine.model_config
         return renderer.render_cmpl([self._parse_prompt(model_config, p) for p in prompts])
 
-    async def _request(self, handle: Handle, index: int, prompt: Any, params: Any, offset: int) -> None:
+    async def _request(
+        self, handle: Handle, index: int, prompt: Any, params: Any, offset: int
+    ) -> None:
         try:
             while True:
-                version = self.version  # what the engine holds now: the label where vLLM tags nothing
+                version = (
+                    self.version
+                )  # what the engine holds now: the label where vLLM tags nothing
                 final = None
                 async for out in self.engine.generate(prompt, params, f"refit-{next(self._ids)}"):
                     final = out
                 if any(c.finish_reason == "abort" for c in final.outputs) and not self.state.closed:
-                    await self._resumed.wait()  # aborted by a refit (pause_mode=abort): again, on the new weights
+                    await (
+                        self._resumed.wait()
+                    )  # aborted by a refit (pause_mode=abort): again, on the new weights
                     continue
                 samples = to_samples(offset + index, final, version, self._versions_of)
                 # as the sync engine's text: special tokens skipped; one call per prompt (vLLM's tokenizer
                 # lends a copy from its pool per call)
-                texts = self._tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+                texts = self._tokenizer.batch_decode(
+                    [s.token_ids for s in samples], skip_special_tokens=True
+                )
                 for sample, text in zip(samples, texts):
                     sample.text = text
                 handle._finish(index, samples)
@@ -326,7 +396,9 @@ class AsyncVllmRollout:
         if self._can_sleep:
             self.platform.check_sleep_level(level)
             self._call(self._clear_resumed(), "clearing the resume event")
-            self._call(self.engine.sleep(level, mode=self.cfg.pause_mode.value), f"sleep(level={level})")
+            self._call(
+                self.engine.sleep(level, mode=self.cfg.pause_mode.value), f"sleep(level={level})"
+            )
         self.state.asleep = True
         self.state.weights_discarded = self.state.weights_discarded or level == 2
 
@@ -334,7 +406,9 @@ class AsyncVllmRollout:
         if not self.state.asleep:
             return
         if self._can_sleep:
-            check_awake(self._call(self.engine.wake_up(tags), f"wake_up({tags})"), tags, self.vllm_version)
+            check_awake(
+                self._call(self.engine.wake_up(tags), f"wake_up({tags})"), tags, self.vllm_version
+            )
         if tags is None or "kv_cache" in tags:
             self.state.asleep = False
             self._reset_caches(after_sleep=True)
@@ -344,30 +418,45 @@ class AsyncVllmRollout:
     def refit(self, version: int, send: Send) -> RefitStats:
         """Pause generation (`pause_mode`), refit through the transfer, tag the new version, reset the
         caches, resume. On failure raises RefitError and stays paused until a later refit succeeds."""
-        return self.refitter.refit(version, send)
+        stats = self.refitter.refit(version, send)
+        if self.cfg.graph_audit:
+            from rollout.graph_audit import GraphAudit
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+            stats.graph_audit = GraphAudit.of(
+                self._call(self.engine.collective_rpc("refit_audit"), "refit_audit")
+            )
+        return stats
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> RefitStats:
         """A refit from this process: one pass over `named_tensors`."""
-        return self.refitter.update_weights(named_tensors, version)
+        return self.refit(version, send_tensors(named_tensors))
 
     # Two loop round trips around the transfer (not one per call): this process's loop shares a core
     # and the GIL with the trainer, whose step waits for the refit.
     def refit_prepare(self) -> bool:
         if self.state.asleep and self._can_sleep:  # sleep() already paused the scheduler
-            self._call(self.engine.wake_up(["weights"]), "wake_up(['weights'])")  # the KV cache stays released
+            self._call(
+                self.engine.wake_up(["weights"]), "wake_up(['weights'])"
+            )  # the KV cache stays released
         else:
             self._call(self._pause(), f"pausing generation ({self.cfg.pause_mode.value})")
         return self.state.asleep
 
     def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
         rpc = self.engine.collective_rpc("refit_receive", args=(request.to_dict(),))
-        return self._call(rpc, "refit_receive", self.cfg.timeouts.worker_reply_s)  # every worker's answer
+        return self._call(
+            rpc, "refit_receive", self.cfg.timeouts.worker_reply_s
+        )  # every worker's answer
 
     def refit_finish(self, version: int, was_asleep: bool) -> tuple[Cache, ...]:
         self.state.asleep = False
         wanted = self._caches_wanted(after_sleep=was_asleep)
         slept = was_asleep and self._can_sleep
-        return self._call(self._after_refit(version, slept, wanted), "tagging the version, cache reset, resume")
+        return self._call(
+            self._after_refit(version, slept, wanted), "tagging the version, cache reset, resume"
+        )
 
     async def _pause(self) -> None:
         """Stop scheduling (`rollout.pause_mode`); what is aborted waits for the resume event to retry."""
@@ -382,7 +471,9 @@ class AsyncVllmRollout:
         else:
             await self.engine.pause_generation(**kwargs)
 
-    async def _after_refit(self, version: int, slept: bool, wanted: tuple[Cache, ...]) -> tuple[Cache, ...]:
+    async def _after_refit(
+        self, version: int, slept: bool, wanted: tuple[Cache, ...]
+    ) -> tuple[Cache, ...]:
         """The new version's tag (before anything runs again: later tokens carry it), the KV cache back
         after a sleep, the cache reset, resume: one coroutine, so one round trip from the trainer."""
         if has_weight_versions(self.vllm_version):
@@ -399,7 +490,9 @@ class AsyncVllmRollout:
             self._call(self.engine.update_weight_version(str(version)), "update_weight_version")
 
     def _caches_wanted(self, after_sleep: bool) -> tuple[Cache, ...]:
-        return caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
+        return caches_to_reset(
+            self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep
+        )
 
     def _reset_caches(self, after_sleep: bool) -> tuple[Cache, ...]:
         return self._call(self._reset_caches_async(self._caches_wanted(after_sleep)), "cache reset")
@@ -409,8 +502,13 @@ class AsyncVllmRollout:
         # Requests kept across the refit hold KV blocks of the old weights: preempting them makes vLLM
         # recompute those blocks with the new weights (and lets the reset succeed).
         done = []
-        for cache, call in reset_calls(self.engine, wanted, self.vllm_version, ASYNC_LLM_CALLS,
-                                       prefix_kwargs={"reset_running_requests": True}):
+        for cache, call in reset_calls(
+            self.engine,
+            wanted,
+            self.vllm_version,
+            ASYNC_LLM_CALLS,
+            prefix_kwargs={"reset_running_requests": True},
+        ):
             check_reset(cache, await call())
             done.append(cache)
         return tuple(done)
@@ -435,8 +533,13 @@ class AsyncVllmRollout:
         timeout_s = self.cfg.backend.shutdown_timeout_s
         try:
             if self.state.receivers_open:
-                self._call(self.engine.collective_rpc("refit_close", timeout=self.refitter.transfer.timeout_s),
-                           "refit_close", self.refitter.transfer.timeout_s)
+                self._call(
+                    self.engine.collective_rpc(
+                        "refit_close", timeout=self.refitter.transfer.timeout_s
+                    ),
+                    "refit_close",
+                    self.refitter.transfer.timeout_s,
+                )
         finally:
             self.refitter.close()
             self.vllm_segments.record()
@@ -474,7 +577,9 @@ class AsyncVllmRollout:
             return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"async rollout: {what} did not finish within {timeout_s} s") from None
+            raise TimeoutError(
+                f"async rollout: {what} did not finish within {timeout_s} s"
+            ) from None
 
     def __enter__(self) -> "AsyncVllmRollout":
         return self
@@ -491,12 +596,14 @@ def split_cores(engine_cores: int | None) -> tuple[set[int], set[int]] | None:
     if count == 0 or len(allowed) < 2:
         return None
     if count >= len(allowed):
-        raise ValueError(f"rollout.engine_cores={engine_cores} leaves the trainer no core of the {len(allowed)} "
-                         f"this process may run on ({allowed})")
+        raise ValueError(
+            f"rollout.engine_cores={engine_cores} leaves the trainer no core of the {len(allowed)} "
+            f"this process may run on ({allowed})"
+        )
     return set(allowed[:-count]), set(allowed[-count:])
 
 
-ASYNC_WORKER_EXTENSION = "rollout.worker.extension.AsyncWorkerExtension"  # refit + refit_set_idle_spin
+ASYNC_WORKER_EXTENSION = "rollout.worker.extension.AsyncWorkerExtension"  # + refit_set_idle_spin
 
 
 async def _new_event() -> asyncio.Event:

@@ -65,7 +65,9 @@ class BucketStream:
             stream.fail(exc)
     """
 
-    def __init__(self, timeout_s: float, detach_pending: Callable[[Weights], int], next_bucket_s: float) -> None:
+    def __init__(
+        self, timeout_s: float, detach_pending: Callable[[Weights], int], next_bucket_s: float
+    ) -> None:
         """`timeout_s`: how long the receiver waits for the loader to release a bucket; `next_bucket_s`: how
         long the loader waits for the next bucket (rollout.timeouts.next_bucket_s)."""
         self.timeout_s, self.next_bucket_s = timeout_s, next_bucket_s
@@ -73,7 +75,9 @@ class BucketStream:
         self._ready: queue.Queue[_Bucket | _ReceiverFailed] = queue.Queue()
         self._held: _Bucket | None = None
         self._reached_last = False
-        self.last_name: str | None = None  # the tensor most recently handed to the loader (for errors)
+        self.last_name: str | None = (
+            None  # the tensor most recently handed to the loader (for errors)
+        )
         self.num_buckets = 0
         self.detached_bytes = 0  # bytes copied out because a layer straddled a bucket boundary
 
@@ -83,7 +87,9 @@ class BucketStream:
         self._ready.put(bucket)
         # The loader may legitimately take long on the last bucket (the reload's final processing).
         if not bucket.released.wait(self.timeout_s):
-            raise TimeoutError(f"the model loader did not finish a bucket within timeout_s={self.timeout_s}")
+            raise TimeoutError(
+                f"the model loader did not finish a bucket within timeout_s={self.timeout_s}"
+            )
         if bucket.error is not None:
             raise RuntimeError(f"loading into the model failed: {bucket.error}") from bucket.error
 
@@ -94,9 +100,13 @@ class BucketStream:
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         while True:
             try:
-                item = self._ready.get(timeout=self.next_bucket_s)  # the receiver's own waits time out first
+                item = self._ready.get(
+                    timeout=self.next_bucket_s
+                )  # the receiver's own waits time out first
             except queue.Empty:
-                raise TimeoutError(f"no bucket arrived within rollout.timeouts.next_bucket_s={self.next_bucket_s}") from None
+                raise TimeoutError(
+                    f"no bucket arrived within rollout.timeouts.next_bucket_s={self.next_bucket_s}"
+                ) from None
             if isinstance(item, _ReceiverFailed):
                 raise item.exc
             self._held, self.num_buckets = item, self.num_buckets + 1
@@ -114,7 +124,9 @@ class BucketStream:
     def finish(self) -> None:
         """The reload returned: release the last bucket. Raises if the loader stopped early."""
         if not self._reached_last:
-            raise RuntimeError(f"the model loader stopped after {self.last_name!r}, before the end of the refit")
+            raise RuntimeError(
+                f"the model loader stopped after {self.last_name!r}, before the end of the refit"
+            )
         self._release(self._held)
 
     def fail(self, exc: BaseException) -> None:

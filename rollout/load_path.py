@@ -24,7 +24,9 @@ import torch
 class LoadPath(str, Enum):
     """`rollout.load_path`, decided by each worker at its first refit (RefitStats.load_path says which ran)."""
 
-    auto = "auto"  # direct where `direct_load_blocker` finds nothing against it, layerwise otherwise
+    auto = (
+        "auto"  # direct where `direct_load_blocker` finds nothing against it, layerwise otherwise
+    )
     layerwise = "layerwise"  # always vLLM's layerwise reload
     direct = "direct"  # the weight loaders directly; a refit fails, naming the blocker, where they cannot
 
@@ -34,8 +36,10 @@ def choose_load_path(requested: LoadPath, blocker: str | None) -> LoadPath:
     if requested is LoadPath.layerwise or (requested is LoadPath.auto and blocker is not None):
         return LoadPath.layerwise
     if blocker is not None:
-        raise ValueError(f"rollout.load_path=direct, but this engine's parameters may differ from the checkpoint's "
-                         f"format ({blocker}): use auto or layerwise")
+        raise ValueError(
+            f"rollout.load_path=direct, but this engine's parameters may differ from the checkpoint's "
+            f"format ({blocker}): use auto or layerwise"
+        )
     return LoadPath.direct
 
 
@@ -44,7 +48,9 @@ def choose_load_path(requested: LoadPath, blocker: str | None) -> LoadPath:
 _IDENTITY_ON_CUDA = ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
 
 
-def direct_load_blocker(model: torch.nn.Module, model_config: Any, device: torch.device) -> str | None:
+def direct_load_blocker(
+    model: torch.nn.Module, model_config: Any, device: torch.device
+) -> str | None:
     """Why this engine's parameters may differ from the checkpoint's format (None: they cannot, so the
     model's weight loaders can write the refit straight into them)."""
     if device.type != "cuda":
@@ -60,7 +66,9 @@ def direct_load_blocker(model: torch.nn.Module, model_config: Any, device: torch
         # Attention (unquantized KV cache) loads no tensors, so a refit leaves its processed state as is;
         # any other module with its own post-load processing (MLA, mamba, ...) may derive state from weights.
         if hasattr(module, "process_weights_after_loading") and not isinstance(module, Attention):
-            return f"{name or '<root>'} ({type(module).__name__}) processes its weights after loading"
+            return (
+                f"{name or '<root>'} ({type(module).__name__}) processes its weights after loading"
+            )
     return None
 
 
@@ -93,8 +101,13 @@ class LoadPlan:
         plan.replay(next_weights, lambda name, t: model.load_weights([(name, t)]))
     """
 
-    def __init__(self, tensors: dict[str, tuple[tuple, torch.dtype, list]], owners: list[tuple[torch.Tensor, int]]) -> None:
-        self._tensors = tensors  # name -> ((shape, stride), dtype, ops); op: ("copy", dst, geometry|None, non_blocking) | ("fill", dst, value)
+    def __init__(
+        self,
+        tensors: dict[str, tuple[tuple, torch.dtype, list]],
+        owners: list[tuple[torch.Tensor, int]],
+    ) -> None:
+        # name -> ((shape, stride), dtype, ops); op: ("copy", dst, geometry|None, non_blocking) | ("fill", dst, value)
+        self._tensors = tensors
         self._owners = owners  # (parameter, data_ptr of its storage at recording)
 
     @property
@@ -103,7 +116,9 @@ class LoadPlan:
 
     @classmethod
     @torch.no_grad()
-    def record(cls, model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> tuple["LoadPlan | None", str | None]:
+    def record(
+        cls, model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> tuple["LoadPlan | None", str | None]:
         """Load `weights` through `model.load_weights`, recording its writes. Returns (plan, None), or
         (None, why) when the writes cannot be replayed (the weights are loaded either way)."""
         owners = {}
@@ -114,15 +129,28 @@ class LoadPlan:
         with recorder:
             loaded = set(model.load_weights(recorder.watch(weights)) or ())
         why = recorder.why_not
-        written = {op[1].untyped_storage().data_ptr() for _, _, ops in recorder.tensors.values() for op in ops}
+        written = {
+            op[1].untyped_storage().data_ptr()
+            for _, _, ops in recorder.tensors.values()
+            for op in ops
+        }
         if why is None:
-            moved = [n for n, p in model.named_parameters() if p.numel() and p.untyped_storage().data_ptr() not in owners]
+            moved = [
+                n
+                for n, p in model.named_parameters()
+                if p.numel() and p.untyped_storage().data_ptr() not in owners
+            ]
             if moved:
                 why = f"the loader replaced the storage of {moved[0]!r}"
         if why is None:
             params = dict(model.named_parameters())
-            unwritten = [n for n in sorted(loaded) if n in params and params[n].numel()
-                         and params[n].untyped_storage().data_ptr() not in written]
+            unwritten = [
+                n
+                for n in sorted(loaded)
+                if n in params
+                and params[n].numel()
+                and params[n].untyped_storage().data_ptr() not in written
+            ]
             if unwritten:
                 why = f"{unwritten[0]!r} was loaded without a write the recorder saw"
         if why is not None:
@@ -150,7 +178,13 @@ class LoadPlan:
             for op in planned[2]:
                 if op[0] == "copy":
                     geometry = op[2]
-                    src = t if geometry is None else t.as_strided(geometry[1], geometry[2], t.storage_offset() + geometry[0])
+                    src = (
+                        t
+                        if geometry is None
+                        else t.as_strided(
+                            geometry[1], geometry[2], t.storage_offset() + geometry[0]
+                        )
+                    )
                     op[1].copy_(src, non_blocking=op[3])
                 else:
                     op[1].fill_(op[2])
@@ -176,7 +210,9 @@ class _Recorder:
         self._mode = _Mode()
         self._owners = owners
         self.tensors: dict[str, tuple[tuple, torch.dtype, list]] = {}
-        self._sources: list[tuple[str, torch.Tensor]] = []  # incoming tensors so far, the latest last
+        self._sources: list[
+            tuple[str, torch.Tensor]
+        ] = []  # incoming tensors so far, the latest last
         self.why_not: str | None = None
 
     def __enter__(self):
@@ -195,8 +231,15 @@ class _Recorder:
             yield name, t
 
     def on_write(self, func, args, kwargs) -> None:
-        for arg, value in zip(func._schema.arguments, [*args, *[kwargs.get(a.name) for a in func._schema.arguments[len(args):]]]):
-            if arg.alias_info is None or not arg.alias_info.is_write or not isinstance(value, torch.Tensor):
+        for arg, value in zip(
+            func._schema.arguments,
+            [*args, *[kwargs.get(a.name) for a in func._schema.arguments[len(args) :]]],
+        ):
+            if (
+                arg.alias_info is None
+                or not arg.alias_info.is_write
+                or not isinstance(value, torch.Tensor)
+            ):
                 continue
             if value.numel() == 0 or value.untyped_storage().data_ptr() not in self._owners:
                 continue  # a temporary of the loader's: only writes into the model are replayed
@@ -206,7 +249,11 @@ class _Recorder:
             elif value.dtype != owner.dtype:
                 self.why_not = f"{func} wrote a {value.dtype} view of a {owner.dtype} parameter"
             elif func is torch.ops.aten.copy_.default:
-                self._copy(value, args[1], bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False)))
+                self._copy(
+                    value,
+                    args[1],
+                    bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False)),
+                )
             elif func is torch.ops.aten.fill_.Scalar:
                 self.tensors[self._sources[-1][0]][2].append(("fill", value.detach(), args[1]))
             else:
@@ -217,11 +264,23 @@ class _Recorder:
             if t.numel() == 0 or src.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
                 continue
             start = src.data_ptr() - t.data_ptr()
-            extent = src.element_size() * (1 + sum((s - 1) * st for s, st in zip(src.shape, src.stride())))
-            if src.dtype != t.dtype or start < 0 or start % t.element_size() or start + extent > t.numel() * t.element_size():
+            extent = src.element_size() * (
+                1 + sum((s - 1) * st for s, st in zip(src.shape, src.stride()))
+            )
+            if (
+                src.dtype != t.dtype
+                or start < 0
+                or start % t.element_size()
+                or start + extent > t.numel() * t.element_size()
+            ):
                 continue  # another tensor of the same bucket
             geometry = (start // t.element_size(), tuple(src.shape), tuple(src.stride()))
             whole = geometry == (0, tuple(t.shape), tuple(t.stride()))
-            self.tensors[name][2].append(("copy", dst.detach(), None if whole else geometry, non_blocking))
+            self.tensors[name][2].append(
+                ("copy", dst.detach(), None if whole else geometry, non_blocking)
+            )
             return
-        self.why_not = f"a copy into the model from a computed tensor (shape {list(src.shape)}, not a view of a refit tensor)"
+        self.why_not = (
+            f"a copy into the model from a computed tensor (shape {list(src.shape)}, not a view of a "
+            "refit tensor)"
+        )

@@ -51,13 +51,19 @@ class EngineState:
                 "weights and refuses to generate until a complete refit (update_weights) succeeds"
             )
         if self.dummy_weights:
-            raise RuntimeError("the engine started with load_format='dummy' (random weights): call "
-                               "update_weights() (or refit()) before generate()")
+            raise RuntimeError(
+                "the engine started with load_format='dummy' (random weights): call "
+                "update_weights() (or refit()) before generate()"
+            )
         if self.weights_discarded:
-            raise RuntimeError("the engine slept at level 2, which discarded its weights: call "
-                               "update_weights() (or refit()) before generate()")
+            raise RuntimeError(
+                "the engine slept at level 2, which discarded its weights: call "
+                "update_weights() (or refit()) before generate()"
+            )
         if self.asleep:
-            raise RuntimeError("the engine is asleep: call wake_up() or update_weights() before generate()")
+            raise RuntimeError(
+                "the engine is asleep: call wake_up() or update_weights() before generate()"
+            )
 
     def check_can_refit(self) -> None:
         if self.closed:
@@ -73,8 +79,8 @@ class RefitTarget(Protocol):
         """Before the transfer (weights awake, generation paused); returns whether the engine slept."""
 
     def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
-        """Every worker's receive of one refit (a blocking RPC of `request.to_dict()`); returns their
-        replies (ReceiveReply dicts)."""
+        """Every worker's receive of one refit (a blocking RPC of `request.to_dict()`); returns
+        their replies (ReceiveReply dicts)."""
 
     def refit_finish(self, version: int, was_asleep: bool) -> tuple[Any, ...]:
         """After every worker loaded `version`: KV cache back, caches reset, generation resumed; returns the
@@ -114,12 +120,22 @@ class Refitter:
         refitter.close()                    # after the workers closed their receivers
     """
 
-    def __init__(self, targets: Sequence[RefitTarget], device_type: str, endpoint_dir: str | None,
-                 timeouts: Any, transfer: TransferConfig, load_path: Any, tensor_parallel_size: int = 1,
-                 node_id: str | None = None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[RefitTarget],
+        device_type: str,
+        endpoint_dir: str | None,
+        timeouts: Any,
+        transfer: TransferConfig,
+        load_path: Any,
+        tensor_parallel_size: int = 1,
+        node_id: str | None = None,
+    ) -> None:
         self.targets = list(targets)
         self.device_type, self.endpoint_dir, self.timeouts = device_type, endpoint_dir, timeouts
-        self.transfer = transfer  # may change between refits: a new endpoint then, the workers follow
+        self.transfer = (
+            transfer  # may change between refits: a new endpoint then, the workers follow
+        )
         self.load_path = load_path
         self.tensor_parallel_size, self.node_id = tensor_parallel_size, node_id
         self._local: RefitEndpoint | None = None  # this process's sender's endpoint
@@ -146,13 +162,17 @@ class Refitter:
         try:
             send_stats = send(port, version)
             if self._pending.endpoint is None:
-                raise RefitError(f"refit to version {version}: the sending half sent nothing (it asked its "
-                                 "port for neither an endpoint nor a sender)")
+                raise RefitError(
+                    f"refit to version {version}: the sending half sent nothing (it asked its "
+                    "port for neither an endpoint nor a sender)"
+                )
         except BaseException as exc:  # noqa: BLE001 - a worker's error, if any, is the root cause
             return self.finish(error=exc)
         return self.finish(send_stats)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> RefitStats:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> RefitStats:
         return self.refit(version, send_tensors(named_tensors))
 
     def begin(self, version: int) -> RefitEndpoint:
@@ -161,7 +181,9 @@ class Refitter:
         self._prepare(version)
         return _Port(self).endpoint()
 
-    def finish(self, send_stats: TransferStats | None = None, error: BaseException | None = None) -> RefitStats:
+    def finish(
+        self, send_stats: TransferStats | None = None, error: BaseException | None = None
+    ) -> RefitStats:
         """The end of the refit under way, given the sender's stats or the error that stopped it."""
         pending, self._pending = self._pending, None
         if pending is None:
@@ -176,14 +198,20 @@ class Refitter:
             state = target.state
             state.failed_version, state.weights_discarded, state.dummy_weights = None, False, False
             state.version = pending.version
-        caches = [t.refit_finish(pending.version, slept) for t, slept in zip(self.targets, pending.slept)]
-        return refit_stats(pending.version, time.perf_counter() - pending.start, send_stats, replies, caches[0])
+        caches = [
+            t.refit_finish(pending.version, slept) for t, slept in zip(self.targets, pending.slept)
+        ]
+        return refit_stats(
+            pending.version, time.perf_counter() - pending.start, send_stats, replies, caches[0]
+        )
 
     # -- the steps --------------------------------------------------------------------------------
     def _prepare(self, version: int) -> None:
         if self._pending is not None:
-            raise RuntimeError(f"a refit to version {version} while the one to {self._pending.version} is "
-                               "unfinished")
+            raise RuntimeError(
+                f"a refit to version {version} while the one to {self._pending.version} is "
+                "unfinished"
+            )
         for target in self.targets:
             target.state.check_can_refit()
         start = time.perf_counter()
@@ -204,9 +232,18 @@ class Refitter:
         if pending is None or pending.endpoint is not None:
             raise RuntimeError("the port of a refit starts its workers once, during the refit")
         waits, tp = self.timeouts, self.tensor_parallel_size
-        requests = [ReceiveRequest(endpoint.address, endpoint.transfer, pending.version, waits.next_bucket_s,
-                                   waits.receiver_exit_s, self.load_path, rank_offset=k * tp)
-                    for k in range(len(self.targets))]
+        requests = [
+            ReceiveRequest(
+                endpoint.address,
+                endpoint.transfer,
+                pending.version,
+                waits.next_bucket_s,
+                waits.receiver_exit_s,
+                self.load_path,
+                rank_offset=k * tp,
+            )
+            for k in range(len(self.targets))
+        ]
         pending.endpoint, pending.results = endpoint, [{} for _ in self.targets]
 
         def run_receive(k: int) -> None:
@@ -215,8 +252,10 @@ class Refitter:
             except BaseException as exc:  # noqa: BLE001 - re-raised by finish, in the caller's thread
                 pending.results[k]["rpc_error"] = exc
 
-        pending.threads = [threading.Thread(target=run_receive, args=(k,), name=f"refit-rpc-{k}", daemon=True)
-                           for k in range(len(self.targets))]
+        pending.threads = [
+            threading.Thread(target=run_receive, args=(k,), name=f"refit-rpc-{k}", daemon=True)
+            for k in range(len(self.targets))
+        ]
         for t in pending.threads:
             t.start()
 
@@ -237,8 +276,13 @@ class Refitter:
     def _endpoint_like(self, endpoint: RefitEndpoint | None) -> RefitEndpoint:
         if endpoint is not None and endpoint.transfer == self.transfer:
             return endpoint
-        return RefitEndpoint(new_endpoint_in(self.endpoint_dir), self.transfer, self.device_type,
-                             self.num_receivers, self.node_id)
+        return RefitEndpoint(
+            new_endpoint_in(self.endpoint_dir),
+            self.transfer,
+            self.device_type,
+            self.num_receivers,
+            self.node_id,
+        )
 
     def _join(self, pending: _Pending, send_error: BaseException | None) -> list[WorkerReply]:
         version = pending.version
@@ -247,41 +291,68 @@ class Refitter:
         for k, t in enumerate(pending.threads):
             t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
-                raise RefitError(f"refit to version {version}: engine {k}'s vLLM workers did not answer within "
-                                 f"rollout.timeouts.worker_reply_s={reply_s}") from send_error
+                raise RefitError(
+                    f"refit to version {version}: engine {k}'s vLLM workers did not answer within "
+                    f"rollout.timeouts.worker_reply_s={reply_s}"
+                ) from send_error
         if send_error is not None and not isinstance(send_error, Exception):
             raise send_error  # KeyboardInterrupt/SystemExit stay what they are (the workers were told to abort)
-        replies = [r for k, result in enumerate(pending.results)
-                   for r in self._check_engine(k, result, version, send_error)]
+        replies = [
+            r
+            for k, result in enumerate(pending.results)
+            for r in self._check_engine(k, result, version, send_error)
+        ]
         if send_error is not None:
             if isinstance(send_error, RefitError):
                 raise send_error
-            raise RefitError(f"refit to version {version} failed while sending: {send_error}") from send_error
+            raise RefitError(
+                f"refit to version {version} failed while sending: {send_error}"
+            ) from send_error
         return replies
 
-    def _check_engine(self, k: int, result: dict[str, Any], version: int,
-                      send_error: BaseException | None) -> list[WorkerReply]:
-        if "rpc_error" in result:  # the engine died (a worker was killed?); the sender's error names the receiver
+    def _check_engine(
+        self, k: int, result: dict[str, Any], version: int, send_error: BaseException | None
+    ) -> list[WorkerReply]:
+        if (
+            "rpc_error" in result
+        ):  # the engine died (a worker was killed?); the sender's error names the receiver
             exc = result["rpc_error"]
             sender_saw = f"; the sender: {send_error}" if send_error is not None else ""
-            raise RefitError(f"refit to version {version}: engine {k}'s collective_rpc failed: {exc}{sender_saw}") from exc
+            raise RefitError(
+                f"refit to version {version}: engine {k}'s collective_rpc failed: {exc}{sender_saw}"
+            ) from exc
         try:
             replies = [ReceiveReply.from_dict(r) for r in result["replies"]]
         except (TypeError, ValueError) as exc:
             raise RefitError(f"refit to version {version}: engine {k}'s reply: {exc}") from exc
         tp = self.tensor_parallel_size
         if len(replies) != tp:
-            raise RefitError(f"refit to version {version}: engine {k} answered for {len(replies)} workers, expected {tp}")
+            raise RefitError(
+                f"refit to version {version}: engine {k} answered for {len(replies)} workers, "
+                f"expected {tp}"
+            )
         for reply in replies:
             if not reply.ok:
                 where = f"engine {k}, receiver {reply.receiver}"
-                logger.warning("refit to version %d failed in the vLLM worker (%s):\n%s", version, where, reply.traceback)
-                raise RefitError(f"refit to version {version} failed in the vLLM worker ({where}): {reply.error}") from send_error
+                logger.warning(
+                    "refit to version %d failed in the vLLM worker (%s):\n%s",
+                    version,
+                    where,
+                    reply.traceback,
+                )
+                raise RefitError(
+                    f"refit to version {version} failed in the vLLM worker ({where}): {reply.error}"
+                ) from send_error
         ranks, expected = sorted(r.receiver for r in replies), list(range(k * tp, (k + 1) * tp))
         if ranks != expected:
-            raise RefitError(f"refit to version {version}: engine {k}'s workers answered as receivers {ranks}, expected {expected}")
-        return [WorkerReply(k, r.receiver, r.load_s, r.detached_bytes, r.load_path, r.load_plan)
-                for r in sorted(replies, key=lambda r: r.receiver)]
+            raise RefitError(
+                f"refit to version {version}: engine {k}'s workers answered as receivers {ranks}, "
+                f"expected {expected}"
+            )
+        return [
+            WorkerReply(k, r.receiver, r.load_s, r.detached_bytes, r.load_path, r.load_plan)
+            for r in sorted(replies, key=lambda r: r.receiver)
+        ]
 
     def close(self) -> None:
         """Frees this process's sender (buffers, sockets); call after the workers closed their receivers."""
@@ -308,13 +379,27 @@ class _Port:
         return sender
 
 
-def refit_stats(version: int, seconds: float, send_stats: Any, replies: Sequence[WorkerReply],
-                caches: tuple[Any, ...]) -> RefitStats:
+def refit_stats(
+    version: int,
+    seconds: float,
+    send_stats: Any,
+    replies: Sequence[WorkerReply],
+    caches: tuple[Any, ...],
+) -> RefitStats:
     loads = tuple(r.load_s for r in replies)
     return RefitStats(
-        version, seconds, send_stats.num_bytes, send_stats.num_tensors, send_stats.num_buckets,
-        send_stats.seconds, max(loads), sum(r.detached_bytes for r in replies), tuple(c.value for c in caches),
-        replies[0].load_path, loads, replies[0].load_plan,
+        version,
+        seconds,
+        send_stats.num_bytes,
+        send_stats.num_tensors,
+        send_stats.num_buckets,
+        send_stats.seconds,
+        max(loads),
+        sum(r.detached_bytes for r in replies),
+        tuple(c.value for c in caches),
+        replies[0].load_path,
+        loads,
+        replies[0].load_plan,
     )
 
 
@@ -328,6 +413,9 @@ def new_endpoint_in(directory: str | None) -> str:
         try:
             return new_endpoint(directory)
         except ValueError as exc:  # the socket path would be too long
-            logger.warning("rollout.endpoint_dir=%r: %s; the endpoint goes to a private temp dir instead", directory, exc)
+            logger.warning(
+                "rollout.endpoint_dir=%r: %s; the endpoint goes to a private temp dir instead",
+                directory,
+                exc,
+            )
     return new_endpoint()
-

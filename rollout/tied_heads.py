@@ -31,11 +31,17 @@ def find_tied_heads(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 
     modules = list(model.named_modules())
     embedding_weights = {
-        id(m.weight) for _, m in modules
-        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead) and hasattr(m, "weight")
+        id(m.weight)
+        for _, m in modules
+        if isinstance(m, VocabParallelEmbedding)
+        and not isinstance(m, ParallelLMHead)
+        and hasattr(m, "weight")
     }
-    heads = [(name, m) for name, m in modules
-             if isinstance(m, ParallelLMHead) and id(getattr(m, "weight", None)) in embedding_weights]
+    heads = [
+        (name, m)
+        for name, m in modules
+        if isinstance(m, ParallelLMHead) and id(getattr(m, "weight", None)) in embedding_weights
+    ]
     for name, head in heads:
         if not isinstance(head.quant_method, UnquantizedEmbeddingMethod):
             raise RuntimeError(
@@ -50,4 +56,3 @@ def reprocess_tied_heads(heads: list[tuple[str, torch.nn.Module]]) -> None:
     """Re-run each tied head's own post-load processing on the shared, now current weight."""
     for _, head in heads:
         head.quant_method.process_weights_after_loading(head)
-

@@ -22,7 +22,12 @@ PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
 # Printable ASCII and newline: covers the default task's text and GSM8K-style math.
 CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 # architecture -> transformers config class; every one loads in vLLM 0.24 and 0.32.
-ARCHITECTURES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig", "mistral": "MistralConfig"}
+ARCHITECTURES = {
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,9 @@ class TinyModelSpec:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"TinyModelSpec.architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
+            raise ValueError(
+                f"TinyModelSpec.architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}"
+            )
 
     @classmethod
     def qwen2_0_5b(cls) -> "TinyModelSpec":
@@ -58,7 +65,9 @@ class TinyModelSpec:
 
     def key(self) -> str:
         fields = asdict(self)
-        if fields["architecture"] == "qwen2":  # Qwen2 specs keep the keys (and cached models) they had before
+        if (
+            fields["architecture"] == "qwen2"
+        ):  # Qwen2 specs keep the keys (and cached models) they had before
             del fields["architecture"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -73,7 +82,11 @@ def build_tokenizer():
     tok.add_special_tokens([PAD, EOS, BOS])
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS, clean_up_tokenization_spaces=False
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -82,14 +95,20 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny_model(
-    spec: TinyModelSpec = TinyModelSpec(), cache_dir: str | os.PathLike | None = None, with_weights: bool = True
+    spec: TinyModelSpec = TinyModelSpec(),
+    cache_dir: str | os.PathLike | None = None,
+    with_weights: bool = True,
 ) -> Path:
     """Return the directory of the model for `spec`, building it once (atomically) if it is missing.
 
     `with_weights=False` writes only config.json and the tokenizer (for vLLM's `load_format="dummy"`).
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    target = root / "models" / f"tiny-{spec.architecture}-{spec.key()}{'' if with_weights else '-config-only'}"
+    target = (
+        root
+        / "models"
+        / f"tiny-{spec.architecture}-{spec.key()}{'' if with_weights else '-config-only'}"
+    )
     if (target / "config.json").exists():
         return target
     root.joinpath("models").mkdir(parents=True, exist_ok=True)

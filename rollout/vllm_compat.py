@@ -140,7 +140,7 @@ def token_versions(completion: Any, version: str) -> list[int] | None:
         return None
     tokens = [0] * len(completion.token_ids)
     for span in spans:
-        tokens[span.start:span.end] = [int(span.version)] * (span.end - span.start)
+        tokens[span.start : span.end] = [int(span.version)] * (span.end - span.start)
     return tokens
 
 
@@ -157,7 +157,11 @@ def missing_layerwise_internals(layerwise: Any = None) -> list[str]:
     info_cls = getattr(getattr(layerwise, "LayerReloadingInfo", None), "__dataclass_fields__", None)
     if info_cls is not None:  # dataclass fields + methods of LayerReloadingInfo
         cls = layerwise.LayerReloadingInfo
-        missing += [f"LayerReloadingInfo.{n}" for n in LAYER_INFO_INTERNALS if n not in info_cls and not hasattr(cls, n)]
+        missing += [
+            f"LayerReloadingInfo.{n}"
+            for n in LAYER_INFO_INTERNALS
+            if n not in info_cls and not hasattr(cls, n)
+        ]
     return missing
 
 
@@ -184,7 +188,9 @@ def installed_vllm_version() -> str:
 _missing_logged: set[str] = set()
 
 
-def resolve_call(obj: Any, path: str, what: str, version: str | None = None) -> Callable[..., Any] | None:
+def resolve_call(
+    obj: Any, path: str, what: str, version: str | None = None
+) -> Callable[..., Any] | None:
     """`obj.<path>` if the installed vLLM has it; otherwise log once that `what` is skipped and return None."""
     target = obj
     for part in path.split("."):
@@ -220,7 +226,9 @@ def detach_layerwise_pending(bucket: list[tuple[str, Any]]) -> int:
             start, end = _storage_span(value)
             if end > start and any(start < e and s < end for s, e in spans):
                 clone = value.clone()
-                clone.__dict__.update(value.__dict__)  # e.g. `shard_id`, set by vLLM's WeightsMapper
+                clone.__dict__.update(
+                    value.__dict__
+                )  # e.g. `shard_id`, set by vLLM's WeightsMapper
                 copied += value.numel() * value.element_size()
                 return clone
             return value
@@ -254,12 +262,20 @@ def finalize_failed_reload(model: Any, model_config: Any) -> None:
 
     # finalize resets each layer's info (dropping its kernel tensors); 0.24 does so without putting
     # them back on layers with nothing loadable. Keep our own handle on every layer's kernel tensors.
-    kernel = {layer: info.kernel_tensors for layer, info in list(layerwise.LAYERWISE_INFO.items())
-              if info.kernel_tensors is not None}
+    kernel = {
+        layer: info.kernel_tensors
+        for layer, info in list(layerwise.LAYERWISE_INFO.items())
+        if info.kernel_tensors is not None
+    }
     try:
         layerwise.finalize_layerwise_reload(model, model_config)
-    except Exception:  # a half-loaded layer may not process; the loop below still restores every layer
-        logger.warning("finalising the failed reload raised; restoring kernel tensors layer by layer", exc_info=True)
+    except (
+        Exception
+    ):  # a half-loaded layer may not process; the loop below still restores every layer
+        logger.warning(
+            "finalising the failed reload raised; restoring kernel tensors layer by layer",
+            exc_info=True,
+        )
     finally:
         for layer, info in list(layerwise.LAYERWISE_INFO.items()):
             if info.kernel_tensors is not None:

@@ -34,7 +34,11 @@ from typing import Any, Iterable
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
-VLLM_PREFIXES = ("psm_", "sem.mp-", "vllm_dist_")  # vLLM's message queues, mp locks, CPU SHM all-reduce
+VLLM_PREFIXES = (
+    "psm_",
+    "sem.mp-",
+    "vllm_dist_",
+)  # vLLM's message queues, mp locks, CPU SHM all-reduce
 
 
 def held_inodes(pid: int) -> set[int]:
@@ -144,11 +148,18 @@ class EngineSegments:
         except Exception as exc:  # noqa: BLE001 - bookkeeping only
             logger.debug("%s: vLLM's shared-memory segments not recorded: %s", owner, exc)
             found = cls(owner)
-        logger.debug("%s: vLLM processes %s hold segments %s", owner, sorted(found.pids), sorted(found.segments))
+        logger.debug(
+            "%s: vLLM processes %s hold segments %s",
+            owner,
+            sorted(found.pids),
+            sorted(found.segments),
+        )
         return found
 
     @classmethod
-    def merge(cls, owner: str, parts: Iterable["EngineSegments"], tracked: bool | None = None) -> "EngineSegments":
+    def merge(
+        cls, owner: str, parts: Iterable["EngineSegments"], tracked: bool | None = None
+    ) -> "EngineSegments":
         """One record of several engines' (an EngineGroup's); `tracked` overrides theirs (a Ray driver: False)."""
         parts = list(parts)
         merged = cls(owner, tracked=all(p.tracked for p in parts) if tracked is None else tracked)
@@ -181,7 +192,9 @@ class EngineSegments:
         try:
             return self._release(wait_s)
         except Exception as exc:  # noqa: BLE001 - a close path must not fail on this
-            logger.warning("%s: removing vLLM's leftover shared-memory segments failed: %s", self.owner, exc)
+            logger.warning(
+                "%s: removing vLLM's leftover shared-memory segments failed: %s", self.owner, exc
+            )
             return []
 
     def _release(self, wait_s: float) -> list[str]:
@@ -208,11 +221,25 @@ class EngineSegments:
                 _untrack(name)
         self.segments = {n: i for n, i in self.segments.items() if n not in removed}
         if removed:
-            logger.warning("%s: removed %d shared-memory segment(s) that vLLM's exited processes left in %s: %s",
-                           self.owner, len(removed), SHM_DIR, ", ".join(removed))
+            logger.warning(
+                "%s: removed %d shared-memory segment(s) that vLLM's exited processes left in %s: %s",
+                self.owner,
+                len(removed),
+                SHM_DIR,
+                ", ".join(removed),
+            )
         if kept:
-            holders = f"this engine's processes {sorted(alive)} still run" if alive else "another live process holds them"
-            logger.warning("%s: vLLM segment(s) %s kept: still in use (%s)", self.owner, ", ".join(kept), holders)
+            holders = (
+                f"this engine's processes {sorted(alive)} still run"
+                if alive
+                else "another live process holds them"
+            )
+            logger.warning(
+                "%s: vLLM segment(s) %s kept: still in use (%s)",
+                self.owner,
+                ", ".join(kept),
+                holders,
+            )
         return removed
 
 

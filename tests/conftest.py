@@ -39,5 +39,6 @@ def async_engine():
     ro.close()
     alive = wait_gone(spawned)
     assert not alive, f"async engine processes survived close(): {alive}"
-    assert not vllm_segments_left(segments), f"the async engine's vLLM shared memory survived close(): " \
-                                             f"{vllm_segments_left(segments)}"
+    assert not vllm_segments_left(segments), (
+        f"the async engine's vLLM shared memory survived close(): {vllm_segments_left(segments)}"
+    )

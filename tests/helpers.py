@@ -18,7 +18,9 @@ TEST_ENGINE_CFG = RolloutConfig(
     transfer=TransferConfig(bucket_mb=1, timeout_s=30.0),
 )
 
-ASYNC_TEST_ENGINE_CFG = dataclasses.replace(TEST_ENGINE_CFG, engine="async", generate_timeout_s=120.0)
+ASYNC_TEST_ENGINE_CFG = dataclasses.replace(
+    TEST_ENGINE_CFG, engine="async", generate_timeout_s=120.0
+)
 
 PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
 
@@ -46,7 +48,11 @@ def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
     deadline = time.monotonic() + timeout_s
 
     def alive() -> set[int]:
-        return {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        return {
+            p
+            for p in pids
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        }
 
     left = alive()
     while left and time.monotonic() < deadline:

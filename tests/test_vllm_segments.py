@@ -12,8 +12,9 @@ import signal
 import time
 import uuid
 
-from rollout.vllm_segments import SHM_DIR, EngineSegments
 from vllm_shm import vllm_segments_held_by, vllm_segments_left
+
+from rollout.vllm_segments import SHM_DIR, EngineSegments
 
 
 def _engine_process(conn, cpushm: str, foreign: str | None) -> None:
@@ -65,7 +66,10 @@ def test_release_removes_what_a_sigkilled_engine_process_held_and_names_it(caplo
     try:
         segments = EngineSegments("test engine", {proc.pid})
         segments.record()
-        assert set(segments.segments) == set(names), (segments.segments, names)  # the lock by inode, too
+        assert set(segments.segments) == set(names), (
+            segments.segments,
+            names,
+        )  # the lock by inode, too
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
         assert all(_exists(n) for n in names)  # what vLLM leaves
@@ -88,7 +92,9 @@ def test_release_never_removes_a_segment_another_live_process_holds():
     try:
         segments = EngineSegments("test engine", {proc.pid})
         segments.record()
-        assert foreign in segments.segments  # the engine mapped it: recorded, but someone else holds it
+        assert (
+            foreign in segments.segments
+        )  # the engine mapped it: recorded, but someone else holds it
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
         removed = segments.release(wait_s=5)
@@ -115,7 +121,9 @@ def test_release_waits_for_the_processes_and_keeps_what_a_survivor_holds():
     finally:
         proc.kill()
         proc.join(10)
-        assert sorted(EngineSegments("test engine", {proc.pid}, dict(segments.segments)).release(1)) == sorted(names)
+        assert sorted(
+            EngineSegments("test engine", {proc.pid}, dict(segments.segments)).release(1)
+        ) == sorted(names)
 
 
 def test_a_recorded_name_that_now_is_another_file_is_not_removed():
@@ -143,4 +151,3 @@ def test_the_suite_check_sees_the_same_segments():
         assert vllm_segments_left(held) == []
     finally:
         proc.kill()
-

@@ -33,7 +33,11 @@ def _inodes(pid: int) -> set[int]:
 def vllm_segments_held_by(pids) -> dict[str, int]:
     """{name: inode} of vLLM's segments that processes `pids` map or hold open now."""
     inodes = set().union(*(_inodes(p) for p in pids)) if pids else set()
-    return {e.name: e.inode() for e in os.scandir(SHM) if e.name.startswith(PREFIXES) and e.inode() in inodes}
+    return {
+        e.name: e.inode()
+        for e in os.scandir(SHM)
+        if e.name.startswith(PREFIXES) and e.inode() in inodes
+    }
 
 
 def vllm_segments_left(segments: dict[str, int]) -> list[str]:

@@ -20,7 +20,9 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+def grpo_advantages(
+    rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> Tensor:
     """Group-relative advantage per sequence: reward minus its group's mean (divided by the group's std).
 
     `rewards` is [num_prompts * group_size], grouped in prompt order (all samples of prompt 0 first).
@@ -35,7 +37,9 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True,
     return adv.reshape(-1)
 
 
-def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation over each row's masked tokens; returns (advantages, returns).
 
     The value after a row's last response token is 0 (the episode ends there). Masked positions
@@ -63,7 +67,11 @@ def terminal_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
 
 
 def clipped_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
     is_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO's clipped surrogate, token-mean; returns (loss, clip_frac, approx_kl to the old policy).
@@ -80,7 +88,9 @@ def clipped_policy_loss(
     return loss, clip_frac, approx_kl
 
 
-def truncated_is_weights(trainer_logp: Tensor, sampler_logp: Tensor, cap: float, mask: Tensor) -> Tensor:
+def truncated_is_weights(
+    trainer_logp: Tensor, sampler_logp: Tensor, cap: float, mask: Tensor
+) -> Tensor:
     """Truncated importance weights min(pi_trainer / pi_sampler, cap) per token, without gradient.
 
     The sampler (vLLM, possibly some versions behind) drew the tokens; the trainer's log-probs before
@@ -104,6 +114,8 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     raise ValueError(f"kl estimator must be k1 or k3, got {estimator!r}")
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float
+) -> Tensor:
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)

@@ -31,7 +31,9 @@ RUN_STATE = "run.pt"  # inside a sharded checkpoint's directory
 SHARDS = "shards"
 
 
-def save_sharded_checkpoint(path: Path, run_state: dict[str, Any], save_shards: Callable[[str], None]) -> Path:
+def save_sharded_checkpoint(
+    path: Path, run_state: dict[str, Any], save_shards: Callable[[str], None]
+) -> Path:
     """The directory `path` minus `.pt`: `save_shards(dir)` writes the ranks' shards, then the run's state;
     built under a temporary name and renamed, so a crash never leaves a half-written checkpoint."""
     directory = path.with_suffix("")
@@ -56,7 +58,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = [p for p in folder.glob("step_*") if p.suffix == ".pt" or _is_sharded(p)]
         if not found:
-            raise FileNotFoundError(f"trainer.resume={str(path)!r}: no step_* checkpoint in {folder}")
+            raise FileNotFoundError(
+                f"trainer.resume={str(path)!r}: no step_* checkpoint in {folder}"
+            )
         return max(found, key=lambda p: p.stem)
     if not (path.is_file() or _is_sharded(path)):
         raise FileNotFoundError(f"trainer.resume={str(path)!r} does not exist")
@@ -67,5 +71,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The saved state; a sharded checkpoint's has the run's state and `shards`, the shards' directory."""
     path = resolve_checkpoint(path)
     if _is_sharded(path):
-        return {**torch.load(path / RUN_STATE, map_location="cpu", weights_only=False), SHARDS: str(path / SHARDS)}
+        return {
+            **torch.load(path / RUN_STATE, map_location="cpu", weights_only=False),
+            SHARDS: str(path / SHARDS),
+        }
     return torch.load(path, map_location="cpu", weights_only=False)

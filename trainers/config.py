@@ -29,7 +29,9 @@ class KLEstimator(str, Enum):
 
 
 class TaskName(str, Enum):
-    toy = "toy"  # a+b= with single-digit operands, partial credit by distance (the embedded default)
+    toy = (
+        "toy"  # a+b= with single-digit operands, partial credit by distance (the embedded default)
+    )
     gsm8k = "gsm8k"  # GSM8K-style word problems from a local json/jsonl/parquet file
 
 
@@ -60,7 +62,9 @@ class AlgorithmConfig:
     num_epochs: int = 1  # passes over each step's rollouts
     num_minibatches: int = 4  # optimizer steps per pass; > 1 makes the clip bite
     entropy_coef: float = 0.0
-    kl_coef: float = 0.001  # penalty to the frozen reference (the policy after the warm-start); 0 = no reference
+    kl_coef: float = (
+        0.001  # penalty to the frozen reference (the policy after the warm-start); 0 = no reference
+    )
     kl_estimator: KLEstimator = KLEstimator.k3
     scale_adv_by_std: bool = True  # GRPO: divide by the group's std
     # Truncated importance sampling: weight each token's PG term by min(pi_trainer / pi_sampler, tis_cap),
@@ -76,7 +80,9 @@ class AlgorithmConfig:
         self.name = coerce_enum(Algorithm, self.name, "algorithm.name")
         self.kl_estimator = coerce_enum(KLEstimator, self.kl_estimator, "algorithm.kl_estimator")
         if self.name is Algorithm.grpo and self.num_samples < 2:
-            raise ValueError(f"algorithm=grpo needs algorithm.num_samples >= 2 (a group), got {self.num_samples!r}")
+            raise ValueError(
+                f"algorithm=grpo needs algorithm.num_samples >= 2 (a group), got {self.num_samples!r}"
+            )
         if self.num_samples < 1 or self.num_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("algorithm.num_samples, num_epochs and num_minibatches must be >= 1")
         for key in ("temperature", "lr", "critic_lr", "clip_eps", "max_grad_norm", "value_clip"):
@@ -86,7 +92,9 @@ class AlgorithmConfig:
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ValueError("algorithm.kl_coef and algorithm.entropy_coef must be >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"algorithm.gamma and algorithm.lam must be in [0, 1], got {self.gamma!r}, {self.lam!r}")
+            raise ValueError(
+                f"algorithm.gamma and algorithm.lam must be in [0, 1], got {self.gamma!r}, {self.lam!r}"
+            )
 
 
 @dataclass
@@ -107,9 +115,13 @@ class TaskConfig:
     def __post_init__(self) -> None:
         self.name = coerce_enum(TaskName, self.name, "task.name")
         if self.max_tokens < 1 or self.num_eval_prompts < 1 or self.max_operand < 0:
-            raise ValueError("task.max_tokens and task.num_eval_prompts must be >= 1, task.max_operand >= 0")
+            raise ValueError(
+                "task.max_tokens and task.num_eval_prompts must be >= 1, task.max_operand >= 0"
+            )
         if not isinstance(self.reward, dict) or "_target_" not in self.reward:
-            raise ValueError(f"task.reward must be a node with a _target_ (a reward callable), got {self.reward!r}")
+            raise ValueError(
+                f"task.reward must be a node with a _target_ (a reward callable), got {self.reward!r}"
+            )
 
 
 @dataclass
@@ -119,7 +131,9 @@ class TrainerConfig:
     total_steps: int = 80
     seed: int = 0
     prompts_per_step: int = 32
-    refit_every: int = 1  # update_weights every k steps; in between the engine samples with stale weights
+    refit_every: int = (
+        1  # update_weights every k steps; in between the engine samples with stale weights
+    )
     # k >= 1: the engine (rollout.engine=async) generates the next k steps' batches while the trainer
     # trains; no sample more than k versions old is trained on. 0 = generate, then train (synchronous).
     max_staleness: int = 0
@@ -127,7 +141,9 @@ class TrainerConfig:
     # the run with strict_refit. None = by dtype: 1e-3 where engine and trainer run fp32, 2e-2 otherwise.
     refit_gap_threshold: Optional[float] = None
     strict_refit: bool = False
-    micro_batch_size: int = 0  # sequences per forward/backward (gradients accumulate); 0 = a whole minibatch
+    micro_batch_size: int = (
+        0  # sequences per forward/backward (gradients accumulate); 0 = a whole minibatch
+    )
     warmup_steps: int = 10  # supervised warm-start steps before RL (0 = none)
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 64
@@ -144,17 +160,34 @@ class TrainerConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("total_steps", "micro_batch_size", "warmup_steps", "checkpoint_every", "num_threads", "max_staleness"):
+        for key in (
+            "total_steps",
+            "micro_batch_size",
+            "warmup_steps",
+            "checkpoint_every",
+            "num_threads",
+            "max_staleness",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
-        for key in ("prompts_per_step", "refit_every", "warmup_batch_size", "eval_samples", "num_workers"):
+        for key in (
+            "prompts_per_step",
+            "refit_every",
+            "warmup_batch_size",
+            "eval_samples",
+            "num_workers",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)!r}")
         if self.max_staleness > 0 and self.refit_every != 1:
-            raise ValueError(f"trainer.max_staleness={self.max_staleness} bounds staleness by refitting after every "
-                             f"step: set trainer.refit_every=1 (got {self.refit_every!r})")
+            raise ValueError(
+                f"trainer.max_staleness={self.max_staleness} bounds staleness by refitting after every "
+                f"step: set trainer.refit_every=1 (got {self.refit_every!r})"
+            )
         if self.refit_gap_threshold is not None and not self.refit_gap_threshold > 0:
-            raise ValueError(f"trainer.refit_gap_threshold must be > 0 (or null), got {self.refit_gap_threshold!r}")
+            raise ValueError(
+                f"trainer.refit_gap_threshold must be > 0 (or null), got {self.refit_gap_threshold!r}"
+            )
 
 
 @dataclass
@@ -202,8 +235,10 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.trainer.max_staleness > 0 and self.rollout.engine is not EngineKind("async"):
-            raise ValueError(f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.engine=async "
-                             f"(got {self.rollout.engine.value}: the sync engine cannot generate while the trainer trains)")
+            raise ValueError(
+                f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.engine=async "
+                f"(got {self.rollout.engine.value}: the sync engine cannot generate while the trainer trains)"
+            )
 
 
 def register_configs() -> None:

@@ -40,7 +40,9 @@ class Learner(Protocol):
     `trainers.distributed.learner.ShardedLearner` (FSDP2 ranks on Ray) implement it."""
 
     device: torch.device  # where a step's batch goes before the learner's calls
-    last_gather_peak_bytes: Optional[int]  # the last refit's gathered-tensor peak (sharded), else None
+    last_gather_peak_bytes: Optional[
+        int
+    ]  # the last refit's gathered-tensor peak (sharded), else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,8 +54,14 @@ class Learner(Protocol):
 
     def logprobs(self, batch: TokenBatch) -> OldScores: ...
 
-    def update(self, batch: TokenBatch, old: OldScores, advantages: Tensor, returns: Optional[Tensor],
-               seed: int) -> dict[str, Optional[float]]: ...
+    def update(
+        self,
+        batch: TokenBatch,
+        old: OldScores,
+        advantages: Tensor,
+        returns: Optional[Tensor],
+        seed: int,
+    ) -> dict[str, Optional[float]]: ...
 
     def send(self, port: RefitPort, version: int) -> Any:
         """The sending half of a refit (rollout.api.Send): the policy's full tensors through `port`."""
@@ -81,14 +89,22 @@ class LocalLearner:
         learner.save_checkpoint(path, run_state)     # run_state: step, history, ... (a dict)
     """
 
-    def __init__(self, model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, device: torch.device) -> None:
+    def __init__(
+        self, model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, device: torch.device
+    ) -> None:
         self.alg, self.micro_batch_size, self.device = alg, trainer.micro_batch_size, device
         self.trainer = trainer
         policy = load_policy(model_path).to(device)
         critic = ValueModel(model_path).to(device) if alg.name is Algorithm.ppo else None
         self.models = Models(
-            policy, torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay), None, critic,
-            torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr) if critic is not None else None)
+            policy,
+            torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay),
+            None,
+            critic,
+            torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr)
+            if critic is not None
+            else None,
+        )
         self._reference_loaded = False  # from a sharded checkpoint, by load_state_dict
         self.last_gather_peak_bytes: Optional[int] = None  # nothing is gathered here
 
@@ -107,7 +123,9 @@ class LocalLearner:
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.warmup_lr, weight_decay=0.0)
         loss = torch.tensor(float("nan"))
         for step in range(1, t.warmup_steps + 1):
-            examples = task.batch(-step, t.warmup_batch_size)  # negative steps: disjoint from the RL batches
+            examples = task.batch(
+                -step, t.warmup_batch_size
+            )  # negative steps: disjoint from the RL batches
             batch = warm_start_batch(tokenizer, examples).to(self.device)
             logp, _ = token_logprobs(self.policy, batch)
             loss = -masked_mean(logp, batch.mask)
@@ -128,15 +146,27 @@ class LocalLearner:
         return score(self.models, batch, self.alg, self.micro_batch_size)
 
     def update(
-        self, batch: TokenBatch, old: OldScores, advantages: Tensor, returns: Optional[Tensor], seed: int
+        self,
+        batch: TokenBatch,
+        old: OldScores,
+        advantages: Tensor,
+        returns: Optional[Tensor],
+        seed: int,
     ) -> dict[str, Optional[float]]:
         """`num_epochs` passes of `num_minibatches` clipped steps (shuffled by `seed`); mean metrics."""
         acc = dict.fromkeys(UPDATE_METRICS, 0.0)
         minibatches = minibatch_order(batch.tokens.shape[0], self.alg, seed)
         for idx in minibatches:
             idx = idx.to(self.device)
-            step = minibatch_step(self.models, batch.select(idx), old.select(idx), advantages[idx],
-                                  returns[idx] if returns is not None else None, self.alg, self.micro_batch_size)
+            step = minibatch_step(
+                self.models,
+                batch.select(idx),
+                old.select(idx),
+                advantages[idx],
+                returns[idx] if returns is not None else None,
+                self.alg,
+                self.micro_batch_size,
+            )
             for key, value in step.items():
                 acc[key] += value
         metrics: dict[str, Optional[float]] = {k: v / len(minibatches) for k, v in acc.items()}
@@ -173,7 +203,8 @@ class LocalLearner:
     def state_dict(self) -> dict[str, Any]:
         critic = self.critic
         return {
-            "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "critic": critic.state_dict() if critic is not None else None,
             "critic_optimizer": self.critic_opt.state_dict() if critic is not None else None,
             "reference": self.reference.state_dict() if self.reference is not None else None,
@@ -186,14 +217,19 @@ class LocalLearner:
 
             self.freeze_reference()  # the structure the reference loads into (kept by the next freeze_reference)
             self._reference_loaded = True
-            parts = {"policy": (self.policy, self.optimizer), "critic": (self.critic, self.critic_opt),
-                     "reference": (self.reference, None)}
+            parts = {
+                "policy": (self.policy, self.optimizer),
+                "critic": (self.critic, self.critic_opt),
+                "reference": (self.reference, None),
+            }
             load_states(parts, state[SHARDS])
             return
         self.policy.load_state_dict(state["policy"])  # copies into the live device tensors
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
             if state.get("critic") is None:
-                raise ValueError(f"trainer.resume={source!r} holds no critic: it was not an algorithm=ppo run")
+                raise ValueError(
+                    f"trainer.resume={source!r} holds no critic: it was not an algorithm=ppo run"
+                )
             self.critic.load_state_dict(state["critic"])
             self.critic_opt.load_state_dict(state["critic_optimizer"])

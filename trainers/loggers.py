@@ -43,14 +43,24 @@ def _finite(value: Any) -> Any:
 class ConsoleLogger:
     def __init__(self, cfg: ConsoleLoggerConfig, total_steps: int, start_step: int):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console()
         self.progress = None
         if cfg.progress_bar:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=self.console, transient=True,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step)
             self.progress.start()
@@ -95,7 +105,11 @@ class TensorboardLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and value is not None
+            ):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
@@ -108,9 +122,16 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise ImportError("logger=wandb needs the wandb package: pip install -e '.[wandb]' (or pip install wandb)") from None
+            raise ImportError(
+                "logger=wandb needs the wandb package: pip install -e '.[wandb]' (or pip install wandb)"
+            ) from None
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode, dir=str(out_dir), config=run_config
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            mode=cfg.mode,
+            dir=str(out_dir),
+            config=run_config,
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -158,7 +179,11 @@ class Loggers:
 
 
 def build_loggers(
-    cfg: LoggerConfig, out_dir: Path, total_steps: int, start_step: int = 0, run_config: Optional[dict] = None
+    cfg: LoggerConfig,
+    out_dir: Path,
+    total_steps: int,
+    start_step: int = 0,
+    run_config: Optional[dict] = None,
 ) -> Loggers:
     sinks: list = []
     console = None

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 
-def reward_curve(history: list[dict], path: Path, baseline: Optional[float] = None, title: str = "") -> Path:
+def reward_curve(
+    history: list[dict], path: Path, baseline: Optional[float] = None, title: str = ""
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +19,9 @@ def reward_curve(history: list[dict], path: Path, baseline: Optional[float] = No
     std = [h["reward/std"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, mean, label="reward/mean")
-    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.fill_between(
+        steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2
+    )
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", label=f"pre-RL baseline {baseline:.3f}")
     ax.set_xlabel("step")

@@ -19,11 +19,15 @@ class TokenBatch:
     tokens: Tensor  # [B, L] prompt + response, right-padded
     attention_mask: Tensor  # [B, L]
     mask: Tensor  # [B, L-1] float, 1 on response tokens (as targets)
-    sampler_logprobs: Optional[Tensor] = None  # [B, L-1] the engine's log-probs of the response tokens
+    sampler_logprobs: Optional[Tensor] = (
+        None  # [B, L-1] the engine's log-probs of the response tokens
+    )
 
     def to(self, device: torch.device | str) -> "TokenBatch":
         sampler = None if self.sampler_logprobs is None else self.sampler_logprobs.to(device)
-        return TokenBatch(self.tokens.to(device), self.attention_mask.to(device), self.mask.to(device), sampler)
+        return TokenBatch(
+            self.tokens.to(device), self.attention_mask.to(device), self.mask.to(device), sampler
+        )
 
     def select(self, idx: Tensor) -> "TokenBatch":
         sampler = None if self.sampler_logprobs is None else self.sampler_logprobs[idx]
@@ -51,7 +55,9 @@ def collate(
         mask[i, len(p) - 1 : n - 1] = 1.0
         if sampler is not None:
             if len(sampler_logprobs[i]) != len(r):
-                raise ValueError(f"sequence {i}: {len(sampler_logprobs[i])} log-probs for {len(r)} response tokens")
+                raise ValueError(
+                    f"sequence {i}: {len(sampler_logprobs[i])} log-probs for {len(r)} response tokens"
+                )
             sampler[i, len(p) - 1 : n - 1] = torch.tensor(sampler_logprobs[i], dtype=torch.float32)
     return TokenBatch(tokens, attention, mask, sampler)
 
@@ -59,8 +65,11 @@ def collate(
 def token_logprobs(
     model: nn.Module, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Log-probs [B, L-1] of each target token under softmax(logits / temperature) (fp32), and optionally the entropy."""
-    logits = model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    """Log-probs [B, L-1] of each target token under softmax(logits / temperature) (fp32), and optionally
+    the entropy."""
+    logits = (
+        model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    )
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
@@ -83,7 +92,9 @@ class ValueModel(nn.Module):
 
     def forward(self, batch: TokenBatch) -> Tensor:
         """V(state before each target token): [B, L-1]."""
-        hidden = self.body(input_ids=batch.tokens, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = self.body(
+            input_ids=batch.tokens, attention_mask=batch.attention_mask
+        ).last_hidden_state
         return self.head(hidden[:, :-1].float()).squeeze(-1)
 
 

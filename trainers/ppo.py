@@ -63,7 +63,9 @@ def build_reward(node: dict) -> RewardFn:
     except Exception as exc:  # Hydra wraps import errors; name the key the user wrote
         raise ValueError(f"task.reward={node!r} could not be built: {exc}") from exc
     if not callable(fn):
-        raise ValueError(f"task.reward={node!r} built {fn!r}, which is not callable (set _partial_: true for a function)")
+        raise ValueError(
+            f"task.reward={node!r} built {fn!r}, which is not callable (set _partial_: true for a function)"
+        )
     return fn
 
 
@@ -106,8 +108,11 @@ class Setup:
 def evaluate(ro: RolloutEngine, task: Task, reward_fn: RewardFn, cfg: PPOConfig) -> float:
     """Mean reward on the fixed eval prompts (same sampling settings and seed every time)."""
     samples = ro.generate(
-        [e.prompt for e in task.eval], n=cfg.trainer.eval_samples, max_tokens=cfg.task.max_tokens,
-        temperature=cfg.algorithm.temperature, seed=EVAL_SEED_OFFSET + cfg.trainer.seed,
+        [e.prompt for e in task.eval],
+        n=cfg.trainer.eval_samples,
+        max_tokens=cfg.task.max_tokens,
+        temperature=cfg.algorithm.temperature,
+        seed=EVAL_SEED_OFFSET + cfg.trainer.seed,
     )
     return float(score(samples, [e.answer for e in task.eval], reward_fn).mean())
 
@@ -120,8 +125,14 @@ def resolve_model(cfg: PPOConfig) -> str:
     return str(ensure_tiny_model(cache_dir=cfg.model.cache_dir))
 
 
-def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, backend: str,
-                  ray: Optional[RayConfig] = None, engine_gpus: Optional[float] = None) -> Learner:
+def build_learner(
+    model_path: str,
+    alg: AlgorithmConfig,
+    trainer: TrainerConfig,
+    backend: str,
+    ray: Optional[RayConfig] = None,
+    engine_gpus: Optional[float] = None,
+) -> Learner:
     """A LocalLearner, or with `trainer.num_workers > 1` that many FSDP2 ranks on Ray (a ShardedLearner) with
     the engine's bundle: rank 0's (`engine_gpus=None`, colocate) or one of its own with that many GPUs."""
     device = trainer.device
@@ -130,8 +141,9 @@ def build_learner(model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig,
     if trainer.num_workers > 1:
         from trainers.distributed.learner import ShardedLearner
 
-        return ShardedLearner(model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device,
-                              engine_gpus).start()
+        return ShardedLearner(
+            model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device, engine_gpus
+        ).start()
     return LocalLearner(model_path, alg, trainer, torch.device(device))
 
 
@@ -151,9 +163,18 @@ def setup(cfg: PPOConfig) -> Setup:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     r = cfg.rollout
-    engine_gpus = None if r.mode is Mode.colocate else (
-        r.num_engines * r.backend.tensor_parallel_size if r.backend.name.value != "vllm_cpu" else 0)
-    learner = build_learner(model_path, cfg.algorithm, t, r.backend.name.value, cfg.ray, engine_gpus)
+    engine_gpus = (
+        None
+        if r.mode is Mode.colocate
+        else (
+            r.num_engines * r.backend.tensor_parallel_size
+            if r.backend.name.value != "vllm_cpu"
+            else 0
+        )
+    )
+    learner = build_learner(
+        model_path, cfg.algorithm, t, r.backend.name.value, cfg.ray, engine_gpus
+    )
     try:
         return prepare(learner, cfg, out_dir, ckpt, model_path, task, reward_fn, tokenizer)
     except BaseException:
@@ -161,15 +182,27 @@ def setup(cfg: PPOConfig) -> Setup:
         raise
 
 
-def prepare(learner: Learner, cfg: PPOConfig, out_dir: Path, ckpt: Optional[dict], model_path: str, task: Task,
-            reward_fn: RewardFn, tokenizer: Any) -> Setup:
+def prepare(
+    learner: Learner,
+    cfg: PPOConfig,
+    out_dir: Path,
+    ckpt: Optional[dict],
+    model_path: str,
+    task: Task,
+    reward_fn: RewardFn,
+    tokenizer: Any,
+) -> Setup:
     """Resume or warm-start the learner and open the loggers."""
     t = cfg.trainer
     state = resume(learner, ckpt, t) if ckpt is not None else RunState()
     log = build_loggers(cfg.logger, out_dir, t.total_steps, state.step, run_config=asdict(cfg))
-    for record in state.history:  # a resumed run's files hold the whole run, not only its second half
+    for (
+        record
+    ) in state.history:  # a resumed run's files hold the whole run, not only its second half
         log.replay({k: v for k, v in record.items() if k != "step"}, record["step"])
-    log.message(f"{cfg.algorithm.name.value} on task {cfg.task.name.value}: {model_path} -> {out_dir}")
+    log.message(
+        f"{cfg.algorithm.name.value} on task {cfg.task.name.value}: {model_path} -> {out_dir}"
+    )
     loss = learner.warm_start(tokenizer, task) if ckpt is None else None
     if loss is not None:
         log.message(f"warm-start: {t.warmup_steps} supervised steps, final loss {loss:.3f}")
@@ -181,12 +214,19 @@ def prepare(learner: Learner, cfg: PPOConfig, out_dir: Path, ckpt: Optional[dict
 def resume(learner: Learner, ckpt: dict, t: TrainerConfig) -> RunState:
     learner.load_state_dict(ckpt, source=t.resume)
     if ckpt["step"] > t.total_steps:
-        raise ValueError(f"trainer.resume is at step {ckpt['step']}, past trainer.total_steps={t.total_steps}")
+        raise ValueError(
+            f"trainer.resume is at step {ckpt['step']}, past trainer.total_steps={t.total_steps}"
+        )
     return RunState(ckpt["step"], ckpt["history"], ckpt["baseline"])
 
 
-def open_engine(cfg: PPOConfig, model_path: str, out_dir: Path, learner: Learner,
-                rollout: Optional[RolloutEngine] = None) -> ContextManager[RolloutEngine]:
+def open_engine(
+    cfg: PPOConfig,
+    model_path: str,
+    out_dir: Path,
+    learner: Learner,
+    rollout: Optional[RolloutEngine] = None,
+) -> ContextManager[RolloutEngine]:
     """A new engine on `model_path` (its transfer endpoint in the run directory), placed by the learner (a
     sharded one puts it in its Ray placement group, beside its feeding rank), or the caller's running one
     (left open at the end)."""
@@ -208,8 +248,11 @@ def run(cfg: PPOConfig, rollout: Optional[RolloutEngine] = None) -> dict:
     """
     wall_start = time.perf_counter()
     s = setup(cfg)
-    with contextlib.closing(s.learner), contextlib.closing(s.log), \
-            open_engine(cfg, s.model_path, s.out_dir, s.learner, rollout) as ro:
+    with (
+        contextlib.closing(s.learner),
+        contextlib.closing(s.log),
+        open_engine(cfg, s.model_path, s.out_dir, s.learner, rollout) as ro,
+    ):
         start_engine(ro, s, cfg)
         gap_limit = gap_threshold(cfg.trainer.refit_gap_threshold, ro.dtype, s.learner.dtype)
         next_rollouts = rollout_producer(ro, s.task, cfg)
@@ -219,8 +262,14 @@ def run(cfg: PPOConfig, rollout: Optional[RolloutEngine] = None) -> dict:
                     step_start = time.perf_counter()
                     rollouts = next_rollouts(step)
                     metrics = train(s, rollouts, cfg, step)
-                    check_refit_gap(step, metrics["logprob_gap"], metrics["version_lag"], gap_limit,
-                                    cfg.trainer.strict_refit, s.log.message)
+                    check_refit_gap(
+                        step,
+                        metrics["logprob_gap"],
+                        metrics["version_lag"],
+                        gap_limit,
+                        cfg.trainer.strict_refit,
+                        s.log.message,
+                    )
                     metrics.update(refit(ro, s.learner, cfg.trainer, step))
                     metrics["timing/step_s"] = time.perf_counter() - step_start
                     record(s, cfg, step, metrics)
@@ -228,7 +277,9 @@ def run(cfg: PPOConfig, rollout: Optional[RolloutEngine] = None) -> dict:
             next_rollouts.close()  # the async producer: its trainer thread back on every core
         final_eval = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.log_eval({"eval/reward": final_eval}, step=cfg.trainer.total_steps)
-        s.log.message(f"final: eval reward {final_eval:.3f} (pre-RL baseline {s.state.baseline:.3f})")
+        s.log.message(
+            f"final: eval reward {final_eval:.3f} (pre-RL baseline {s.state.baseline:.3f})"
+        )
     return finish(s, cfg, final_eval, time.perf_counter() - wall_start)
 
 
@@ -253,7 +304,9 @@ def start_engine(ro: RolloutEngine, s: Setup, cfg: PPOConfig) -> None:
     if s.state.baseline is None:
         s.state.baseline = evaluate(ro, s.task, s.reward_fn, cfg)
         s.log.message(f"pre-RL baseline: eval reward {s.state.baseline:.3f}")
-        s.log.log_eval({"eval/reward": s.state.baseline, "warmup/loss": s.warmup_loss}, step=s.state.step)
+        s.log.log_eval(
+            {"eval/reward": s.state.baseline, "warmup/loss": s.warmup_loss}, step=s.state.step
+        )
 
 
 def rollout_producer(ro: RolloutEngine, task: Task, cfg: PPOConfig) -> RolloutProducer:
@@ -264,7 +317,9 @@ def rollout_producer(ro: RolloutEngine, task: Task, cfg: PPOConfig) -> RolloutPr
     return AsyncRollouts(ro, task, cfg)
 
 
-def advantages(alg: AlgorithmConfig, rewards: torch.Tensor, mask: torch.Tensor, values: Optional[torch.Tensor]):
+def advantages(
+    alg: AlgorithmConfig, rewards: torch.Tensor, mask: torch.Tensor, values: Optional[torch.Tensor]
+):
     """GRPO: group-relative per sequence; PPO: whitened GAE over the critic. Returns (advantages, returns)."""
     if alg.name is Algorithm.grpo:
         return grpo_advantages(rewards, alg.num_samples, alg.scale_adv_by_std)[:, None] * mask, None
@@ -278,8 +333,10 @@ def train(s: Setup, rollouts: Rollouts, cfg: PPOConfig, step: int) -> dict:
     rewards = score(samples, [e.answer for e in rollouts.examples], s.reward_fn)
     train_start = time.perf_counter()
     batch = collate(
-        [x.prompt_token_ids for x in samples], [x.token_ids for x in samples],
-        pad_id=s.tokenizer.pad_token_id or 0, sampler_logprobs=[x.logprobs for x in samples],
+        [x.prompt_token_ids for x in samples],
+        [x.token_ids for x in samples],
+        pad_id=s.tokenizer.pad_token_id or 0,
+        sampler_logprobs=[x.logprobs for x in samples],
     ).to(learner.device)
     rewards, mask = rewards.to(learner.device), batch.mask
     old = learner.logprobs(batch)
@@ -302,8 +359,10 @@ def staleness(samples: list, rollouts: Rollouts, step: int) -> dict:
     """How many versions behind the policy (which has had step-1 updates) the trained samples were."""
     lags = [(step - 1) - x.version for x in samples]
     return {
-        "version_lag": max(lags), "version_lag/mean": sum(lags) / len(lags),
-        "rollout/dropped": rollouts.dropped, "timing/overlap_s": rollouts.overlap_s,
+        "version_lag": max(lags),
+        "version_lag/mean": sum(lags) / len(lags),
+        "rollout/dropped": rollouts.dropped,
+        "timing/overlap_s": rollouts.overlap_s,
     }
 
 
@@ -325,9 +384,15 @@ def record(s: Setup, cfg: PPOConfig, step: int, metrics: dict) -> None:
     s.state.history.append({"step": step, **metrics})
     s.log.log(metrics, step)
     if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.total_steps:
-        s.learner.save_checkpoint(checkpoint_path(s.out_dir, step), {
-            "step": step, "history": s.state.history, "baseline": s.state.baseline, "config": asdict(cfg),
-        })
+        s.learner.save_checkpoint(
+            checkpoint_path(s.out_dir, step),
+            {
+                "step": step,
+                "history": s.state.history,
+                "baseline": s.state.baseline,
+                "config": asdict(cfg),
+            },
+        )
 
 
 def finish(s: Setup, cfg: PPOConfig, final_eval: float, wall_s: float) -> dict:
@@ -339,11 +404,18 @@ def finish(s: Setup, cfg: PPOConfig, final_eval: float, wall_s: float) -> dict:
     if history:
         from trainers.plots import reward_curve
 
-        reward_curve(history, s.out_dir / "reward_curve.png", s.state.baseline, title=f"{name} on {cfg.task.name.value}")
+        reward_curve(
+            history,
+            s.out_dir / "reward_curve.png",
+            s.state.baseline,
+            title=f"{name} on {cfg.task.name.value}",
+        )
     return summary
 
 
-def summarize(history: list[dict], baseline: Optional[float], final_eval: float, wall_s: float) -> dict:
+def summarize(
+    history: list[dict], baseline: Optional[float], final_eval: float, wall_s: float
+) -> dict:
     fifth = max(1, len(history) // 5)
 
     def mean(key: str, rows: list[dict]) -> Optional[float]:

@@ -29,22 +29,35 @@ class RefitCanaryError(RuntimeError):
     """The engine's log-probs right after a refit disagree with the trainer's (trainer.strict_refit=true)."""
 
 
-def gap_threshold(configured: Optional[float], engine_dtype: Optional[torch.dtype], trainer_dtype: torch.dtype) -> float:
+def gap_threshold(
+    configured: Optional[float], engine_dtype: Optional[torch.dtype], trainer_dtype: torch.dtype
+) -> float:
     """`trainer.refit_gap_threshold`, or (None) the default for the coarser of the two dtypes; an engine
     that does not say its dtype gets the 16-bit default."""
     if configured is not None:
         return configured
-    return FULL_PRECISION_GAP if engine_dtype in _FULL and trainer_dtype in _FULL else HALF_PRECISION_GAP
+    return (
+        FULL_PRECISION_GAP
+        if engine_dtype in _FULL and trainer_dtype in _FULL
+        else HALF_PRECISION_GAP
+    )
 
 
 def check_refit_gap(
-    step: int, gap: float, version_lag: int, threshold: float, strict: bool, say: Callable[[str], None]
+    step: int,
+    gap: float,
+    version_lag: int,
+    threshold: float,
+    strict: bool,
+    say: Callable[[str], None],
 ) -> bool:
     """Fire (True) when a step sampled right after a refit shows a gap above `threshold`."""
     if version_lag != 0 or gap <= threshold:  # a NaN gap fires too
         return False
-    text = (f"REFIT CANARY: step {step}: logprob_gap {gap:.3g} > {threshold:.3g} on samples taken right after "
-            "a refit: the engine is not serving the trainer's weights")
+    text = (
+        f"REFIT CANARY: step {step}: logprob_gap {gap:.3g} > {threshold:.3g} on samples taken right after "
+        "a refit: the engine is not serving the trainer's weights"
+    )
     if strict:
         raise RefitCanaryError(text + " (trainer.strict_refit=true)")
     logger.warning(text)

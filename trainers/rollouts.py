@@ -24,7 +24,9 @@ class Rollouts:
     samples: list[Any]  # rollout.Sample, in prompt order, n per prompt
     gen_s: float  # how long the trainer waited for them
     dropped: int = 0  # samples too stale to train on (trainer.max_staleness), left out of `samples`
-    overlap_s: float = 0.0  # seconds the engine generated while the trainer trained (the previous step)
+    overlap_s: float = (
+        0.0  # seconds the engine generated while the trainer trained (the previous step)
+    )
 
 
 class RolloutProducer(Protocol):
@@ -48,8 +50,11 @@ class SyncRollouts:
         examples = self.task.batch(step, self.cfg.trainer.prompts_per_step)
         alg = self.cfg.algorithm
         samples = self.ro.generate(
-            [e.prompt for e in examples], n=alg.num_samples, max_tokens=self.cfg.task.max_tokens,
-            temperature=alg.temperature, seed=sample_seed(self.cfg.trainer.seed, step),
+            [e.prompt for e in examples],
+            n=alg.num_samples,
+            max_tokens=self.cfg.task.max_tokens,
+            temperature=alg.temperature,
+            seed=sample_seed(self.cfg.trainer.seed, step),
         )
         gen_s = time.perf_counter() - start
         self.ro.sleep()  # colocate: the engine's device memory goes to training; the refit wakes it up

@@ -28,25 +28,35 @@ _COLUMNS = [
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
-    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra" / "overrides.yaml").exists()]
+    jobs = [
+        p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra" / "overrides.yaml").exists()
+    ]
     return sorted(jobs, key=lambda p: int(p.name) if p.name.isdigit() else p.name)
 
 
 def _overrides(job: Path) -> str:
     lines = (job / ".hydra" / "overrides.yaml").read_text().splitlines()
-    return " ".join(line.removeprefix("- ").strip() for line in lines if line.strip()) or "(defaults)"
+    return (
+        " ".join(line.removeprefix("- ").strip() for line in lines if line.strip()) or "(defaults)"
+    )
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for job in _job_dirs(sweep_dir):
         summary_file, metrics_file = job / "summary.json", job / "metrics.jsonl"
-        row: dict[str, Any] = {"job": job.name, "overrides": _overrides(job), "finished": summary_file.exists()}
+        row: dict[str, Any] = {
+            "job": job.name,
+            "overrides": _overrides(job),
+            "finished": summary_file.exists(),
+        }
         if summary_file.exists():
             row.update(json.loads(summary_file.read_text()))
         history = []
         if metrics_file.exists():
-            history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+            history = [
+                json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()
+            ]
         gbps = [h["refit/gbps"] for h in history if h.get("refit/gbps") is not None]
         row["mean_gbps"] = sum(gbps) / len(gbps) if gbps else None
         row["history"] = history
@@ -58,7 +68,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = "| job | overrides | " + " | ".join(label for _, label, _ in _COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(_COLUMNS) + 2)]
     for row in rows:
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in _COLUMNS]
+        cells = [
+            fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in _COLUMNS
+        ]
         status = "" if row["finished"] else " (unfinished)"
         lines.append(f"| {row['job']} | `{row['overrides']}`{status} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -78,7 +78,9 @@ def math_examples(cfg: TaskConfig) -> list[Example]:
     for i, row in enumerate(load_records(cfg.data_path)):
         for key in (cfg.question_key, cfg.answer_key):
             if key not in row:
-                raise KeyError(f"row {i} of {cfg.data_path} has no key {key!r} (keys: {sorted(row)})")
+                raise KeyError(
+                    f"row {i} of {cfg.data_path} has no key {key!r} (keys: {sorted(row)})"
+                )
         solution = str(row[cfg.answer_key])
         answer = extract_answer(solution)
         if answer is None:
@@ -93,7 +95,9 @@ def build_task(cfg: TaskConfig, seed: int = 0) -> Task:
         examples = addition_examples(cfg.max_operand)
     elif cfg.name is TaskName.gsm8k:
         if cfg.data_path is None:
-            raise ValueError("task=gsm8k needs task.data_path (a local .json, .jsonl or .parquet file)")
+            raise ValueError(
+                "task=gsm8k needs task.data_path (a local .json, .jsonl or .parquet file)"
+            )
         examples = math_examples(cfg)
     else:
         raise AssertionError(cfg.name)

@@ -30,7 +30,9 @@ def micro_batches(n: int, size: int, device: torch.device) -> list[Tensor]:
 
 
 @torch.no_grad()
-def logprobs_no_grad(model: nn.Module, batch: TokenBatch, temperature: float, micro_batch_size: int) -> Tensor:
+def logprobs_no_grad(
+    model: nn.Module, batch: TokenBatch, temperature: float, micro_batch_size: int
+) -> Tensor:
     chunks = micro_batches(batch.tokens.shape[0], micro_batch_size, batch.tokens.device)
     return torch.cat([token_logprobs(model, batch.select(i), temperature)[0] for i in chunks])
 
@@ -63,7 +65,9 @@ def policy_backward(
         weight = m.mask.sum() / total
         logp, entropy = token_logprobs(policy, m, alg.temperature, with_entropy=True)
         weights = is_weights[idx] if is_weights is not None else None
-        pg_loss, clip_frac, ppo_kl = clipped_policy_loss(logp, old_logp[idx], advantages[idx], m.mask, alg.clip_eps, weights)
+        pg_loss, clip_frac, ppo_kl = clipped_policy_loss(
+            logp, old_logp[idx], advantages[idx], m.mask, alg.clip_eps, weights
+        )
         ent = masked_mean(entropy, m.mask)
         loss = pg_loss - alg.entropy_coef * ent
         kl = torch.zeros(())
@@ -72,13 +76,24 @@ def policy_backward(
             loss = loss + alg.kl_coef * kl
         (loss * weight).backward()
         w = weight.item()
-        for key, value in (("loss", loss), ("clip_frac", clip_frac), ("ppo_kl", ppo_kl), ("entropy", ent), ("kl", kl)):
+        for key, value in (
+            ("loss", loss),
+            ("clip_frac", clip_frac),
+            ("ppo_kl", ppo_kl),
+            ("entropy", ent),
+            ("kl", kl),
+        ):
             out[key] += value.item() * w
     return out
 
 
 def value_backward(
-    critic: nn.Module, mb: TokenBatch, old_values: Tensor, returns: Tensor, value_clip: float, micro_batch_size: int,
+    critic: nn.Module,
+    mb: TokenBatch,
+    old_values: Tensor,
+    returns: Tensor,
+    value_clip: float,
+    micro_batch_size: int,
     total_tokens: Optional[Tensor] = None,
 ) -> float:
     """Backward of the clipped value loss for minibatch `mb`; returns the loss (`total_tokens` as above)."""
@@ -98,7 +113,9 @@ class OldScores:
     """What the trainer's models say about the sampled tokens before the update ([B, L-1] each)."""
 
     logp: Tensor  # the policy's, at the sampling temperature: the ratio's denominator
-    raw_logp: Optional[Tensor]  # the policy's at temperature 1: what vLLM reports, for `logprob_gap`
+    raw_logp: Optional[
+        Tensor
+    ]  # the policy's at temperature 1: what vLLM reports, for `logprob_gap`
     ref_logp: Optional[Tensor]  # the frozen reference's (None without a KL penalty)
     values: Optional[Tensor]  # the critic's (None for GRPO)
     # min(pi_policy / pi_sampler, algorithm.tis_cap) per token, at temperature 1 on both sides (what
@@ -131,7 +148,11 @@ def score(m: Models, batch: TokenBatch, alg: AlgorithmConfig, micro_batch_size: 
     temperature = alg.temperature
     logp = logprobs_no_grad(m.policy, batch, temperature, micro_batch_size)
     raw = logp if temperature == 1.0 else logprobs_no_grad(m.policy, batch, 1.0, micro_batch_size)
-    ref = logprobs_no_grad(m.reference, batch, temperature, micro_batch_size) if m.reference is not None else None
+    ref = (
+        logprobs_no_grad(m.reference, batch, temperature, micro_batch_size)
+        if m.reference is not None
+        else None
+    )
     values = values_no_grad(m.critic, batch, micro_batch_size) if m.critic is not None else None
     weights = None
     if alg.tis_cap is not None:
@@ -143,26 +164,48 @@ def minibatch_order(num_rows: int, alg: AlgorithmConfig, seed: int) -> list[Tens
     """The row indices of every minibatch of an update: `num_epochs` shuffles (by `seed`), each cut into
     `num_minibatches`."""
     shuffle = torch.Generator().manual_seed(seed)
-    return [idx for _ in range(alg.num_epochs)
-            for idx in torch.randperm(num_rows, generator=shuffle).chunk(alg.num_minibatches)]
+    return [
+        idx
+        for _ in range(alg.num_epochs)
+        for idx in torch.randperm(num_rows, generator=shuffle).chunk(alg.num_minibatches)
+    ]
 
 
 def minibatch_step(
-    m: Models, mb: TokenBatch, old: OldScores, advantages: Tensor, returns: Optional[Tensor], alg: AlgorithmConfig,
-    micro_batch_size: int, total_tokens: Optional[Tensor] = None, grad_norm: Callable[[Tensor], float] = float,
+    m: Models,
+    mb: TokenBatch,
+    old: OldScores,
+    advantages: Tensor,
+    returns: Optional[Tensor],
+    alg: AlgorithmConfig,
+    micro_batch_size: int,
+    total_tokens: Optional[Tensor] = None,
+    grad_norm: Callable[[Tensor], float] = float,
 ) -> dict[str, float]:
     """One clipped policy step (and a critic step) on minibatch `mb`, whose rows `old`, `advantages` and
     `returns` are; returns its metrics. `total_tokens`, `grad_norm`: a rank's share of a minibatch (see
     policy_backward; the whole model's gradient norm of sharded gradients)."""
     m.optimizer.zero_grad(set_to_none=True)
-    metrics = policy_backward(m.policy, mb, old.logp, advantages, old.ref_logp, alg, micro_batch_size,
-                              old.is_weights, total_tokens)
-    metrics["grad_norm"] = grad_norm(torch.nn.utils.clip_grad_norm_(m.policy.parameters(), alg.max_grad_norm))
+    metrics = policy_backward(
+        m.policy,
+        mb,
+        old.logp,
+        advantages,
+        old.ref_logp,
+        alg,
+        micro_batch_size,
+        old.is_weights,
+        total_tokens,
+    )
+    metrics["grad_norm"] = grad_norm(
+        torch.nn.utils.clip_grad_norm_(m.policy.parameters(), alg.max_grad_norm)
+    )
     m.optimizer.step()
     if m.critic is not None:
         m.critic_opt.zero_grad(set_to_none=True)
-        metrics["value_loss"] = value_backward(m.critic, mb, old.values, returns, alg.value_clip, micro_batch_size,
-                                               total_tokens)
+        metrics["value_loss"] = value_backward(
+            m.critic, mb, old.values, returns, alg.value_clip, micro_batch_size, total_tokens
+        )
         torch.nn.utils.clip_grad_norm_(m.critic.parameters(), alg.max_grad_norm)
         m.critic_opt.step()
     return metrics

@@ -42,14 +42,20 @@ if TYPE_CHECKING:
 
 # The implementation is imported on first use: a config (rollout.config, trainers.config) imports the
 # typed choices above and no transport, socket or wire code.
-_LAZY = {"new_endpoint": "channel", "WeightReceiver": "receiver", "WeightSender": "sender",
-         "resolve_transport": "transports", "ProtocolError": "wire"}
+_LAZY = {
+    "new_endpoint": "channel",
+    "WeightReceiver": "receiver",
+    "WeightSender": "sender",
+    "resolve_transport": "transports",
+    "ProtocolError": "wire",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(f"rollout.transfer.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'rollout.transfer' has no attribute {name!r}")
+
 
 __all__ = [
     "DirectFallback",

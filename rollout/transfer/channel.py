@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import socket
-import weakref
 import tempfile
 import time
+import weakref
 
 import zmq
 
@@ -32,7 +32,9 @@ def new_endpoint(directory: str | None = None) -> str:
     path = os.path.join(private_dir, "sock")
     if len(path.encode()) + _RANK_SUFFIX > _MAX_SOCKET_PATH:
         os.rmdir(private_dir)
-        raise ValueError(f"socket path {path!r} exceeds {_MAX_SOCKET_PATH} bytes; pass a shorter directory")
+        raise ValueError(
+            f"socket path {path!r} exceeds {_MAX_SOCKET_PATH} bytes; pass a shorter directory"
+        )
     return _IPC + path
 
 
@@ -46,8 +48,10 @@ def receiver_endpoint(endpoint: str, rank: int) -> str:
 
 def ipc_path(endpoint: str) -> str:
     if not endpoint.startswith(_IPC):
-        raise ValueError(f"endpoint must be an ipc:// address (see new_endpoint()), got {endpoint!r}")
-    return endpoint[len(_IPC):]
+        raise ValueError(
+            f"endpoint must be an ipc:// address (see new_endpoint()), got {endpoint!r}"
+        )
+    return endpoint[len(_IPC) :]
 
 
 class Channel:

@@ -34,7 +34,9 @@ class DirectFallback(str, Enum):
     """What mode=direct does with a refit holding a tensor it cannot map (sharded, on another device, strided)."""
 
     error = "error"  # raise ValueError naming the tensor
-    bucketed = "bucketed"  # send that refit through buckets instead, with a warning naming the tensor
+    bucketed = (
+        "bucketed"  # send that refit through buckets instead, with a warning naming the tensor
+    )
 
 
 def coerce_enum(enum_cls: type[Enum], value: object, key: str) -> Enum:
@@ -64,9 +66,13 @@ class NcclConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.store_host, str) or not self.store_host:
-            raise ValueError(f"rollout.transfer.nccl.store_host must be a host name or address, got {self.store_host!r}")
+            raise ValueError(
+                f"rollout.transfer.nccl.store_host must be a host name or address, got {self.store_host!r}"
+            )
         if not self.watchdog_s > 0:
-            raise ValueError(f"rollout.transfer.nccl.watchdog_s must be > 0 seconds, got {self.watchdog_s!r}")
+            raise ValueError(
+                f"rollout.transfer.nccl.watchdog_s must be > 0 seconds, got {self.watchdog_s!r}"
+            )
         if not isinstance(self.nvls, bool):
             raise ValueError(f"rollout.transfer.nccl.nvls must be true or false, got {self.nvls!r}")
 
@@ -107,16 +113,30 @@ class TransferConfig:
         self.transport = coerce_enum(Transport, self.transport, "rollout.transfer.transport")
         self.sync = coerce_enum(Sync, self.sync, "rollout.transfer.sync")
         self.mode = coerce_enum(TransferMode, self.mode, "rollout.transfer.mode")
-        self.direct_fallback = coerce_enum(DirectFallback, self.direct_fallback, "rollout.transfer.direct_fallback")
+        self.direct_fallback = coerce_enum(
+            DirectFallback, self.direct_fallback, "rollout.transfer.direct_fallback"
+        )
         if self.mode is TransferMode.direct and self.transport is Transport.nccl:
-            raise ValueError("rollout.transfer.mode=direct maps the trainer's memory on its own device: it needs "
-                             "transport shm, cuda_ipc or auto, not nccl")
-        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, int) or self.bucket_mb < 1:
-            raise ValueError(f"rollout.transfer.bucket_mb must be an integer >= 1 (MB), got {self.bucket_mb!r}")
+            raise ValueError(
+                "rollout.transfer.mode=direct maps the trainer's memory on its own device: it needs "
+                "transport shm, cuda_ipc or auto, not nccl"
+            )
+        if (
+            isinstance(self.bucket_mb, bool)
+            or not isinstance(self.bucket_mb, int)
+            or self.bucket_mb < 1
+        ):
+            raise ValueError(
+                f"rollout.transfer.bucket_mb must be an integer >= 1 (MB), got {self.bucket_mb!r}"
+            )
         if isinstance(self.spin_us, bool) or not isinstance(self.spin_us, int) or self.spin_us < 0:
-            raise ValueError(f"rollout.transfer.spin_us must be an integer >= 0 (microseconds), got {self.spin_us!r}")
+            raise ValueError(
+                f"rollout.transfer.spin_us must be an integer >= 0 (microseconds), got {self.spin_us!r}"
+            )
         if not self.timeout_s > 0:
-            raise ValueError(f"rollout.transfer.timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+            raise ValueError(
+                f"rollout.transfer.timeout_s must be > 0 seconds, got {self.timeout_s!r}"
+            )
         if isinstance(self.nccl, dict):  # the worker gets its config as plain fields
             self.nccl = NcclConfig(**self.nccl)
         # A broadcast stays in flight while the sender waits for its Ack and then for its completion,

@@ -25,10 +25,16 @@ def _uuid(device: torch.device) -> str:
 
 
 def _cuda_device(device: torch.device | str | None) -> torch.device:
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if device is None
+        else torch.device(device)
+    )
     if device.type != "cuda":
         raise TransferError(f"transport cuda_ipc needs a cuda device, got {device}")
-    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    return torch.device(
+        "cuda", torch.cuda.current_device() if device.index is None else device.index
+    )
 
 
 class CudaIpcTransport:
@@ -44,7 +50,10 @@ class CudaIpcTransport:
     """
 
     def __init__(
-        self, buffers: list[torch.Tensor], device: torch.device, descs: list[wire.CudaIpcBuffer],
+        self,
+        buffers: list[torch.Tensor],
+        device: torch.device,
+        descs: list[wire.CudaIpcBuffer],
         events: list[torch.cuda.Event],
     ) -> None:
         self._buffers = buffers
@@ -53,20 +62,39 @@ class CudaIpcTransport:
         self.device = device
 
     @classmethod
-    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str | None = None) -> CudaIpcTransport:
+    def allocate(
+        cls, num_buffers: int, nbytes: int, device: torch.device | str | None = None
+    ) -> CudaIpcTransport:
         device = _cuda_device(device)
-        buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
+        buffers = [
+            torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)
+        ]
         with torch.cuda.device(device):
             events = [torch.cuda.Event(enable_timing=False, interprocess=True) for _ in buffers]
         descs = []
         for buf, event in zip(buffers, events):
-            (_, handle, storage_nbytes, storage_offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
-                buf.untyped_storage()._share_cuda_()
-            )
+            (
+                _,
+                handle,
+                storage_nbytes,
+                storage_offset,
+                rc_handle,
+                rc_offset,
+                ev_handle,
+                ev_sync,
+            ) = buf.untyped_storage()._share_cuda_()
             descs.append(
                 wire.CudaIpcBuffer(
-                    _uuid(device), device.index, bytes(handle), int(storage_nbytes), int(storage_offset),
-                    bytes(rc_handle), int(rc_offset), bytes(ev_handle or b""), bool(ev_sync), nbytes,
+                    _uuid(device),
+                    device.index,
+                    bytes(handle),
+                    int(storage_nbytes),
+                    int(storage_offset),
+                    bytes(rc_handle),
+                    int(rc_offset),
+                    bytes(ev_handle or b""),
+                    bool(ev_sync),
+                    nbytes,
                     bytes(event.ipc_handle()),
                 )
             )
@@ -84,9 +112,21 @@ class CudaIpcTransport:
                 )
             buffers.append(
                 rebuild_cuda_tensor(
-                    torch.Tensor, (d.nbytes,), (1,), 0, torch.UntypedStorage, torch.uint8,
-                    device.index, d.handle, d.storage_nbytes, d.storage_offset_bytes, False,
-                    d.ref_counter_handle, d.ref_counter_offset, d.event_handle or None, d.event_sync_required,
+                    torch.Tensor,
+                    (d.nbytes,),
+                    (1,),
+                    0,
+                    torch.UntypedStorage,
+                    torch.uint8,
+                    device.index,
+                    d.handle,
+                    d.storage_nbytes,
+                    d.storage_offset_bytes,
+                    False,
+                    d.ref_counter_handle,
+                    d.ref_counter_offset,
+                    d.event_handle or None,
+                    d.event_sync_required,
                 )
             )
             if not d.packed_event:

@@ -20,11 +20,24 @@ def _uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
-def export(storage: torch.UntypedStorage, segment_id: int, device: torch.device) -> wire.CudaSegment:
-    (_, handle, storage_nbytes, storage_offset, rc_handle, rc_offset, ev_handle, ev_sync) = storage._share_cuda_()
+def export(
+    storage: torch.UntypedStorage, segment_id: int, device: torch.device
+) -> wire.CudaSegment:
+    (_, handle, storage_nbytes, storage_offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
+        storage._share_cuda_()
+    )
     ipc = wire.CudaIpcBuffer(
-        _uuid(device), device.index, bytes(handle), int(storage_nbytes), int(storage_offset), bytes(rc_handle),
-        int(rc_offset), bytes(ev_handle or b""), bool(ev_sync), storage.nbytes(), b"",
+        _uuid(device),
+        device.index,
+        bytes(handle),
+        int(storage_nbytes),
+        int(storage_offset),
+        bytes(rc_handle),
+        int(rc_offset),
+        bytes(ev_handle or b""),
+        bool(ev_sync),
+        storage.nbytes(),
+        b"",
     )
     return wire.CudaSegment(segment_id, ipc)
 
@@ -38,7 +51,19 @@ def open_segment(segment: wire.CudaSegment, device: torch.device) -> torch.Tenso
             "mode=direct on CUDA needs both processes on the same GPU"
         )
     return rebuild_cuda_tensor(
-        torch.Tensor, (d.nbytes,), (1,), 0, torch.UntypedStorage, torch.uint8, device.index, d.handle,
-        d.storage_nbytes, d.storage_offset_bytes, False, d.ref_counter_handle, d.ref_counter_offset,
-        d.event_handle or None, d.event_sync_required,
+        torch.Tensor,
+        (d.nbytes,),
+        (1,),
+        0,
+        torch.UntypedStorage,
+        torch.uint8,
+        device.index,
+        d.handle,
+        d.storage_nbytes,
+        d.storage_offset_bytes,
+        False,
+        d.ref_counter_handle,
+        d.ref_counter_offset,
+        d.event_handle or None,
+        d.event_sync_required,
     )

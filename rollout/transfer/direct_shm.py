@@ -34,15 +34,22 @@ def export(storage: torch.UntypedStorage, segment_id: int, name: str) -> wire.Sh
         if stat.f_bavail * stat.f_frsize < nbytes:
             raise TransferError(
                 f"{name!r}: mode=direct moves the trainer's tensors into {SHM_DIR}, which has "
-                f"{stat.f_bavail * stat.f_frsize} bytes free for this storage of {nbytes}: enlarge it or use mode=bucketed"
+                f"{stat.f_bavail * stat.f_frsize} bytes free for this storage of {nbytes}: enlarge it or use "
+                "mode=bucketed"
             )
     try:
         fd, size = storage._share_fd_cpu_()
     except RuntimeError as exc:  # e.g. "Too many open files": one descriptor per storage stays open
-        raise TransferError(f"{name!r}: cannot move its storage into shared memory ({exc}); "
-                            "mode=direct keeps one descriptor per storage open (raise `ulimit -n`)") from exc
-    if fd < 0:  # a storage mapped from a file (torch.load(mmap=True), the file_system sharing strategy)
-        raise ValueError(f"{name!r}: its storage is a file mapping that torch cannot share by descriptor")
+        raise TransferError(
+            f"{name!r}: cannot move its storage into shared memory ({exc}); "
+            "mode=direct keeps one descriptor per storage open (raise `ulimit -n`)"
+        ) from exc
+    if (
+        fd < 0
+    ):  # a storage mapped from a file (torch.load(mmap=True), the file_system sharing strategy)
+        raise ValueError(
+            f"{name!r}: its storage is a file mapping that torch cannot share by descriptor"
+        )
     return wire.ShmSegment(segment_id, os.getpid(), fd, os.fstat(fd).st_ino, int(size))
 
 
@@ -52,18 +59,28 @@ def open_segment(segment: wire.ShmSegment) -> torch.Tensor:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise TransferError(f"cannot open the sender's storage {path} (sender gone, or another host/user?): {exc}") from exc
+        raise TransferError(
+            f"cannot open the sender's storage {path} (sender gone, or another host/user?): {exc}"
+        ) from exc
     try:
         stat = os.fstat(fd)
         if stat.st_ino != segment.inode:
-            raise TransferError(f"{path} names another file than the sender described (it closed the storage)")
-        if stat.st_size < segment.nbytes:  # reading past the end of a mapped file is a SIGBUS, not an error
-            raise TransferError(f"{path} has {stat.st_size} bytes, the layout says {segment.nbytes}")
+            raise TransferError(
+                f"{path} names another file than the sender described (it closed the storage)"
+            )
+        if (
+            stat.st_size < segment.nbytes
+        ):  # reading past the end of a mapped file is a SIGBUS, not an error
+            raise TransferError(
+                f"{path} has {stat.st_size} bytes, the layout says {segment.nbytes}"
+            )
         # MAP_POPULATE: fault every page in now, once, rather than on the first refit's reads
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         mapping = mmap.mmap(fd, segment.nbytes, flags=flags, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")  # read-only on purpose
+        warnings.filterwarnings(
+            "ignore", message="The given buffer is not writable"
+        )  # read-only on purpose
         return torch.frombuffer(mapping, dtype=torch.uint8)

@@ -52,17 +52,25 @@ def _checked(item: object, seen: set[str]) -> tuple[str, torch.Tensor]:
     if tensor.device.type == "meta":
         raise ValueError(f"{name!r} is a meta tensor: it has no data to send")
     if tensor.layout != torch.strided:
-        raise ValueError(f"{name!r} has layout {tensor.layout}; only dense (strided) tensors can be sent")
+        raise ValueError(
+            f"{name!r} has layout {tensor.layout}; only dense (strided) tensors can be sent"
+        )
     wire.dtype_to_name(tensor.dtype)  # raises ValueError for a dtype outside the whitelist
     seen.add(name)
     return name, tensor
 
 
-def _entry(name: str, t: torch.Tensor, offset: int, nbytes: int, k: int, n: int, total: int) -> wire.TensorEntry:
-    return wire.TensorEntry(name, wire.dtype_to_name(t.dtype), list(t.shape), offset, nbytes, k, n, total)
+def _entry(
+    name: str, t: torch.Tensor, offset: int, nbytes: int, k: int, n: int, total: int
+) -> wire.TensorEntry:
+    return wire.TensorEntry(
+        name, wire.dtype_to_name(t.dtype), list(t.shape), offset, nbytes, k, n, total
+    )
 
 
-def plan_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[PlannedBucket]:
+def plan_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[PlannedBucket]:
     """Lay out the tensors in buckets; raises ValueError on a bad input when it reaches it."""
     seen: set[str] = set()
     items = iter(named_tensors)
@@ -117,7 +125,9 @@ def pack(bucket: PlannedBucket, buffer: torch.Tensor, bucket_bytes: int) -> None
 
 
 @torch.no_grad()
-def unpack_into(bucket: PlannedBucket, buffer: torch.Tensor, dests: dict[str, torch.Tensor], bucket_bytes: int) -> None:
+def unpack_into(
+    bucket: PlannedBucket, buffer: torch.Tensor, dests: dict[str, torch.Tensor], bucket_bytes: int
+) -> None:
     """The inverse of `pack` into preallocated `dests` by name (the benchmarks' floor): a chunk of a
     tensor larger than the bucket goes straight to its slice of the destination."""
     for p in bucket.placements:

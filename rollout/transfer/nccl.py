@@ -75,7 +75,8 @@ def _normalized(device: torch.device | str) -> torch.device:
 
 class NcclTransport:
     """Example:
-    sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60, cfg=NcclConfig())
+    sender_side = NcclTransport.allocate(num_buffers=2, nbytes=256 << 20, device="cuda:0", timeout_s=60,
+                                         cfg=NcclConfig())
     hello_fields = sender_side.describe()                # -> Hello(nccl_buffers=...)
     receiver_side = NcclTransport.attach(hello, torch.device("cuda:1"), timeout_s=60, cfg=NcclConfig())
     pack into sender_side.reclaim(i, deadline, what)     # once buffer i's last broadcast is done
@@ -83,8 +84,17 @@ class NcclTransport:
     receiver_side.acquire(i, n, deadline, what)          # the bytes, received into receiver_side.buffer(i)
     """
 
-    def __init__(self, buffers: list[torch.Tensor], device: torch.device, rank: int, store: dist.Store,
-                 descs: list[wire.NcclBuffer], timeout_s: float, cfg: NcclConfig, world_size: int = 2) -> None:
+    def __init__(
+        self,
+        buffers: list[torch.Tensor],
+        device: torch.device,
+        rank: int,
+        store: dist.Store,
+        descs: list[wire.NcclBuffer],
+        timeout_s: float,
+        cfg: NcclConfig,
+        world_size: int = 2,
+    ) -> None:
         self._buffers = buffers
         self._cfg = cfg
         self.device = device
@@ -100,37 +110,77 @@ class NcclTransport:
         self._works: dict[int, object] = {}
 
     @classmethod
-    def allocate(cls, num_buffers: int, nbytes: int, device: torch.device | str, timeout_s: float, cfg: NcclConfig,
-                 num_receivers: int = 1) -> NcclTransport:
+    def allocate(
+        cls,
+        num_buffers: int,
+        nbytes: int,
+        device: torch.device | str,
+        timeout_s: float,
+        cfg: NcclConfig,
+        num_receivers: int = 1,
+    ) -> NcclTransport:
         device = _normalized(device)
         backend = backend_for(device)
-        store = dist.TCPStore(cfg.store_host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
-        buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
-        descs = [wire.NcclBuffer(cfg.store_host, store.port, backend, nbytes) for _ in range(num_buffers)]
+        store = dist.TCPStore(
+            cfg.store_host,
+            0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        buffers = [
+            torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)
+        ]
+        descs = [
+            wire.NcclBuffer(cfg.store_host, store.port, backend, nbytes) for _ in range(num_buffers)
+        ]
         return cls(buffers, device, _RANK_SENDER, store, descs, timeout_s, cfg, 1 + num_receivers)
 
     @classmethod
-    def attach(cls, hello: wire.Hello, device: torch.device, timeout_s: float, cfg: NcclConfig, rank: int = 0) -> NcclTransport:
+    def attach(
+        cls,
+        hello: wire.Hello,
+        device: torch.device,
+        timeout_s: float,
+        cfg: NcclConfig,
+        rank: int = 0,
+    ) -> NcclTransport:
         """Join the sender's store and claim its group. Raises FileNotFoundError when another receiver
         claimed it first (the caller then asks for fresh buffers), TransferError on a bad handshake."""
         device = _normalized(device)
         descs = hello.nccl_buffers
-        if not descs or len({(d.store_host, d.store_port, d.backend, d.nbytes) for d in descs}) != 1:
-            raise TransferError(f"the handshake's nccl buffers disagree or are missing: {descs!r:.200}")
+        if (
+            not descs
+            or len({(d.store_host, d.store_port, d.backend, d.nbytes) for d in descs}) != 1
+        ):
+            raise TransferError(
+                f"the handshake's nccl buffers disagree or are missing: {descs!r:.200}"
+            )
         d = descs[0]
         if d.backend != backend_for(device):
-            raise TransferError(f"the sender broadcasts over {d.backend}, but this receiver's device {device} needs {backend_for(device)}")
+            raise TransferError(
+                f"the sender broadcasts over {d.backend}, but this receiver's device {device} needs "
+                f"{backend_for(device)}"
+            )
         if d.nbytes != hello.bucket_bytes or not 0 < d.store_port < 65536:
             raise TransferError(f"nccl buffer {d!r} does not fit the handshake")
         try:
-            store = dist.TCPStore(d.store_host, d.store_port, is_master=False, timeout=timedelta(seconds=timeout_s))
+            store = dist.TCPStore(
+                d.store_host, d.store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
+            )
             claimed = store.add(_CLAIM_KEY.format(rank=rank), 1)
         except RuntimeError as exc:  # DistNetworkError, DistStoreError
-            raise TransferError(f"cannot reach the sender's rendezvous store at {d.store_host}:{d.store_port}: {exc}") from exc
+            raise TransferError(
+                f"cannot reach the sender's rendezvous store at {d.store_host}:{d.store_port}: {exc}"
+            ) from exc
         if claimed != 1:
-            raise FileNotFoundError(f"receiver {rank}'s place in the group at {d.store_host}:{d.store_port} was claimed earlier")
+            raise FileNotFoundError(
+                f"receiver {rank}'s place in the group at {d.store_host}:{d.store_port} was claimed earlier"
+            )
         buffer = torch.empty(d.nbytes, dtype=torch.uint8, device=device)
-        return cls([buffer], device, 1 + rank, store, list(descs), timeout_s, cfg, 1 + hello.num_receivers)
+        return cls(
+            [buffer], device, 1 + rank, store, list(descs), timeout_s, cfg, 1 + hello.num_receivers
+        )
 
     def describe(self) -> dict[str, list]:
         return {"shm_buffers": [], "cuda_buffers": [], "nccl_buffers": list(self._descs)}
@@ -170,8 +220,17 @@ class NcclTransport:
         opts.rootRank, opts.rootTensor = _RANK_SENDER, 0
         first = self._group is None
         try:
-            with self._on_device(), (nccl_environment(self._cfg) if first and self._backend == "nccl" else contextlib.nullcontext()):
-                return self._connect(what).broadcast([tensor], opts)  # NCCL makes its communicator in the first one
+            with (
+                self._on_device(),
+                (
+                    nccl_environment(self._cfg)
+                    if first and self._backend == "nccl"
+                    else contextlib.nullcontext()
+                ),
+            ):
+                return self._connect(what).broadcast(
+                    [tensor], opts
+                )  # NCCL makes its communicator in the first one
         except TransferError:
             raise
         except RuntimeError as exc:
@@ -188,16 +247,26 @@ class NcclTransport:
                 opts.is_high_priority_stream = False
                 opts._timeout = timedelta(seconds=self._cfg.watchdog_s)
                 with self._on_device():
-                    self._group = dist.ProcessGroupNCCL(self._store, self._rank, self._world_size, opts)
+                    self._group = dist.ProcessGroupNCCL(
+                        self._store, self._rank, self._world_size, opts
+                    )
             else:  # gloo connects all ranks here, waiting up to timeout_s for the peers
-                self._group = dist.ProcessGroupGloo(self._store, self._rank, self._world_size, timedelta(seconds=self._timeout_s))
+                self._group = dist.ProcessGroupGloo(
+                    self._store, self._rank, self._world_size, timedelta(seconds=self._timeout_s)
+                )
         except RuntimeError as exc:
-            raise TransferError(f"{what}: could not join the {self._backend} group (peer gone?): {exc}") from exc
+            raise TransferError(
+                f"{what}: could not join the {self._backend} group (peer gone?): {exc}"
+            ) from exc
         return self._group
 
     def _on_device(self):
         """NCCL calls run with our GPU current, whichever GPU the calling thread had selected."""
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        return (
+            torch.cuda.device(self.device)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
 
     def _finish(self, index: int, deadline: float, what: str) -> None:
         timed_out = TransferTimeout(
@@ -211,13 +280,17 @@ class NcclTransport:
             time.sleep(pause)
             pause = min(2 * pause, 1e-4)  # a completion is seen at most ~0.1 ms late
         try:
-            self._works.pop(index).wait()  # raises the backend's error; on NCCL it also orders our stream after it
+            self._works.pop(
+                index
+            ).wait()  # raises the backend's error; on NCCL it also orders our stream after it
         except RuntimeError as exc:
             # gloo's own op timeout is timeout_s too (it also bounds its connect): whichever fires first,
             # a broadcast that outlived timeout_s is a timeout, not some other failure.
             if time.monotonic() > deadline - 0.1 * self._timeout_s:
                 raise timed_out from exc
-            raise TransferError(f"{what}: {self._backend} broadcast failed (peer dead?): {exc}") from exc
+            raise TransferError(
+                f"{what}: {self._backend} broadcast failed (peer dead?): {exc}"
+            ) from exc
 
     def close(self) -> None:
         """Idempotent. Aborts the group (ending any broadcast still in flight), stops or leaves the

@@ -42,8 +42,14 @@ class WeightReceiver(End):
             stats = receiver.receive(lambda weights, is_last: model.load_weights(weights))
     """
 
-    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str = "cpu", rank: int = 0,
-                 on_step: OnStep | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TransferConfig,
+        endpoint: str,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        on_step: OnStep | None = None,
+    ) -> None:
         self.cfg = cfg
         self._on_step = on_step or no_observer
         self.endpoint = receiver_endpoint(endpoint, rank)
@@ -54,9 +60,13 @@ class WeightReceiver(End):
         self._hello: wire.Hello | None = None
         self._session: int | None = None
         self._last_refit_id = 0
-        self._pending: wire.BeginRefit | None = None  # a BeginRefit that cut the previous refit short
+        self._pending: wire.BeginRefit | None = (
+            None  # a BeginRefit that cut the previous refit short
+        )
         self._assembly: torch.Tensor | None = None
-        self._chunked: tuple[str, int] | None = None  # (name, next chunk) of the tensor being reassembled
+        self._chunked: tuple[str, int] | None = (
+            None  # (name, next chunk) of the tensor being reassembled
+        )
         self._direct = DirectReceiver(self.device) if cfg.mode is TransferMode.direct else None
         self._own([Channel(self.endpoint, bind=False, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s)])
 
@@ -113,8 +123,12 @@ class WeightReceiver(End):
                 except FileNotFoundError as exc:
                     if attempt:
                         raise
-                    self._channel.send(wire.Ready(begin.refit_id, False, str(exc), self.rank), "Ready")
-                    begin = self._next(begin.refit_id, wire.BeginRefit, "BeginRefit with fresh buffers")
+                    self._channel.send(
+                        wire.Ready(begin.refit_id, False, str(exc), self.rank), "Ready"
+                    )
+                    begin = self._next(
+                        begin.refit_id, wire.BeginRefit, "BeginRefit with fresh buffers"
+                    )
                     continue
                 self._attached, self._hello = key, hello
             self._channel.send(wire.Ready(begin.refit_id, True, "", self.rank), "Ready")
@@ -123,27 +137,43 @@ class WeightReceiver(End):
     def _check_compatible(self, begin: wire.BeginRefit) -> None:
         hello = begin.hello
         if hello.protocol != wire.PROTOCOL_VERSION:
-            raise TransferError(f"sender speaks protocol {hello.protocol}, this receiver {wire.PROTOCOL_VERSION}")
+            raise TransferError(
+                f"sender speaks protocol {hello.protocol}, this receiver {wire.PROTOCOL_VERSION}"
+            )
         check_mode(self.cfg, hello)
         if begin.receiver != self.rank or not 0 <= self.rank < hello.num_receivers:
-            raise wire.ProtocolError(f"{self.endpoint}: receiver {self.rank} got the BeginRefit of receiver {begin.receiver} "
-                                     f"of {hello.num_receivers}")
+            raise wire.ProtocolError(
+                f"{self.endpoint}: receiver {self.rank} got the BeginRefit of receiver {begin.receiver} "
+                f"of {hello.num_receivers}"
+            )
         if hello.sync != self.cfg.sync.value:
-            raise TransferError(f"sync mismatch: sender uses {hello.sync!r}, receiver is configured {self.cfg.sync.value!r}")
+            raise TransferError(
+                f"sync mismatch: sender uses {hello.sync!r}, receiver is configured {self.cfg.sync.value!r}"
+            )
         wanted = self.cfg.transport
         if wanted != Transport.auto and hello.transport != wanted.value:
-            raise TransferError(f"transport mismatch: sender offers {hello.transport!r}, receiver wants {wanted.value!r}")
+            raise TransferError(
+                f"transport mismatch: sender offers {hello.transport!r}, receiver wants {wanted.value!r}"
+            )
 
     def _stream(self, begin: wire.BeginRefit, consume: Consume, start: float) -> TransferStats:
         refit_id = begin.refit_id
         num_buckets = num_tensors = num_bytes = 0
         while True:
-            msg = self._next(refit_id, (wire.BucketMeta, wire.EndOfRefit, wire.BeginRefit), f"bucket {num_buckets} or EndOfRefit")
+            msg = self._next(
+                refit_id,
+                (wire.BucketMeta, wire.EndOfRefit, wire.BeginRefit),
+                f"bucket {num_buckets} or EndOfRefit",
+            )
             if isinstance(msg, wire.BeginRefit) and not num_buckets:
-                self._handshake(msg)  # another receiver could not attach: the sender offers all of us fresh buffers
+                self._handshake(
+                    msg
+                )  # another receiver could not attach: the sender offers all of us fresh buffers
                 continue
             if isinstance(msg, wire.BeginRefit):
-                raise wire.ProtocolError(f"{self.endpoint}: a second BeginRefit of refit {refit_id} after bucket {num_buckets - 1}")
+                raise wire.ProtocolError(
+                    f"{self.endpoint}: a second BeginRefit of refit {refit_id} after bucket {num_buckets - 1}"
+                )
             if isinstance(msg, wire.EndOfRefit):
                 break
             if msg.bucket_index != num_buckets:
@@ -153,19 +183,27 @@ class WeightReceiver(End):
 
             def ack(meta: wire.BucketMeta = msg) -> None:
                 self._on_step("send Ack", meta.bucket_index)
-                self._channel.send(wire.Ack(refit_id, meta.bucket_index, meta.buffer_index, self.rank), "Ack")
+                self._channel.send(
+                    wire.Ack(refit_id, meta.bucket_index, meta.buffer_index, self.rank), "Ack"
+                )
 
             self._policy.deliver(weights, msg.is_last, consume, self._fence, ack)
             num_buckets += 1
             num_tensors += len(weights)
             num_bytes += sum(e.nbytes for e in msg.entries)
-        if (msg.num_buckets, msg.num_tensors, msg.num_bytes) != (num_buckets, num_tensors, num_bytes):
+        if (msg.num_buckets, msg.num_tensors, msg.num_bytes) != (
+            num_buckets,
+            num_tensors,
+            num_bytes,
+        ):
             raise wire.ProtocolError(
                 f"EndOfRefit counts {msg.num_buckets} buckets/{msg.num_tensors} tensors/{msg.num_bytes} bytes, "
                 f"received {num_buckets}/{num_tensors}/{num_bytes}"
             )
         self._channel.send(wire.Done(refit_id, self.rank), "Done")
-        return TransferStats(begin.version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
+        return TransferStats(
+            begin.version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start
+        )
 
     def _next(self, refit_id: int, expected: type | tuple[type, ...], what: str):
         deadline = self._channel.deadline()
@@ -173,49 +211,73 @@ class WeightReceiver(End):
             msg = self._channel.recv(f"{what} of refit {refit_id}", deadline)
             if isinstance(msg, wire.BeginRefit) and msg.refit_id != refit_id and self._is_new(msg):
                 self._pending = msg  # the sender gave up on this refit and started the next one
-                raise TransferError(f"{self.endpoint}: sender abandoned refit {refit_id} for refit {msg.refit_id}")
+                raise TransferError(
+                    f"{self.endpoint}: sender abandoned refit {refit_id} for refit {msg.refit_id}"
+                )
             if getattr(msg, "refit_id", None) != refit_id:
                 continue  # left over from an aborted refit
             if isinstance(msg, wire.Error):
-                raise PeerError(f"{self.endpoint}: the sender aborted refit {refit_id}: {msg.message}")
+                raise PeerError(
+                    f"{self.endpoint}: the sender aborted refit {refit_id}: {msg.message}"
+                )
             if not isinstance(msg, expected):
-                raise wire.ProtocolError(f"{self.endpoint}: got {type(msg).__name__} while waiting for {what}")
+                raise wire.ProtocolError(
+                    f"{self.endpoint}: got {type(msg).__name__} while waiting for {what}"
+                )
             return msg
 
     def _unpack(self, meta: wire.BucketMeta) -> list[tuple[str, torch.Tensor]]:
         hello = self._hello
-        if not 0 <= meta.buffer_index < hello.num_buffers or not 0 <= meta.nbytes <= hello.bucket_bytes:
-            raise wire.ProtocolError(f"bucket {meta.bucket_index} does not fit the handshake's buffers")
+        if (
+            not 0 <= meta.buffer_index < hello.num_buffers
+            or not 0 <= meta.nbytes <= hello.bucket_bytes
+        ):
+            raise wire.ProtocolError(
+                f"bucket {meta.bucket_index} does not fit the handshake's buffers"
+            )
         # The BucketMeta comes ahead of the bytes: validate it and build the views over the buffer that
         # acquire fills (they read nothing) while the sender still waits for the buffer or packs it.
         buffer = self._transport.buffer(meta.buffer_index)
         weights, chunk_copy = self._views(meta, buffer)
         packed = self._next(meta.refit_id, wire.Packed, f"Packed {meta.bucket_index}")
         if packed.bucket_index != meta.bucket_index:
-            raise wire.ProtocolError(f"expected Packed {meta.bucket_index}, got Packed {packed.bucket_index}")
+            raise wire.ProtocolError(
+                f"expected Packed {meta.bucket_index}, got Packed {packed.bucket_index}"
+            )
         self._on_step("got Packed", meta.bucket_index)
         what = f"{self.endpoint}: the bytes of bucket {meta.bucket_index} of refit {meta.refit_id}"
-        data = self._transport.acquire(meta.buffer_index, meta.nbytes, self._channel.deadline(), what)
+        data = self._transport.acquire(
+            meta.buffer_index, meta.nbytes, self._channel.deadline(), what
+        )
         if not _starts_at(data, buffer) or data.numel() != meta.nbytes:
-            raise TransferError(f"{what}: the transport delivered them elsewhere than in buffer {meta.buffer_index}, "
-                                "which the views read")
+            raise TransferError(
+                f"{what}: the transport delivered them elsewhere than in buffer {meta.buffer_index}, "
+                "which the views read"
+            )
         if packed.checksum != -1:
             if layout.checksum(data) != packed.checksum:
                 names = sorted({e.name for e in meta.entries})
-                raise IntegrityError(f"checksum mismatch in bucket {meta.bucket_index}, tensors: {', '.join(names)}")
+                raise IntegrityError(
+                    f"checksum mismatch in bucket {meta.bucket_index}, tensors: {', '.join(names)}"
+                )
         elif self.cfg.verify:
-            raise TransferError("verify=True on the receiver, but the sender sends no checksums (set it on both ends)")
+            raise TransferError(
+                "verify=True on the receiver, but the sender sends no checksums (set it on both ends)"
+            )
         if chunk_copy is not None:
             destination, offset = chunk_copy
             destination.copy_(data[offset : offset + destination.numel()])
             # The consumer may read on a stream of its own (vLLM's worker loads on a dedicated non-blocking
             # one), which does not wait for this thread's: the copy must be complete before it sees the tensor.
             if destination.device.type != "cpu":
-                getattr(torch, destination.device.type).current_stream(destination.device).synchronize()
+                getattr(torch, destination.device.type).current_stream(
+                    destination.device
+                ).synchronize()
         return weights
 
-    def _views(self, meta: wire.BucketMeta,
-               buffer: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]], tuple[torch.Tensor, int] | None]:
+    def _views(
+        self, meta: wire.BucketMeta, buffer: torch.Tensor
+    ) -> tuple[list[tuple[str, torch.Tensor]], tuple[torch.Tensor, int] | None]:
         """Validate the entries and build their views over `buffer`, reading no bytes. A chunk of a tensor
         larger than a bucket (at most one per bucket) is returned as a (destination, offset) copy to make
         once the bytes are there; its tensor's view, over the assembly buffer, is listed with its last chunk."""
@@ -223,23 +285,45 @@ class WeightReceiver(End):
         weights, chunk_copy = [], None
         for e in meta.entries:
             dtype = wire.dtype_from_name(e.dtype)
-            if e.offset < 0 or e.nbytes < 0 or e.offset + e.nbytes > meta.nbytes or any(d < 0 for d in e.shape):
-                raise wire.ProtocolError(f"entry {e.name!r} lies outside bucket {meta.bucket_index}")
+            if (
+                e.offset < 0
+                or e.nbytes < 0
+                or e.offset + e.nbytes > meta.nbytes
+                or any(d < 0 for d in e.shape)
+            ):
+                raise wire.ProtocolError(
+                    f"entry {e.name!r} lies outside bucket {meta.bucket_index}"
+                )
             if math.prod(e.shape) * dtype.itemsize != e.tensor_nbytes:
-                raise wire.ProtocolError(f"entry {e.name!r}: shape {e.shape} x {e.dtype} is not {e.tensor_nbytes} bytes")
+                raise wire.ProtocolError(
+                    f"entry {e.name!r}: shape {e.shape} x {e.dtype} is not {e.tensor_nbytes} bytes"
+                )
             if e.num_chunks == 1:
-                weights.append((e.name, layout.typed_view(buffer[e.offset : e.offset + e.nbytes], dtype, e.shape)))
+                weights.append(
+                    (
+                        e.name,
+                        layout.typed_view(buffer[e.offset : e.offset + e.nbytes], dtype, e.shape),
+                    )
+                )
                 continue
             start = e.chunk_index * hello.bucket_bytes
             if chunk_copy is not None:
-                raise wire.ProtocolError(f"bucket {meta.bucket_index} holds a second chunk ({e.name!r}); the layout allows one")
-            if (e.chunk_index and self._chunked != (e.name, e.chunk_index)) or start + e.nbytes > e.tensor_nbytes:
-                raise wire.ProtocolError(f"chunk {e.chunk_index}/{e.num_chunks} of {e.name!r} out of order")
+                raise wire.ProtocolError(
+                    f"bucket {meta.bucket_index} holds a second chunk ({e.name!r}); the layout allows one"
+                )
+            if (
+                e.chunk_index and self._chunked != (e.name, e.chunk_index)
+            ) or start + e.nbytes > e.tensor_nbytes:
+                raise wire.ProtocolError(
+                    f"chunk {e.chunk_index}/{e.num_chunks} of {e.name!r} out of order"
+                )
             self._chunked = (e.name, e.chunk_index + 1)
             assembly = self._assembly_buffer(e.tensor_nbytes)
             chunk_copy = (assembly[start : start + e.nbytes], e.offset)
             if e.chunk_index == e.num_chunks - 1:
-                weights.append((e.name, layout.typed_view(assembly[: e.tensor_nbytes], dtype, e.shape)))
+                weights.append(
+                    (e.name, layout.typed_view(assembly[: e.tensor_nbytes], dtype, e.shape))
+                )
         return weights, chunk_copy
 
     def _assembly_buffer(self, nbytes: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ from rollout.transfer.stats import OnStep, TransferStats, no_observer
 from rollout.transfer.sync import make_sync_policy
 
 
-
 def _popped_then(box: list, rest: Iterator) -> Iterator:
     """box's items (popped: no reference stays behind, unlike itertools.chain's), then rest's."""
     while box:
@@ -53,9 +52,19 @@ class WeightSender(End):
             stats = sender.send(model.named_parameters(), version=step)
     """
 
-    def __init__(self, cfg: TransferConfig, endpoint: str, device: torch.device | str | None = None,
-                 num_receivers: int = 1, on_step: OnStep | None = None) -> None:
-        if isinstance(num_receivers, bool) or not isinstance(num_receivers, int) or num_receivers < 1:
+    def __init__(
+        self,
+        cfg: TransferConfig,
+        endpoint: str,
+        device: torch.device | str | None = None,
+        num_receivers: int = 1,
+        on_step: OnStep | None = None,
+    ) -> None:
+        if (
+            isinstance(num_receivers, bool)
+            or not isinstance(num_receivers, int)
+            or num_receivers < 1
+        ):
             raise ValueError(f"num_receivers must be an integer >= 1, got {num_receivers!r}")
         self.cfg = cfg
         self.endpoint = endpoint
@@ -67,23 +76,40 @@ class WeightSender(End):
         self.transport_kind = transports.resolve_transport(cfg, self.device)
         self._policy = make_sync_policy(cfg.sync)
         self._generation = 0
-        self._session = secrets.randbits(62)  # distinguishes us from a previous sender on this endpoint
+        self._session = secrets.randbits(
+            62
+        )  # distinguishes us from a previous sender on this endpoint
         self._next_refit_id = 1
         if cfg.mode is TransferMode.direct and num_receivers != 1:
-            raise ValueError(f"rollout.transfer.mode=direct serves one receiver, got num_receivers={num_receivers} "
-                             "(fan-out reads packed buckets: use mode=bucketed)")
-        self._direct = DirectSender(cfg, self.transport_kind, self.device) if cfg.mode is TransferMode.direct else None
+            raise ValueError(
+                f"rollout.transfer.mode=direct serves one receiver, got num_receivers={num_receivers} "
+                "(fan-out reads packed buckets: use mode=bucketed)"
+            )
+        self._direct = (
+            DirectSender(cfg, self.transport_kind, self.device)
+            if cfg.mode is TransferMode.direct
+            else None
+        )
         channels: list[Channel] = []
         try:
             for rank in range(num_receivers):
-                channels.append(Channel(receiver_endpoint(endpoint, rank), bind=True, timeout_s=cfg.timeout_s, spin_s=cfg.spin_s))
+                channels.append(
+                    Channel(
+                        receiver_endpoint(endpoint, rank),
+                        bind=True,
+                        timeout_s=cfg.timeout_s,
+                        spin_s=cfg.spin_s,
+                    )
+                )
         except BaseException:
             for channel in channels:
                 channel.close()
             raise
         self._own(channels)
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> TransferStats:
+    def send(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> TransferStats:
         """One refit: returns once every receiver has consumed every bucket. Raises PeerError with a
         receiver's message if its consume failed, TransferTimeout if one did not answer in time."""
         if self._channel is None:
@@ -91,16 +117,22 @@ class WeightSender(End):
         refit_id = self._next_refit_id
         self._next_refit_id += 1
         start = time.perf_counter()
-        if self._direct is not None:  # mode=direct (rollout/transfer/direct.py); None: this refit falls back
+        if (
+            self._direct is not None
+        ):  # mode=direct (rollout/transfer/direct.py); None: this refit falls back
             named_tensors, direct = self._direct.prepare(named_tensors)
             if direct is not None:
-                return self._direct.send(self._channel, self._session, refit_id, version, direct, self._wait_one, start)
+                return self._direct.send(
+                    self._channel, self._session, refit_id, version, direct, self._wait_one, start
+                )
         buckets = layout.plan_buckets(named_tensors, self.cfg.bucket_bytes)
         # Plan the first bucket before talking to the receiver: bad leading inputs (a meta tensor,
         # an unsupported dtype) fail here without starting a refit.
         first = next(buckets, None)
         box = [first] if first is not None else []
-        del first  # a bucket's tensors must be dropped once packed (see _stream), the first one's too
+        del (
+            first
+        )  # a bucket's tensors must be dropped once packed (see _stream), the first one's too
         stream = _popped_then(box, buckets)
         try:
             self._begin(refit_id, version)
@@ -108,11 +140,15 @@ class WeightSender(End):
         except BaseException as exc:
             # Tell the receivers now rather than let them wait out their timeout; then re-raise. After a
             # receiver's Error (PeerError) the others still wait: they hear why; that one ignores it.
-            self._broadcast_try(wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}"))
+            self._broadcast_try(
+                wire.Error(refit_id, f"sender aborted: {type(exc).__name__}: {exc}")
+            )
             if self._transport is not None:
                 self._transport.close()  # a transfer may be in flight: the next refit starts afresh
                 self._transport = None
-            traceback.clear_frames(exc.__traceback__)  # no view over a closed buffer outlives it in a frame
+            traceback.clear_frames(
+                exc.__traceback__
+            )  # no view over a closed buffer outlives it in a frame
             raise
 
     def _begin(self, refit_id: int, version: int) -> None:
@@ -120,39 +156,64 @@ class WeightSender(End):
         for _ in range(2):
             if self._transport is None:
                 self._transport = transports.allocate(
-                    self.cfg, self.transport_kind, self._policy.num_buffers, self.device, self.num_receivers)
+                    self.cfg,
+                    self.transport_kind,
+                    self._policy.num_buffers,
+                    self.device,
+                    self.num_receivers,
+                )
                 self._generation += 1
             hello = wire.Hello(
-                wire.PROTOCOL_VERSION, self.transport_kind.value, self.cfg.sync.value, self.cfg.bucket_bytes,
-                self._generation, **self._transport.describe(), num_receivers=self.num_receivers,
+                wire.PROTOCOL_VERSION,
+                self.transport_kind.value,
+                self.cfg.sync.value,
+                self.cfg.bucket_bytes,
+                self._generation,
+                **self._transport.describe(),
+                num_receivers=self.num_receivers,
             )
             for rank, channel in enumerate(self._channels):
-                channel.send(wire.BeginRefit(self._session, refit_id, version, hello, rank), f"BeginRefit to receiver {rank}")
+                channel.send(
+                    wire.BeginRefit(self._session, refit_id, version, hello, rank),
+                    f"BeginRefit to receiver {rank}",
+                )
             readies = self._wait_all(refit_id, wire.Ready, "Ready")
             if all(r.attached for r in readies):
                 return
             # A receiver that came after the names were unlinked (a restarted worker): start afresh, all
             # receivers together (those that attached take the new BeginRefit as a second handshake).
-            detail = "; ".join(f"receiver {r.receiver}: {r.detail}" for r in readies if not r.attached)
+            detail = "; ".join(
+                f"receiver {r.receiver}: {r.detail}" for r in readies if not r.attached
+            )
             self._transport.close()
             self._transport = None
         raise TransferError(f"{self.endpoint}: a receiver could not attach fresh buffers: {detail}")
 
-    def _stream(self, refit_id: int, version: int, buckets: Iterator[layout.PlannedBucket], start: float) -> TransferStats:
+    def _stream(
+        self, refit_id: int, version: int, buckets: Iterator[layout.PlannedBucket], start: float
+    ) -> TransferStats:
         transport, bucket_bytes = self._transport, self.cfg.bucket_bytes
         num_buffers = self._policy.num_buffers
         num_buckets = num_tensors = num_bytes = 0
         for bucket in buckets:
-            k, index = num_buckets, num_buckets % num_buffers  # Acks come in order, so buffers go round
+            k, index = (
+                num_buckets,
+                num_buckets % num_buffers,
+            )  # Acks come in order, so buffers go round
             entries = [p.entry for p in bucket.placements]
             # The layout goes out before buffer `index` is free: the receiver decodes it and builds its
             # views while we wait for the Ack and pack, and only the short Packed is left on the critical path.
             self._on_step("send BucketMeta", k)
-            self._broadcast(wire.BucketMeta(refit_id, k, index, bucket.nbytes, bucket.is_last, entries), f"BucketMeta {k}")
+            self._broadcast(
+                wire.BucketMeta(refit_id, k, index, bucket.nbytes, bucket.is_last, entries),
+                f"BucketMeta {k}",
+            )
             if k >= num_buffers:
                 self._wait_acks(refit_id, k - num_buffers, index)
             what = f"{self.endpoint}: bucket {k} of refit {refit_id}"
-            buffer = transport.reclaim(index, self._channel.deadline(), f"{what} (buffer {index} still in flight)")
+            buffer = transport.reclaim(
+                index, self._channel.deadline(), f"{what} (buffer {index} still in flight)"
+            )
             self._on_step("pack start", k)
             layout.pack(bucket, buffer, bucket_bytes)
             self._on_step("pack end", k)
@@ -167,9 +228,13 @@ class WeightSender(End):
             del bucket
         for k in range(max(0, num_buckets - num_buffers), num_buckets):
             self._wait_acks(refit_id, k, k % num_buffers)
-        self._broadcast(wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit")
+        self._broadcast(
+            wire.EndOfRefit(refit_id, num_tensors, num_bytes, num_buckets), "EndOfRefit"
+        )
         self._wait_all(refit_id, wire.Done, "Done")
-        return TransferStats(version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start)
+        return TransferStats(
+            version, num_bytes, num_tensors, num_buckets, time.perf_counter() - start
+        )
 
     def _broadcast(self, msg: wire.Message, what: str) -> None:
         refit_id = getattr(msg, "refit_id", None)
@@ -191,7 +256,9 @@ class WeightSender(End):
             except TransferTimeout:
                 return
             if isinstance(msg, wire.Error) and msg.refit_id == refit_id:
-                raise PeerError(f"{self.endpoint}: receiver {rank} failed refit {refit_id}: {msg.message}")
+                raise PeerError(
+                    f"{self.endpoint}: receiver {rank} failed refit {refit_id}: {msg.message}"
+                )
 
     def _announce(self, packed: wire.Packed) -> None:
         self._on_step("send Packed", packed.bucket_index)
@@ -215,7 +282,10 @@ class WeightSender(End):
         """`expected` from each receiver in rank order, all within one timeout_s: the answers that came
         early wait in their sockets while we read the others."""
         deadline = self._channels[0].deadline()
-        return [self._wait(rank, refit_id, expected, what, deadline) for rank in range(self.num_receivers)]
+        return [
+            self._wait(rank, refit_id, expected, what, deadline)
+            for rank in range(self.num_receivers)
+        ]
 
     def _wait_one(self, refit_id: int, expected: type, what: str):
         """The one receiver's answer (mode=direct)."""
@@ -228,9 +298,15 @@ class WeightSender(End):
             if getattr(msg, "refit_id", None) != refit_id:
                 continue  # a late answer from an aborted refit
             if isinstance(msg, wire.Error):
-                raise PeerError(f"{self.endpoint}: receiver {rank} failed refit {refit_id}: {msg.message}")
+                raise PeerError(
+                    f"{self.endpoint}: receiver {rank} failed refit {refit_id}: {msg.message}"
+                )
             if not isinstance(msg, expected):
-                raise wire.ProtocolError(f"{self.endpoint}: got {type(msg).__name__} from receiver {rank} while waiting for {what}")
+                raise wire.ProtocolError(
+                    f"{self.endpoint}: got {type(msg).__name__} from receiver {rank} while waiting for {what}"
+                )
             if msg.receiver != rank:
-                raise wire.ProtocolError(f"{self.endpoint}: receiver {rank}'s socket carried a {what} from receiver {msg.receiver}")
+                raise wire.ProtocolError(
+                    f"{self.endpoint}: receiver {rank}'s socket carried a {what} from receiver {msg.receiver}"
+                )
             return msg

@@ -6,7 +6,8 @@ in the two mappings and disappears with the last of them, so no segment can outl
 peer. With several receivers (fan-out) every one maps the same segments and only the sender unlinks
 them, at its first publish (every Ready is in by then) or close: a sender SIGKILLed before that leaves
 them behind, as one receiver's would before it mapped them. A receiver that arrives later (a restarted
-worker) finds the names gone and asks the sender for fresh buffers. posix_fallocate reserves the pages up front, so a full /dev/shm fails here with
+worker) finds the names gone and asks the sender for fresh buffers. posix_fallocate reserves the pages
+up front, so a full /dev/shm fails here with
 ENOSPC instead of a SIGBUS in the middle of a copy. Files are mapped by torch.from_file, so the
 mapping is released when the last tensor viewing it dies, never under a live view.
 """
@@ -25,7 +26,9 @@ from rollout.transfer.errors import TransferError
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "refit-"
-_SEGMENT_NAME = re.compile(r"^refit-[0-9a-f]{32}-[0-9]+$")  # never a path: the name comes off the wire
+_SEGMENT_NAME = re.compile(
+    r"^refit-[0-9a-f]{32}-[0-9]+$"
+)  # never a path: the name comes off the wire
 
 
 class ShmTransport:
@@ -64,7 +67,9 @@ class ShmTransport:
                 buffers.append(torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8))
         except OSError as exc:
             cls(buffers, names).close()
-            raise TransferError(f"cannot allocate {num_buffers} x {nbytes} bytes in {SHM_DIR}: {exc}") from exc
+            raise TransferError(
+                f"cannot allocate {num_buffers} x {nbytes} bytes in {SHM_DIR}: {exc}"
+            ) from exc
         return cls(buffers, names)
 
     @classmethod
@@ -77,8 +82,12 @@ class ShmTransport:
                 raise TransferError(f"refusing shared-memory segment name {desc.name!r}")
             path = os.path.join(SHM_DIR, desc.name)
             size = os.stat(path).st_size
-            if size < desc.nbytes:  # reading past the end of a mapped file is a SIGBUS, not an error
-                raise TransferError(f"segment {desc.name} has {size} bytes, the handshake says {desc.nbytes}")
+            if (
+                size < desc.nbytes
+            ):  # reading past the end of a mapped file is a SIGBUS, not an error
+                raise TransferError(
+                    f"segment {desc.name} has {size} bytes, the handshake says {desc.nbytes}"
+                )
             buffers.append(torch.from_file(path, shared=True, size=desc.nbytes, dtype=torch.uint8))
             names.append(desc.name)
         transport = cls(buffers, names, unlinks=hello.num_receivers == 1)
@@ -87,7 +96,9 @@ class ShmTransport:
 
     def describe(self) -> dict[str, list]:
         return {
-            "shm_buffers": [wire.ShmBuffer(n, b.numel()) for n, b in zip(self._names, self._buffers)],
+            "shm_buffers": [
+                wire.ShmBuffer(n, b.numel()) for n, b in zip(self._names, self._buffers)
+            ],
             "cuda_buffers": [],
         }
 

@@ -25,7 +25,14 @@ class Fenced:
     name = Sync.fenced
     num_buffers = 1
 
-    def deliver(self, weights: Weights, is_last: bool, consume: Consume, fence: Callable[[], None], ack: Callable[[], None]) -> None:
+    def deliver(
+        self,
+        weights: Weights,
+        is_last: bool,
+        consume: Consume,
+        fence: Callable[[], None],
+        ack: Callable[[], None],
+    ) -> None:
         if weights:
             consume(weights, is_last)
         fence()  # the consumer's kernels may still be reading the buffer
@@ -46,7 +53,14 @@ class Clone:
     name = Sync.clone
     num_buffers = 1
 
-    def deliver(self, weights: Weights, is_last: bool, consume: Consume, fence: Callable[[], None], ack: Callable[[], None]) -> None:
+    def deliver(
+        self,
+        weights: Weights,
+        is_last: bool,
+        consume: Consume,
+        fence: Callable[[], None],
+        ack: Callable[[], None],
+    ) -> None:
         copies = [(name, view.clone()) for name, view in weights]
         fence()
         ack()

@@ -66,8 +66,13 @@ def resolve_transport(cfg: TransferConfig, device: torch.device | str) -> Transp
     return resolve_for_device(cfg.transport, torch.device(device).type)
 
 
-def allocate(cfg: TransferConfig, kind: Transport, num_buffers: int, device: torch.device | str | None,
-             num_receivers: int = 1) -> BucketTransport:
+def allocate(
+    cfg: TransferConfig,
+    kind: Transport,
+    num_buffers: int,
+    device: torch.device | str | None,
+    num_receivers: int = 1,
+) -> BucketTransport:
     """The sender's end of a `kind` transport: `num_buffers` buffers of cfg.bucket_bytes each, read by
     `num_receivers` receivers (shm and cuda_ipc share them as they are; nccl broadcasts to 1 + N ranks)."""
     if kind == Transport.shm:
@@ -81,11 +86,17 @@ def allocate(cfg: TransferConfig, kind: Transport, num_buffers: int, device: tor
     if kind == Transport.nccl:
         from rollout.transfer.nccl import NcclTransport
 
-        return NcclTransport.allocate(num_buffers, cfg.bucket_bytes, device, cfg.timeout_s, cfg.nccl, num_receivers)
-    raise ValueError(f"rollout.transfer.transport={kind.value!r} is not implemented by WeightSender (shm, cuda_ipc, nccl)")
+        return NcclTransport.allocate(
+            num_buffers, cfg.bucket_bytes, device, cfg.timeout_s, cfg.nccl, num_receivers
+        )
+    raise ValueError(
+        f"rollout.transfer.transport={kind.value!r} is not implemented by WeightSender (shm, cuda_ipc, nccl)"
+    )
 
 
-def attach(cfg: TransferConfig, hello: wire.Hello, device: torch.device, rank: int = 0) -> BucketTransport:
+def attach(
+    cfg: TransferConfig, hello: wire.Hello, device: torch.device, rank: int = 0
+) -> BucketTransport:
     """Receiver `rank`'s end of the sender's transport. Raises FileNotFoundError when another receiver
     took the buffers first (the caller asks for fresh ones), TransferError when they cannot serve `device`."""
     if hello.transport == Transport.shm.value:
@@ -100,4 +111,6 @@ def attach(cfg: TransferConfig, hello: wire.Hello, device: torch.device, rank: i
         from rollout.transfer.nccl import NcclTransport
 
         return NcclTransport.attach(hello, device, cfg.timeout_s, cfg.nccl, rank)
-    raise ValueError(f"the sender offers transport {hello.transport!r}, which this receiver cannot attach")
+    raise ValueError(
+        f"the sender offers transport {hello.transport!r}, which this receiver cannot attach"
+    )

@@ -131,8 +131,14 @@ class Hello:
     cuda_buffers: list[CudaIpcBuffer]
     nccl_buffers: list[NcclBuffer] = field(default_factory=list)
     mode: str = "bucketed"  # or "direct": a DirectLayout follows instead of buckets
-    num_receivers: int = 1  # every receiver maps the same buffers (shm, cuda_ipc) or joins one group (nccl)
-    _lists: ClassVar[dict[str, type]] = {"shm_buffers": ShmBuffer, "cuda_buffers": CudaIpcBuffer, "nccl_buffers": NcclBuffer}
+    num_receivers: int = (
+        1  # every receiver maps the same buffers (shm, cuda_ipc) or joins one group (nccl)
+    )
+    _lists: ClassVar[dict[str, type]] = {
+        "shm_buffers": ShmBuffer,
+        "cuda_buffers": CudaIpcBuffer,
+        "nccl_buffers": NcclBuffer,
+    }
 
     @property
     def num_buffers(self) -> int:
@@ -264,27 +270,58 @@ class DirectLayout:
     shm_segments: list[ShmSegment]
     cuda_segments: list[CudaSegment]
     entries: list[DirectEntry]
-    _lists: ClassVar[dict[str, type]] = {"shm_segments": ShmSegment, "cuda_segments": CudaSegment, "entries": DirectEntry}
+    _lists: ClassVar[dict[str, type]] = {
+        "shm_segments": ShmSegment,
+        "cuda_segments": CudaSegment,
+        "entries": DirectEntry,
+    }
 
 
 @dataclass(frozen=True)
 class DirectRepeat:
-    """A direct refit whose tensors lie exactly where the DirectLayout of plan `plan_id` said (the same storages,
-    offsets, shapes and dtypes): the receiver reuses what it built for that plan, nothing is decoded or checked again."""
+    """A direct refit whose tensors lie exactly where the DirectLayout of plan `plan_id` said (the same
+    storages, offsets, shapes and dtypes): the receiver reuses what it built for that plan, nothing is decoded
+    or checked again."""
 
     refit_id: int
     plan_id: int
 
 
 _TAGS: dict[int, type] = {
-    1: BeginRefit, 2: Ready, 3: BucketMeta, 4: Ack, 5: EndOfRefit, 6: Done, 7: Error, 8: Packed, 9: DirectLayout, 10: DirectRepeat,
+    1: BeginRefit,
+    2: Ready,
+    3: BucketMeta,
+    4: Ack,
+    5: EndOfRefit,
+    6: Done,
+    7: Error,
+    8: Packed,
+    9: DirectLayout,
+    10: DirectRepeat,
 }
 _TAG_OF: dict[type, int] = {cls: tag for tag, cls in _TAGS.items()}
-Message = BeginRefit | Ready | BucketMeta | Packed | Ack | EndOfRefit | Done | Error | DirectLayout | DirectRepeat
+Message = (
+    BeginRefit
+    | Ready
+    | BucketMeta
+    | Packed
+    | Ack
+    | EndOfRefit
+    | Done
+    | Error
+    | DirectLayout
+    | DirectRepeat
+)
 
 
 # Plain-value checks per annotation, so a malformed peer fails here and not deep inside a refit.
-_PLAIN: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "bytes": bytes, "bool": bool, "list[int]": list}
+_PLAIN: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "str": str,
+    "bytes": bytes,
+    "bool": bool,
+    "list[int]": list,
+}
 
 
 def _to_wire(obj: Any) -> list:

@@ -102,6 +102,7 @@ class RefitTrainerEngine(TrainerWeightTransferEngine[RefitTrainerInitInfo]):
         self.control = ControlPlane(client, info.call_timeout_s)
         self.version = 0  # the last version sent whole (0: the engine's own start-up weights)
         self.sender: WeightSender | None = None
+        self.endpoint = ""  # the sender's socket, where every vLLM worker's receiver connects
 
     @classmethod
     def trainer_init(
@@ -121,6 +122,7 @@ class RefitTrainerEngine(TrainerWeightTransferEngine[RefitTrainerInitInfo]):
         info, t = self.info, self.info.timeouts
         device = info.device or ("cuda" if torch.cuda.is_available() else "cpu")
         endpoint = new_endpoint(info.endpoint_dir) if info.endpoint_dir else new_endpoint()
+        self.endpoint = endpoint
         self.sender = WeightSender(
             info.transfer, endpoint, device=device, num_receivers=info.num_workers
         )
@@ -167,11 +169,14 @@ class RefitTrainerEngine(TrainerWeightTransferEngine[RefitTrainerInitInfo]):
         return stats
 
     def shutdown(self) -> None:
-        """Idempotent: the engine drops its receiver, then the sender frees its buffers."""
+        """Idempotent: the engine drops its receiver, then the sender frees its buffers (also when
+        the engine cannot be told: a dead server's workers are gone with their receivers)."""
         if self.sender is None:
             return
         try:
             self.control.shutdown()
+        except (RuntimeError, TimeoutError) as exc:
+            logger.warning("refit backend: %s; the sender's buffers are freed anyway", exc)
         finally:
             self.sender.close()
             self.sender = None

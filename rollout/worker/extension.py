@@ -11,6 +11,7 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
+from rollout.worker.audit import ModelAudit
 from rollout.worker.idle_spin import set_idle_spin
 from rollout.worker.refit import LoadTarget, WorkerRefit
 from rollout.worker.rpc import ReceiveReply, ReceiveRequest
@@ -54,6 +55,18 @@ class RefitWorkerExtension:
         """Close the receiver (unmaps its buffers, closes its socket) before the engine stops."""
         self._refit_component().close()
 
+    def refit_audit_start(self) -> int:
+        """The graph audit's start (rollout/worker/audit.py); returns how many tensors it recorded."""
+        return self._refit_audit().start()
+
+    def refit_audit(self) -> dict[str, Any]:
+        """The model now against its start and the last audit (rollout.graph_audit.compare)."""
+        return self._refit_audit().audit()
+
+    def refit_audit_digests(self) -> dict[str, tuple[str, int]]:
+        """Every tensor's (kind, digest) by name."""
+        return self._refit_audit().digests()
+
     def _refit_component(self) -> WorkerRefit:
         # Made on first use: vLLM never runs an extension's __init__.
         component = self.__dict__.get("_refit_worker_refit")
@@ -61,6 +74,12 @@ class RefitWorkerExtension:
             component = self._refit_make_component()
             self.__dict__["_refit_worker_refit"] = component
         return component
+
+    def _refit_audit(self) -> ModelAudit:
+        audit = self.__dict__.get("_refit_model_audit")
+        if audit is None:
+            audit = self.__dict__["_refit_model_audit"] = ModelAudit(self.model_runner.get_model)
+        return audit
 
     def _refit_make_component(self) -> WorkerRefit:
         """This worker's WorkerRefit (tests build a variant here)."""

@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 from benchmarks import refit
 from rollout.config import Backend
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "conf")
+CONF_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "conf"
+)
 
 
 def compose_root(*overrides: str) -> refit.RefitBenchRoot:
@@ -22,9 +24,15 @@ def compose_root(*overrides: str) -> refit.RefitBenchRoot:
 
 
 def test_refit_bench_config_composes_into_typed_dataclasses():
-    root = compose_root("bench.model=qwen2_0_5b", "rollout.transfer.bucket_mb=64", "bench.disk=false")
-    assert root.bench.model is refit.BenchModel.qwen2_0_5b and root.bench.backend is Backend.vllm_cpu
-    assert root.rollout.transfer.bucket_bytes == 64 << 20 and root.rollout.transfer.timeout_s == 300.0
+    root = compose_root(
+        "bench.model=qwen2_0_5b", "rollout.transfer.bucket_mb=64", "bench.disk=false"
+    )
+    assert (
+        root.bench.model is refit.BenchModel.qwen2_0_5b and root.bench.backend is Backend.vllm_cpu
+    )
+    assert (
+        root.rollout.transfer.bucket_bytes == 64 << 20 and root.rollout.transfer.timeout_s == 300.0
+    )
     assert root.bench.disk is False and root.bench.max_model_len == 512
 
 
@@ -38,8 +46,18 @@ def test_refit_bench_config_rejects_what_cannot_run():
 
 
 def test_tiny_refit_bench_measures_every_path_and_the_tokens_agree(tmp_path):
-    result = refit.run(compose_root("bench.num_repeats=1", "rollout.transfer.bucket_mb=1", "bench.compare_modes=true"))
-    for key in ("floor_s", "refit_s", "disk_reload_s", "vllm_reload_from_memory_s", "engine_start_s"):
+    result = refit.run(
+        compose_root(
+            "bench.num_repeats=1", "rollout.transfer.bucket_mb=1", "bench.compare_modes=true"
+        )
+    )
+    for key in (
+        "floor_s",
+        "refit_s",
+        "disk_reload_s",
+        "vllm_reload_from_memory_s",
+        "engine_start_s",
+    ):
         assert result[key] > 0, key
     assert result["vllm_reload_error"] is None and result["num_buckets"] >= 2
     assert result["worker_device"] == "cpu" and result["transport"] == "shm"
@@ -48,7 +66,12 @@ def test_tiny_refit_bench_measures_every_path_and_the_tokens_agree(tmp_path):
     # the refitted engine against a FRESH engine on the same weights (not vLLM's reload from disk)
     assert result["same_greedy_tokens_refit_vs_fresh"] is True
     assert result["max_logprob_diff_refit_vs_fresh"] < 1e-5
-    modes = result["modes"]  # bench.compare_modes: direct against bucketed fenced on the same engine
+    modes = result[
+        "modes"
+    ]  # bench.compare_modes: direct against bucketed fenced on the same engine
     assert modes["direct"]["num_buckets"] == 0 and modes["bucketed_fenced"]["num_buckets"] >= 2
     assert modes["one_copy_floor_s"] > 0 and modes["direct_over_bucketed_fenced"] > 0
-    assert len(modes["direct"]["all_refit_s"]) == 2 and len(modes["direct"]["trainer_memory_mb_per_block"]) == 2
+    assert (
+        len(modes["direct"]["all_refit_s"]) == 2
+        and len(modes["direct"]["trainer_memory_mb_per_block"]) == 2
+    )

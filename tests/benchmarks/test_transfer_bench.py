@@ -19,15 +19,24 @@ from rollout.transfer import TransferConfig
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CONF_DIR = os.path.join(ROOT, "benchmarks", "conf")
 # benchmarks/ is not installed: a subprocess outside the repo root finds it through PYTHONPATH
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+}
 
 
 def test_bench_config_composes_into_typed_dataclasses():
     bench._register()
     with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base="1.3"):
-        cfg = compose("transfer", overrides=["rollout.transfer.sync=double_buffer", "rollout.transfer.bucket_mb=16"])
+        cfg = compose(
+            "transfer",
+            overrides=["rollout.transfer.sync=double_buffer", "rollout.transfer.bucket_mb=16"],
+        )
         root = OmegaConf.to_object(cfg)
-        assert isinstance(root.rollout.transfer, TransferConfig) and root.rollout.transfer.bucket_bytes == 16 << 20
+        assert (
+            isinstance(root.rollout.transfer, TransferConfig)
+            and root.rollout.transfer.bucket_bytes == 16 << 20
+        )
         assert root.rollout.transfer.sync.value == "double_buffer" and root.bench.total_gb == 2.0
         with pytest.raises(Exception, match="bucket_mbb"):
             compose("transfer", overrides=["rollout.transfer.bucket_mbb=16"])
@@ -53,14 +62,23 @@ def test_tiny_run_measures_floor_and_refit():
     cfg = TransferConfig(transport="shm", bucket_mb=1, sync="double_buffer", timeout_s=30.0)
     result = bench.run(cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=2))
     assert result["num_buckets"] >= 5 and len(result["refit_all_s"]) == 2
-    assert result["floor_s"] > 0 and result["refit_s"] > 0 and result["ratio"] == result["refit_s"] / result["floor_s"]
+    assert (
+        result["floor_s"] > 0
+        and result["refit_s"] > 0
+        and result["ratio"] == result["refit_s"] / result["floor_s"]
+    )
 
 
 def test_tiny_direct_run_measures_against_the_one_copy_floor_and_the_memory():
     cfg = TransferConfig(transport="shm", mode="direct", timeout_s=30.0)
     result = bench.run(cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=2))
-    assert result["mode"] == "direct" and result["floor"] == "one-copy" and result["num_buckets"] == 0
-    assert result["overhead_per_bucket_ms"] is None and result["ratio"] == result["refit_s"] / result["floor_s"]
+    assert (
+        result["mode"] == "direct" and result["floor"] == "one-copy" and result["num_buckets"] == 0
+    )
+    assert (
+        result["overhead_per_bucket_ms"] is None
+        and result["ratio"] == result["refit_s"] / result["floor_s"]
+    )
     for key in ("transfer_memory_mb", "sender_memory_mb", "sender_peak_over_start_mb"):
         assert isinstance(result[key], float), key
     bench.print_table([result], "direct")  # a row without buckets prints
@@ -69,10 +87,28 @@ def test_tiny_direct_run_measures_against_the_one_copy_floor_and_the_memory():
 @pytest.mark.slow
 def test_multirun_sweep_and_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    small = ["bench.total_gb=0.01", "bench.hidden_size=256", "bench.num_repeats=1", "rollout.transfer.bucket_mb=1"]
-    cmd = [sys.executable, "-m", "benchmarks.transfer", "-m", "rollout.transfer.sync=fenced,double_buffer", *small, f"hydra.sweep.dir={sweep}"]
+    small = [
+        "bench.total_gb=0.01",
+        "bench.hidden_size=256",
+        "bench.num_repeats=1",
+        "rollout.transfer.bucket_mb=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.transfer",
+        "-m",
+        "rollout.transfer.sync=fenced,double_buffer",
+        *small,
+        f"hydra.sweep.dir={sweep}",
+    ]
     subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300, env=ENV)
-    subprocess.run([sys.executable, "-m", "benchmarks.transfer", "--summary", str(sweep)], check=True, timeout=120, env=ENV)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.transfer", "--summary", str(sweep)],
+        check=True,
+        timeout=120,
+        env=ENV,
+    )
     rows = json.loads((sweep / "summary.json").read_text())
     assert sorted(r["sync"] for r in rows) == ["double_buffer", "fenced"]
     assert (sweep / "summary.png").stat().st_size > 0
@@ -80,7 +116,9 @@ def test_multirun_sweep_and_summary(tmp_path):
 
 def test_trace_breaks_one_bucket_into_steps_that_add_up():
     cfg = TransferConfig(transport="shm", bucket_mb=1, sync="fenced", timeout_s=30.0)
-    result = bench.run(cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=1, trace=True))
+    result = bench.run(
+        cfg, bench.BenchConfig(total_gb=0.01, hidden_size=256, num_repeats=1, trace=True)
+    )
     steps = dict(result["trace_ms"])
     assert len(result["refit_all_s"]) == 1  # the traced refit is not one of the timed repeats
     cycle = steps.pop("= one bucket, Ack to Ack")

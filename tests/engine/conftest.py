@@ -46,9 +46,13 @@ def engine(tiny_path):
     endpoint = ro.refitter.endpoint
     ro.close()
     assert not wait_gone(spawned), "vLLM processes survived close()"
-    assert not vllm_segments_left(segments), f"vLLM's shared memory survived close(): {vllm_segments_left(segments)}"
+    assert not vllm_segments_left(segments), (
+        f"vLLM's shared memory survived close(): {vllm_segments_left(segments)}"
+    )
     if endpoint is not None:
-        assert not os.path.exists(endpoint.removeprefix("ipc://")), "the transfer socket survived close()"
+        assert not os.path.exists(endpoint.removeprefix("ipc://")), (
+            "the transfer socket survived close()"
+        )
     # Other jobs on the host may own refit-* segments: check that none stays mapped in this process.
     with open("/proc/self/maps") as maps:
         assert "/dev/shm/refit-" not in maps.read(), "a transfer buffer stayed mapped after close()"
@@ -71,8 +75,9 @@ def extra_engine():
     for ro, pids, segments in started:
         ro.close()
         assert not wait_gone(pids), "an extra engine's processes survived close()"
-        assert not vllm_segments_left(segments), f"an extra engine's vLLM shared memory survived close(): " \
-                                                 f"{vllm_segments_left(segments)}"
+        assert not vllm_segments_left(segments), (
+            f"an extra engine's vLLM shared memory survived close(): {vllm_segments_left(segments)}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,9 @@ def module_rollout():
 
     def start(cfg, model_path):
         before = child_pids()
-        ro = build_rollout(cfg, model_path, worker_extension=BENCH_WORKER_EXTENSION)  # as the shared engine
+        ro = build_rollout(
+            cfg, model_path, worker_extension=BENCH_WORKER_EXTENSION
+        )  # as the shared engine
         pids = child_pids() - before
         started.append((ro, pids, vllm_segments_held_by(pids)))
         return ro
@@ -92,5 +99,7 @@ def module_rollout():
     for ro, pids, segments in started:
         ro.close()
         assert not wait_gone(pids), "a module rollout's processes survived close()"
-        assert not vllm_segments_left(segments), f"a module rollout's vLLM shared memory survived close(): " \
-                                                 f"{vllm_segments_left(segments)}"
+        assert not vllm_segments_left(segments), (
+            f"a module rollout's vLLM shared memory survived close(): "
+            f"{vllm_segments_left(segments)}"
+        )

@@ -15,12 +15,20 @@ def _vllm_model(path: str):
     from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.model_executor.model_loader.utils import initialize_model
 
-    config = VllmConfig(model_config=ModelConfig(model=path, dtype="float32", seed=0), device_config=DeviceConfig("cpu"))
+    config = VllmConfig(
+        model_config=ModelConfig(model=path, dtype="float32", seed=0),
+        device_config=DeviceConfig("cpu"),
+    )
     with set_current_vllm_config(config):
         if not model_parallel_is_initialized():
             port = 20000 + os.getpid() % 20000
-            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                         distributed_init_method=f"tcp://127.0.0.1:{port}")
+            init_distributed_environment(
+                world_size=1,
+                rank=0,
+                local_rank=0,
+                backend="gloo",
+                distributed_init_method=f"tcp://127.0.0.1:{port}",
+            )
             initialize_model_parallel(1, 1)
         return initialize_model(vllm_config=config), config
 
@@ -61,12 +69,16 @@ def record_then_replay(path: str, bucketed: bool) -> dict:
         out["num_writes"] = plan and plan.num_writes
         for i, state in enumerate(versions):
             if i:
-                out["fallbacks"].append(plan.replay(feed(state), lambda n, t: model.load_weights([(n, t)])))
+                out["fallbacks"].append(
+                    plan.replay(feed(state), lambda n, t: model.load_weights([(n, t)]))
+                )
             reference.load_weights(list(state.items()))
             got, want = _params(model), _params(reference)
             out["mismatch"].append([n for n in want if not torch.equal(got[n], want[n])])
         out["stale_before"] = plan.stale()
-        model.model.norm.weight.data = model.model.norm.weight.data.clone()  # a re-allocated parameter
+        model.model.norm.weight.data = (
+            model.model.norm.weight.data.clone()
+        )  # a re-allocated parameter
         out["stale_after"] = plan.stale()
         out["num_params"] = len(_params(model))
     return out

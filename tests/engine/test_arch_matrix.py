@@ -25,10 +25,12 @@ from rollout.tiny_model import TinyModelSpec, ensure_tiny_model
 
 REF_ATOL = 1e-4  # float32 engine vs float64 transformers
 FRESH_ATOL = 1e-5  # the same float32 engine, same weights, before and after refits
-PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+PROMPTS = helpers.PROMPTS
 MAX_TOKENS = 16
 NUM_REFITS = 3
-VARIANTS = [(arch, tied) for arch in ("qwen2", "qwen3", "llama", "mistral") for tied in (False, True)]
+VARIANTS = [
+    (arch, tied) for arch in ("qwen2", "qwen3", "llama", "mistral") for tied in (False, True)
+]
 
 
 def spec(arch: str, tied: bool) -> TinyModelSpec:
@@ -51,7 +53,7 @@ def step(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict
     return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=MAX_TOKENS)
+greedy = functools.partial(helpers.greedy, max_tokens=MAX_TOKENS)
 
 
 @torch.no_grad()
@@ -62,15 +64,26 @@ def assert_matches_transformers(hf_model, state, samples) -> None:
     eos = hf_model.config.eos_token_id
     for s in samples:
         ids = torch.tensor([s.prompt_token_ids])
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                do_sample=False, pad_token_id=hf_model.config.pad_token_id)
-        expected = out[0, ids.shape[1]:].tolist()
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            pad_token_id=hf_model.config.pad_token_id,
+        )
+        expected = out[0, ids.shape[1] :].tolist()
         expected = expected[: expected.index(eos) + 1] if eos in expected else expected
-        assert s.token_ids == expected, f"prompt {s.prompt_index}: engine {s.token_ids} vs transformers {expected}"
-        logp = torch.log_softmax(hf_model(torch.tensor([s.prompt_token_ids + s.token_ids])).logits[0], dim=-1)
+        assert s.token_ids == expected, (
+            f"prompt {s.prompt_index}: engine {s.token_ids} vs transformers {expected}"
+        )
+        logp = torch.log_softmax(
+            hf_model(torch.tensor([s.prompt_token_ids + s.token_ids])).logits[0], dim=-1
+        )
         start = len(s.prompt_token_ids) - 1
         chosen = logp[torch.arange(start, start + len(s.token_ids)), torch.tensor(s.token_ids)]
-        torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.float64), chosen, atol=REF_ATOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(s.logprobs, dtype=torch.float64), chosen, atol=REF_ATOL, rtol=0
+        )
 
 
 def with_tied_head(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -78,7 +91,9 @@ def with_tied_head(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tens
     return list(state.items()) + [("lm_head.weight", state["model.embed_tokens.weight"])]
 
 
-@pytest.mark.parametrize(("arch", "tied"), VARIANTS, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in VARIANTS])
+@pytest.mark.parametrize(
+    ("arch", "tied"), VARIANTS, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in VARIANTS]
+)
 def test_refits_match_transformers_and_a_fresh_engine(arch, tied, extra_engine):
     path = ensure_tiny_model(spec(arch, tied))
     hf_model = load_hf(path)
@@ -96,14 +111,20 @@ def test_refits_match_transformers_and_a_fresh_engine(arch, tied, extra_engine):
         stats = ro.update_weights(named, version=k)
         assert stats.num_buckets >= 2  # 1 MB buckets: layers straddle bucket boundaries
         samples = greedy(ro)
-        assert [s.token_ids for s in samples] != [s.token_ids for s in previous], f"refit {k} changed nothing"
+        assert [s.token_ids for s in samples] != [s.token_ids for s in previous], (
+            f"refit {k} changed nothing"
+        )
         assert_matches_transformers(hf_model, state, samples)
         previous = samples
     ro.update_weights(base.items(), version=NUM_REFITS + 1)
     back = greedy(ro)
     for b, f in zip(back, fresh):
-        assert b.token_ids == f.token_ids, f"prompt {b.prompt_index}: refitted back {b.token_ids} vs fresh {f.token_ids}"
-        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(f.logprobs), atol=FRESH_ATOL, rtol=0)
+        assert b.token_ids == f.token_ids, (
+            f"prompt {b.prompt_index}: refitted back {b.token_ids} vs fresh {f.token_ids}"
+        )
+        torch.testing.assert_close(
+            torch.tensor(b.logprobs), torch.tensor(f.logprobs), atol=FRESH_ATOL, rtol=0
+        )
 
 
 def test_a_stale_tied_head_is_caught(extra_engine, tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import time
 
 import helpers
@@ -46,7 +45,7 @@ def refit_mid_batch(ro, state, version, seed):
     return handle.result()
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS)
+greedy = helpers.greedy
 
 
 def test_same_samples_as_the_sync_engine_for_the_same_seeds(engine, async_engine, base_state):
@@ -55,11 +54,16 @@ def test_same_samples_as_the_sync_engine_for_the_same_seeds(engine, async_engine
     prompts = ["The quick", "12+7=", engine.tokenizer.encode("def f(x):")]
     want = engine.generate(prompts, n=4, max_tokens=12, temperature=1.0, seed=3)
     got = async_engine.generate(prompts, n=4, max_tokens=12, temperature=1.0, seed=3)
-    assert [(s.prompt_index, s.prompt_token_ids, s.token_ids, s.text) for s in got] == \
-           [(s.prompt_index, s.prompt_token_ids, s.token_ids, s.text) for s in want]
+    assert [(s.prompt_index, s.prompt_token_ids, s.token_ids, s.text) for s in got] == [
+        (s.prompt_index, s.prompt_token_ids, s.token_ids, s.text) for s in want
+    ]
     for g, w in zip(got, want):
-        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0)
-    assert {s.version for s in got} == {1} and all(s.token_versions == [1] * len(s.token_ids) for s in got)
+        torch.testing.assert_close(
+            torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-5, rtol=0
+        )
+    assert {s.version for s in got} == {1} and all(
+        s.token_versions == [1] * len(s.token_ids) for s in got
+    )
 
 
 def test_keep_tags_requests_spanning_a_refit_with_both_versions(async_engine, base_state):
@@ -69,7 +73,9 @@ def test_keep_tags_requests_spanning_a_refit_with_both_versions(async_engine, ba
     spanning = [s for s in samples if set(s.token_versions) == {10, 11}]
     assert spanning, "no request ran across the refit"
     for s in samples:
-        assert s.token_versions == sorted(s.token_versions) and len(s.token_versions) == len(s.token_ids)
+        assert s.token_versions == sorted(s.token_versions) and len(s.token_versions) == len(
+            s.token_ids
+        )
         assert s.version == s.token_versions[0]  # a sample is as old as its oldest token
 
 
@@ -78,8 +84,12 @@ def test_abort_resubmits_so_no_request_spans_a_refit(async_engine, base_state):
     with configured(async_engine, pause_mode=PauseMode.abort):
         samples = refit_mid_batch(async_engine, perturbed(base_state, seed=21), version=21, seed=2)
     assert len(samples) == len(SPAN_PROMPTS) * SPAN["n"]
-    assert all(len(set(s.token_versions)) == 1 and s.token_versions[0] == s.version for s in samples)
-    assert 21 in {s.version for s in samples}, "nothing was aborted and resubmitted on the new weights"
+    assert all(
+        len(set(s.token_versions)) == 1 and s.token_versions[0] == s.version for s in samples
+    )
+    assert 21 in {s.version for s in samples}, (
+        "nothing was aborted and resubmitted on the new weights"
+    )
 
 
 def test_wait_lets_requests_finish_on_the_old_weights(async_engine, base_state):
@@ -119,20 +129,33 @@ def test_after_refits_equals_a_fresh_engine(async_engine, fresh_async, base_stat
     target, fresh = fresh_async
     prompts = PROMPTS + [LONG_PROMPT]
     expected = greedy(fresh, prompts, max_tokens=12)
-    async_engine.update_weights(base_state.items(), version=41)  # (auto) no block of an earlier test stays
+    async_engine.update_weights(
+        base_state.items(), version=41
+    )  # (auto) no block of an earlier test stays
     with configured(async_engine, cache_reset=cache_reset):
         for version in range(42, 46):
-            async_engine.update_weights(perturbed(base_state, seed=version).items(), version=version)
-            greedy(async_engine, prompts, max_tokens=4)  # caches the long prompt's blocks with these weights
+            async_engine.update_weights(
+                perturbed(base_state, seed=version).items(), version=version
+            )
+            greedy(
+                async_engine, prompts, max_tokens=4
+            )  # caches the long prompt's blocks with these weights
         async_engine.update_weights(target.items(), version=46)
         got = greedy(async_engine, prompts, max_tokens=12)
-    same = [(g.token_ids == e.token_ids and torch.allclose(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-5))
-            for g, e in zip(got, expected)]
+    same = [
+        (
+            g.token_ids == e.token_ids
+            and torch.allclose(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-5)
+        )
+        for g, e in zip(got, expected)
+    ]
     if cache_reset is CacheReset.auto:
         assert all(same), same
         assert {s.version for s in got} == {46}
     else:
-        assert same[:-1] == [True] * len(PROMPTS) and not same[-1], "stale prefix blocks changed nothing"
+        assert same[:-1] == [True] * len(PROMPTS) and not same[-1], (
+            "stale prefix blocks changed nothing"
+        )
 
 
 def test_split_cores(monkeypatch):
@@ -156,9 +179,16 @@ def test_engine_and_trainer_run_on_their_own_cores(async_engine):
         pytest.skip("one core: nothing to split")
     import os
 
-    cores = ro.engine.engine_core.resources.engine_manager.processes  # the engine core; its worker below
+    cores = (
+        ro.engine.engine_core.resources.engine_manager.processes
+    )  # the engine core; its worker below
     procs = [psutil.Process(p.pid) for p in cores]
-    procs += [c for p in procs for c in p.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+    procs += [
+        c
+        for p in procs
+        for c in p.children(recursive=True)
+        if "resource_tracker" not in " ".join(c.cmdline())
+    ]
     engine_cores = {c for p in procs for c in p.cpu_affinity()}
     assert len(procs) >= 2, procs
     assert engine_cores and not engine_cores & ro.trainer_cores, (engine_cores, ro.trainer_cores)
@@ -167,7 +197,9 @@ def test_engine_and_trainer_run_on_their_own_cores(async_engine):
     with ro.off_engine_cores():
         assert os.sched_getaffinity(0) == ro.trainer_cores
     assert os.sched_getaffinity(0) == before
-    readers = ro._call(ro.engine.collective_rpc("refit_set_idle_spin", args=(ro.cfg.worker_idle_spin_s,)), "spin")
+    readers = ro._call(
+        ro.engine.collective_rpc("refit_set_idle_spin", args=(ro.cfg.worker_idle_spin_s,)), "spin"
+    )
     assert all(n >= 1 for n in readers), readers
 
 

@@ -18,7 +18,9 @@ from rollout.vllm_compat import (
 )
 
 
-@pytest.mark.parametrize(("version", "expected"), [("0.24.0", False), ("0.31.9", False), ("0.32.0+cpu", True)])
+@pytest.mark.parametrize(
+    ("version", "expected"), [("0.24.0", False), ("0.31.9", False), ("0.32.0+cpu", True)]
+)
 def test_weight_versions_gate(version, expected):
     assert has_weight_versions(version) is expected
 
@@ -28,8 +30,10 @@ def test_batch_render_gate(version, expected):
     assert renders_in_one_call(version) is expected
 
 
-@pytest.mark.parametrize(("result", "version", "expected"), [(None, "0.24.0", None), (True, "0.32.0", True),
-                                                             (False, "0.32.0", False)])
+@pytest.mark.parametrize(
+    ("result", "version", "expected"),
+    [(None, "0.24.0", None), (True, "0.32.0", True), (False, "0.32.0", False)],
+)
 def test_async_wake_up_gate(result, version, expected):
     """AsyncLLM.wake_up returns None on 0.24 (it does not say) and "fully awake" on 0.32, like the LLM's."""
     assert fully_awake(result, version) is expected
@@ -38,14 +42,24 @@ def test_async_wake_up_gate(result, version, expected):
 def _completion(num_tokens, spans):
     from vllm.outputs import CompletionOutput, WeightVersionSpan
 
-    return CompletionOutput(index=0, text="", token_ids=list(range(num_tokens)), cumulative_logprob=None, logprobs=None,
-                            weight_versions=[WeightVersionSpan(str(v), s, e) for v, s, e in spans])
+    return CompletionOutput(
+        index=0,
+        text="",
+        token_ids=list(range(num_tokens)),
+        cumulative_logprob=None,
+        logprobs=None,
+        weight_versions=[WeightVersionSpan(str(v), s, e) for v, s, e in spans],
+    )
 
 
 def test_token_versions_from_vllm_spans():
-    completion = _completion(5, [(3, 0, 2), (4, 2, 5)])  # a request kept running across the refit to 4
+    completion = _completion(
+        5, [(3, 0, 2), (4, 2, 5)]
+    )  # a request kept running across the refit to 4
     assert token_versions(completion, "0.32.0") == [3, 3, 4, 4, 4]
-    assert token_versions(completion, "0.24.0") is None  # 0.24 has no spans: the engine labels the sample
+    assert (
+        token_versions(completion, "0.24.0") is None
+    )  # 0.24 has no spans: the engine labels the sample
     assert token_versions(_completion(0, []), "0.32.0") is None
 
 
@@ -54,8 +68,13 @@ def test_pause_generation_kwargs_fit_the_installed_signature(mode):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     kwargs = pause_generation_kwargs(mode)
-    assert kwargs == {"mode": mode, "clear_cache": False}  # the policy, not vLLM, resets caches after a refit
-    inspect.signature(AsyncLLM.pause_generation).bind(None, **kwargs)  # raises TypeError if vLLM changed it
+    assert kwargs == {
+        "mode": mode,
+        "clear_cache": False,
+    }  # the policy, not vLLM, resets caches after a refit
+    inspect.signature(AsyncLLM.pause_generation).bind(
+        None, **kwargs
+    )  # raises TypeError if vLLM changed it
 
 
 def test_pause_generation_kwargs_reject_unknown_mode():
@@ -66,8 +85,16 @@ def test_pause_generation_kwargs_reject_unknown_mode():
 def test_async_llm_has_every_call_the_engine_makes():
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    calls = ["generate", "pause_generation", "resume_generation", "sleep", "wake_up", "collective_rpc",
-             "shutdown", *ASYNC_LLM_CALLS.values()]
+    calls = [
+        "generate",
+        "pause_generation",
+        "resume_generation",
+        "sleep",
+        "wake_up",
+        "collective_rpc",
+        "shutdown",
+        *ASYNC_LLM_CALLS.values(),
+    ]
     if has_weight_versions(installed_vllm_version()):
         calls.append("update_weight_version")
     assert [c for c in calls if not callable(getattr(AsyncLLM, c, None))] == []
@@ -102,7 +129,9 @@ def test_encoder_reset_after_sleep_reaches_the_async_llm_calls():
 
     from rollout.async_engine import AsyncVllmRollout
 
-    rollout = SimpleNamespace(engine=engine, vllm_version="0.24.0")  # what the engine's reset reads of itself
+    rollout = SimpleNamespace(
+        engine=engine, vllm_version="0.24.0"
+    )  # what the engine's reset reads of itself
     done = asyncio.run(AsyncVllmRollout._reset_caches_async(rollout, wanted))
     assert done == wanted and engine.calls == [("prefix", True), ("encoder",)]
 
@@ -115,4 +144,6 @@ def test_pause_shortcut_fits_the_installed_engine_core_client():
     from vllm.v1.engine.core_client import AsyncMPClient
 
     for mode in ("abort", "wait", "keep"):
-        inspect.signature(AsyncMPClient.pause_scheduler_async).bind(None, **pause_generation_kwargs(mode))
+        inspect.signature(AsyncMPClient.pause_scheduler_async).bind(
+            None, **pause_generation_kwargs(mode)
+        )

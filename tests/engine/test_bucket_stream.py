@@ -11,7 +11,12 @@ import torch
 
 from rollout.bucket_stream import BucketStream
 
-NUM_TENSORS, TENSOR_NUMEL, PER_BUCKET, PER_LAYER = 12, 64, 5, 3  # 5 per bucket, 3 per layer: straddles
+NUM_TENSORS, TENSOR_NUMEL, PER_BUCKET, PER_LAYER = (
+    12,
+    64,
+    5,
+    3,
+)  # 5 per bucket, 3 per layer: straddles
 
 
 def expected(i: int) -> torch.Tensor:
@@ -41,7 +46,9 @@ class LayerBufferingLoader:
     """Buffers (name, tensor) until PER_LAYER tensors of a layer arrived, then copies them out."""
 
     def __init__(self) -> None:
-        self.pending: list[list] = []  # [name, tensor] pairs, mutable so a detach can swap the tensor
+        self.pending: list[
+            list
+        ] = []  # [name, tensor] pairs, mutable so a detach can swap the tensor
         self.loaded: dict[str, torch.Tensor] = {}
 
     def load(self, weights) -> None:
@@ -50,7 +57,9 @@ class LayerBufferingLoader:
             if len(self.pending) == PER_LAYER or name == f"t{NUM_TENSORS - 1}":
                 self._flush()
 
-    def _flush(self) -> None:  # its own frame, like vLLM's _layerwise_process: no stale locals stay behind
+    def _flush(
+        self,
+    ) -> None:  # its own frame, like vLLM's _layerwise_process: no stale locals stay behind
         for n, t in self.pending:
             self.loaded[n] = t.clone()
         self.pending.clear()
@@ -98,7 +107,9 @@ def test_without_the_detach_the_next_bucket_corrupts_buffered_tensors():
     loader = LayerBufferingLoader()
     stream, errors, load_error = refit(loader.load, lambda bucket: 0)
     assert not errors and load_error is None
-    corrupted = [i for i in range(NUM_TENSORS) if not torch.equal(loader.loaded[f"t{i}"], expected(i))]
+    corrupted = [
+        i for i in range(NUM_TENSORS) if not torch.equal(loader.loaded[f"t{i}"], expected(i))
+    ]
     assert corrupted == [3, 4, 9]  # buffered at the ends of buckets 0 (t3, t4) and 1 (t9)
 
 

@@ -18,7 +18,14 @@ P, E, M = Cache.prefix, Cache.encoder, Cache.mm
         ("auto", "colocate", "0.32.0", False, False, (P, E)),
         ("auto", "standalone", "0.32.0", True, False, (P, E, M)),
         ("auto", "standalone", "0.16.2", False, False, (P,)),  # no encoder reset before 0.17 ...
-        ("auto", "colocate", "0.16.2", False, True, (P, E)),  # ... except after a sleep in colocate mode
+        (
+            "auto",
+            "colocate",
+            "0.16.2",
+            False,
+            True,
+            (P, E),
+        ),  # ... except after a sleep in colocate mode
         ("auto", "standalone", "0.16.2", False, True, (P,)),  # standalone never sleeps
         ("auto", "colocate", "0.16.2", True, False, (P, M)),
         ("prefix", "colocate", "0.32.0", True, True, (P,)),

@@ -15,7 +15,9 @@ from rollout.transfer import TransferMode
 
 def test_direct_refits_track_in_place_updates_and_reallocations(engine, hf_model, base_state):
     original = engine.refitter.transfer
-    state = {k: v.clone() for k, v in perturbed(base_state, seed=7).items()}  # the "trainer's" tensors
+    state = {
+        k: v.clone() for k, v in perturbed(base_state, seed=7).items()
+    }  # the "trainer's" tensors
     try:
         engine.refitter.transfer = dataclasses.replace(original, mode=TransferMode.direct)
         for version in range(300, 306):
@@ -25,7 +27,9 @@ def test_direct_refits_track_in_place_updates_and_reallocations(engine, hf_model
             stats = engine.update_weights(state.items(), version=version)
             assert stats.version == version and stats.num_buckets == 0 and stats.detached_bytes == 0
             assert stats.num_tensors == len(state)
-            assert all(t.untyped_storage().is_shared() for t in state.values())  # moved in place, once
+            assert all(
+                t.untyped_storage().is_shared() for t in state.values()
+            )  # moved in place, once
             samples = greedy(engine, PROMPTS[:2], max_tokens=10)
             assert_matches_reference(hf_model, state, samples)
             before = [s.token_ids for s in greedy(engine, PROMPTS, max_tokens=16)]
@@ -33,9 +37,13 @@ def test_direct_refits_track_in_place_updates_and_reallocations(engine, hf_model
             with torch.no_grad():  # the next "optimizer step", in place, with no refit yet
                 for t in state.values():
                     t.mul_(1.5).add_(0.01)
-            assert [s.token_ids for s in greedy(engine, PROMPTS, max_tokens=16)] == before  # no aliasing
+            assert [
+                s.token_ids for s in greedy(engine, PROMPTS, max_tokens=16)
+            ] == before  # no aliasing
             assert_matches_reference(hf_model, expected, greedy(engine, PROMPTS[:1], max_tokens=6))
-            with torch.no_grad():  # back near the model, so the next refit's output stays meaningful
+            with (
+                torch.no_grad()
+            ):  # back near the model, so the next refit's output stays meaningful
                 for k, t in state.items():
                     t.copy_(perturbed({k: base_state[k]}, seed=version)[k])
         # the bucketed mode still works on the same engine afterwards

@@ -29,12 +29,17 @@ def test_split_is_contiguous_and_even():
 
 def _same_samples(got, expected):
     assert [(s.prompt_index, s.prompt_token_ids, s.token_ids) for s in got] == [
-        (s.prompt_index, s.prompt_token_ids, s.token_ids) for s in expected]
+        (s.prompt_index, s.prompt_token_ids, s.token_ids) for s in expected
+    ]
     for g, e in zip(got, expected):
-        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-5, rtol=0
+        )
 
 
-def test_two_engines_sample_what_one_engine_samples_before_and_after_a_refit(group, engine, hf_model, base_state):
+def test_two_engines_sample_what_one_engine_samples_before_and_after_a_refit(
+    group, engine, hf_model, base_state
+):
     assert isinstance(group, EngineGroup) and len(group.engines) == 2
     for version, state in [(1, base_state), (2, perturbed(base_state, seed=8))]:
         stats = group.update_weights(state.items(), version=version)
@@ -45,7 +50,9 @@ def test_two_engines_sample_what_one_engine_samples_before_and_after_a_refit(gro
         _same_samples(got, expected)
         assert {s.version for s in got} == {version}
         assert_matches_reference(hf_model, state, greedy(group))
-    assert len(group.generate(["12+7="], n=2, max_tokens=4, seed=1)) == 2  # fewer prompts than engines
+    assert (
+        len(group.generate(["12+7="], n=2, max_tokens=4, seed=1)) == 2
+    )  # fewer prompts than engines
 
 
 def _failing_midway(named, after: int):
@@ -58,7 +65,9 @@ def _failing_midway(named, after: int):
 def test_a_failed_refit_stops_every_engine_until_a_good_one(group, hf_model, base_state):
     state = perturbed(base_state, seed=12)
     with pytest.raises(RefitError, match="version 12"):
-        group.update_weights(_failing_midway(list(state.items()), after=len(state) // 2), version=12)
+        group.update_weights(
+            _failing_midway(list(state.items()), after=len(state) // 2), version=12
+        )
     for engine in group.engines:  # every engine refuses, not only the one that was mid-load
         with pytest.raises(RefitError, match="version 12 failed midway"):
             engine.generate(["x"], max_tokens=2)

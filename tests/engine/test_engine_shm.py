@@ -11,7 +11,9 @@ import psutil
 from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 
-def test_close_after_a_sigkilled_worker_leaves_none_of_the_engines_vllm_segments(extra_engine, tiny_path):
+def test_close_after_a_sigkilled_worker_leaves_none_of_the_engines_vllm_segments(
+    extra_engine, tiny_path
+):
     ro = extra_engine(tiny_path)
     pids = ro.vllm_segments.pids
     held = vllm_segments_held_by(pids)
@@ -20,6 +22,8 @@ def test_close_after_a_sigkilled_worker_leaves_none_of_the_engines_vllm_segments
     worker = next(p for p in pids if "Worker" in " ".join(psutil.Process(p).cmdline()))
     os.kill(worker, signal.SIGKILL)
     ro.close()
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
+    _, alive = psutil.wait_procs(
+        [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30
+    )
     assert not alive, f"vLLM processes survived close(): {alive}"
     assert vllm_segments_left(held) == [], "close() left the engine's vLLM shared memory behind"

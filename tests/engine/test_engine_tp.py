@@ -16,7 +16,9 @@ from rollout.transfer import TransferConfig
 
 TIMEOUT_S = 15.0
 TP_CFG = RolloutConfig(
-    backend=BackendConfig(dtype="float32", max_model_len=512, max_num_seqs=32, tensor_parallel_size=2),
+    backend=BackendConfig(
+        dtype="float32", max_model_len=512, max_num_seqs=32, tensor_parallel_size=2
+    ),
     transfer=TransferConfig(bucket_mb=1, timeout_s=TIMEOUT_S),
 )
 
@@ -59,26 +61,36 @@ def _killing_after(named, num_tensors: int, pid: int):
         yield item
 
 
-def test_worker_sigkilled_mid_refit_fails_within_timeout_and_refuses_generation(tp_engine, base_state):
+def test_worker_sigkilled_mid_refit_fails_within_timeout_and_refuses_generation(
+    tp_engine, base_state
+):
     """Runs last: the engine is dead afterwards. The refit fails within timeout_s with a RefitError naming
     the silent receiver, generation is refused, and close() leaves no socket or segment behind."""
     tp_engine.update_weights(base_state.items(), version=20)  # the receivers are attached
     endpoint = tp_engine.refitter.endpoint
-    names = [b.name for b in tp_engine.refitter._sender._transport.describe()["shm_buffers"]]  # before the failure closes it
+    names = [
+        b.name for b in tp_engine.refitter._sender._transport.describe()["shm_buffers"]
+    ]  # before the failure closes it
     infos = tp_engine.llm.collective_rpc("refit_worker_info")
     victim = next(i["pid"] for i in infos if i["rank"] == 1)
     state = perturbed(base_state, seed=21)
     start = time.monotonic()
     with pytest.raises(RefitError, match="version 21") as err:
-        tp_engine.update_weights(_killing_after(list(state.items()), len(state) // 2, victim), version=21)
+        tp_engine.update_weights(
+            _killing_after(list(state.items()), len(state) // 2, victim), version=21
+        )
     elapsed = time.monotonic() - start
     assert elapsed < TIMEOUT_S + 10, f"the refit took {elapsed:.1f} s to fail"
     assert "receiver 1" in str(err.value) or "receiver 1" in repr(err.value.__cause__), err.value
     with pytest.raises(RefitError, match="version 21 failed midway"):
         greedy(tp_engine)
     tp_engine.close()
-    assert not os.path.exists(os.path.dirname(endpoint.removeprefix("ipc://"))), "the endpoint directory survived"
+    assert not os.path.exists(os.path.dirname(endpoint.removeprefix("ipc://"))), (
+        "the endpoint directory survived"
+    )
     assert not any(os.path.exists(os.path.join("/dev/shm", n)) for n in names)
     with open("/proc/self/maps") as maps:
         mapped = maps.read()
-    assert names and not any(n in mapped for n in names), "a transfer buffer stayed mapped after close()"
+    assert names and not any(n in mapped for n in names), (
+        "a transfer buffer stayed mapped after close()"
+    )

@@ -23,7 +23,9 @@ def test_choice_follows_the_request_and_the_blocker():
 
 def test_config_names_a_bad_value():
     assert RolloutConfig(load_path="layerwise").load_path is LoadPath.layerwise
-    with pytest.raises(ValueError, match=r"rollout\.load_path='fast' is not one of: auto, layerwise, direct"):
+    with pytest.raises(
+        ValueError, match=r"rollout\.load_path='fast' is not one of: auto, layerwise, direct"
+    ):
         RolloutConfig(load_path="fast")
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from rollout.config import Backend
-from rollout.platform import get_platform, npu_ipc_supported, parse_ascend_version, probe_ascend_versions, share_out
+from rollout.platform import (
+    get_platform,
+    npu_ipc_supported,
+    parse_ascend_version,
+    probe_ascend_versions,
+    share_out,
+)
 from rollout.transfer import TransferConfig, resolve_transport
 from rollout.transfer.config import Transport
 
@@ -74,17 +80,25 @@ def test_npu_platform_decisions(tmp_path, versions, ipc):
 def test_one_resolver_of_auto():
     """The sender (which knows only its device) and the engine (which knows its platform) ask the same function."""
     cfg = TransferConfig()
-    for backend, device in [(Backend.vllm_cpu, "cpu"), (Backend.vllm_gpu, "cuda:0")]:  # no torch "npu" device here
+    for backend, device in [
+        (Backend.vllm_cpu, "cpu"),
+        (Backend.vllm_gpu, "cuda:0"),
+    ]:  # no torch "npu" device here
         platform = get_platform(backend, device_api=FakeDeviceApi())
         assert resolve_transport(cfg, device) is platform.resolve_transport(cfg.transport)
-    assert resolve_transport(cfg, "cuda:0") is Transport.cuda_ipc and resolve_transport(cfg, "cpu") is Transport.shm
+    assert (
+        resolve_transport(cfg, "cuda:0") is Transport.cuda_ipc
+        and resolve_transport(cfg, "cpu") is Transport.shm
+    )
     assert resolve_transport(TransferConfig(transport="nccl"), "cpu") is Transport.nccl
     with pytest.raises(ValueError, match="rollout.transfer.transport='ipc' is not one of"):
         get_platform(Backend.vllm_cpu).resolve_transport("ipc")
 
 
 def test_ascend_version_order():
-    assert parse_ascend_version("25.3.RC1") < parse_ascend_version("25.3.0")  # a release candidate comes first
+    assert parse_ascend_version("25.3.RC1") < parse_ascend_version(
+        "25.3.0"
+    )  # a release candidate comes first
     assert parse_ascend_version("8.3.RC2") > parse_ascend_version("8.3.rc1")
     assert npu_ipc_supported("25.3.rc1", "8.3.RC1") and not npu_ipc_supported("24.1.0", "9.0.0")
     with pytest.raises(ValueError):
@@ -97,7 +111,9 @@ def _write_ascend_install(root: Path, driver: str, cann: str) -> None:
     (root / "driver" / "version.info").write_text(f"Version={driver}\nascendhal_version=7.35.23\n")
     toolkit = root / "ascend-toolkit" / "latest" / "aarch64-linux"
     toolkit.mkdir(parents=True)
-    (toolkit / "ascend_toolkit_install.info").write_text(f"package_name=Ascend-cann-toolkit\nversion={cann}\n")
+    (toolkit / "ascend_toolkit_install.info").write_text(
+        f"package_name=Ascend-cann-toolkit\nversion={cann}\n"
+    )
 
 
 def test_probe_reads_standard_install_files(tmp_path):
@@ -127,14 +143,19 @@ def test_cpu_worker_env_gives_each_worker_its_own_cores():
     assert p.worker_env(0, 1, 2, units=[0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     assert p.worker_env(1, 2, 1, units=[0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
     assert p.worker_env(1, 2, 2, units=list(range(8))) == {"VLLM_CPU_OMP_THREADS_BIND": "4,5|6,7"}
-    assert p.worker_env(1, 2, 2, units=[0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # fewer cores: shared in turn
+    assert p.worker_env(1, 2, 2, units=[0, 1]) == {
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1"
+    }  # fewer cores: shared in turn
     assert set(p.worker_env(0, 1, 2)["VLLM_CPU_OMP_THREADS_BIND"].split("|")) <= {
-        ",".join(map(str, s)) for s in share_out(sorted(os.sched_getaffinity(0)), 2)}
+        ",".join(map(str, s)) for s in share_out(sorted(os.sched_getaffinity(0)), 2)
+    }
     with pytest.raises(ValueError, match="engine 2 of 2"):
         p.worker_env(2, 2, 1, units=[0, 1])
     # the async engine binds even one worker to the cores it keeps apart from the trainer's
     assert p.worker_env(0, 1, 1, units=[1], bind_alone=True) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
-    assert p.worker_env(0, 1, 2, units=[2, 3], bind_alone=True) == {"VLLM_CPU_OMP_THREADS_BIND": "2|3"}
+    assert p.worker_env(0, 1, 2, units=[2, 3], bind_alone=True) == {
+        "VLLM_CPU_OMP_THREADS_BIND": "2|3"
+    }
 
 
 def test_gpu_worker_env_gives_each_engine_its_own_devices():

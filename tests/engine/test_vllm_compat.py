@@ -25,7 +25,13 @@ from rollout.vllm_compat import (
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0.32.0", (0, 32, 0)), ("0.32.0+cpu", (0, 32, 0)), ("0.17", (0, 17, 0)), ("0.11.0rc2", (0, 11, 0)), ("1", (1, 0, 0))],
+    [
+        ("0.32.0", (0, 32, 0)),
+        ("0.32.0+cpu", (0, 32, 0)),
+        ("0.17", (0, 17, 0)),
+        ("0.11.0rc2", (0, 11, 0)),
+        ("1", (1, 0, 0)),
+    ],
 )
 def test_version_tuple(text, expected):
     assert version_tuple(text) == expected
@@ -36,12 +42,17 @@ def test_version_tuple_rejects_garbage():
         version_tuple("dev")
 
 
-@pytest.mark.parametrize(("version", "expected"), [("0.16.9", False), ("0.17.0", True), ("0.17.0rc1", True), ("0.32.0", True)])
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("0.16.9", False), ("0.17.0", True), ("0.17.0rc1", True), ("0.32.0", True)],
+)
 def test_encoder_cache_gate(version, expected):
     assert has_encoder_cache_reset(version) is expected
 
 
-@pytest.mark.parametrize(("version", "expected"), [("0.23.1", False), ("0.24.0", True), ("0.32.0+cpu", True)])
+@pytest.mark.parametrize(
+    ("version", "expected"), [("0.23.1", False), ("0.24.0", True), ("0.32.0+cpu", True)]
+)
 def test_layerwise_reload_gate(version, expected):
     assert has_layerwise_reload(version) is expected
 
@@ -66,13 +77,18 @@ def test_resolve_call_both_sides(caplog):
     assert "inner.missing_call_for_test" in caplog.text and "the thing skipped" in caplog.text
 
 
-@pytest.mark.parametrize(("version", "expected"), [("0.24.0", False), ("0.31.9", False), ("0.32.0", True), ("0.32.0+cpu", True)])
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("0.24.0", False), ("0.31.9", False), ("0.32.0", True), ("0.32.0+cpu", True)],
+)
 def test_wake_up_state_gate(version, expected):
     assert wake_up_reports_state(version) is expected
 
 
 def test_fully_awake_both_sides():
-    assert fully_awake(None, "0.24.0") is None  # 0.24's LLM.wake_up returns None: no claim either way
+    assert (
+        fully_awake(None, "0.24.0") is None
+    )  # 0.24's LLM.wake_up returns None: no claim either way
     assert fully_awake(True, "0.24.0") is None
     assert fully_awake(True, "0.32.0") is True
     assert fully_awake(False, "0.32.0") is False
@@ -115,7 +131,9 @@ def _half_reloaded_model():
     return model, kernel
 
 
-@pytest.mark.parametrize("finalize", ["installed", "0.24-like: drops kernel tensors without placing"])
+@pytest.mark.parametrize(
+    "finalize", ["installed", "0.24-like: drops kernel tensors without placing"]
+)
 def test_failed_reload_restores_every_layer(monkeypatch, finalize):
     """Both sides of the 0.24/0.32 difference in finalize: afterwards no layer holds a meta tensor, every
     parameter is the live kernel tensor again, and no layer keeps buffered reload state."""
@@ -149,14 +167,21 @@ def test_sampled_logprobs_reads_both_of_vllms_containers(num_logprobs):
 
     sampled, positions = [7, 3, 9], []
     for pos, token in enumerate(sampled):  # (token ids, log-probs, rank of the sampled token)
-        table = {3: -0.05, 9: -0.15, 7: -0.35, token: -0.25 * (pos + 1)}  # one log-prob per token and position
+        table = {
+            3: -0.05,
+            9: -0.15,
+            7: -0.35,
+            token: -0.25 * (pos + 1),
+        }  # one log-prob per token and position
         ids = [token, *[3, 9, 7][:num_logprobs]]
         positions.append((ids, [table[t] for t in ids], 2))
     got = []
     for flat in (True, False):
         container = create_sample_logprobs(flat)
         for ids, logprobs, rank in positions:
-            append_logprobs_for_next_position(container, ids, logprobs, [None] * len(ids), rank, num_logprobs)
+            append_logprobs_for_next_position(
+                container, ids, logprobs, [None] * len(ids), rank, num_logprobs
+            )
         got.append(sampled_logprobs(SimpleNamespace(token_ids=sampled, logprobs=container)))
     assert got[0] == got[1] == [-0.25, -0.5, -0.75]
     assert sampled_logprobs(SimpleNamespace(token_ids=[], logprobs=None)) == []

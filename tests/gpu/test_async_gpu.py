@@ -38,14 +38,22 @@ from rollout.vllm_compat import has_weight_versions  # noqa: E402
 
 def async_cfg(pause_mode: PauseMode) -> RolloutConfig:
     return RolloutConfig(
-        backend=BackendConfig(name="vllm_gpu", dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=512,
-                              max_num_seqs=32),
-        mode=Mode.colocate, transfer=TransferConfig(transport="auto", bucket_mb=1, timeout_s=60.0),
-        engine="async", pause_mode=pause_mode, generate_timeout_s=300.0,
+        backend=BackendConfig(
+            name="vllm_gpu",
+            dtype="bfloat16",
+            gpu_memory_utilization=0.3,
+            max_model_len=512,
+            max_num_seqs=32,
+        ),
+        mode=Mode.colocate,
+        transfer=TransferConfig(transport="auto", bucket_mb=1, timeout_s=60.0),
+        engine="async",
+        pause_mode=pause_mode,
+        generate_timeout_s=300.0,
     )
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=24)
+greedy = functools.partial(helpers.greedy, max_tokens=24)
 
 
 @pytest.mark.parametrize("pause_mode", [PauseMode.keep, PauseMode.abort])
@@ -59,14 +67,18 @@ def test_async_colocate_sleep_wake_refit_and_encoder_reset(tmp_path, pause_mode)
         assert ro._can_sleep, "colocate on vllm_gpu must really sleep"
         ro.update_weights(w1.items(), version=1)
         out1 = greedy(ro)
-        handle = ro.submit(["12+7="] * 8, n=4, max_tokens=400, seed=0)  # in flight through the sleep
+        handle = ro.submit(
+            ["12+7="] * 8, n=4, max_tokens=400, seed=0
+        )  # in flight through the sleep
         free_awake, _ = torch.cuda.mem_get_info()
         ro.sleep()
         free_asleep, total = torch.cuda.mem_get_info()
         assert free_asleep - free_awake > 0.15 * total, (free_awake, free_asleep, total)
         with pytest.raises(RuntimeError, match="asleep"):
             ro.submit(PROMPTS)
-        stats = ro.update_weights(w2.items(), version=2)  # wake weights, refit, wake KV cache, reset, resume
+        stats = ro.update_weights(
+            w2.items(), version=2
+        )  # wake weights, refit, wake KV cache, reset, resume
         assert stats.caches_reset[:2] == ("prefix", "encoder"), stats.caches_reset
         samples = handle.result()
         assert len(samples) == 32
@@ -92,8 +104,13 @@ def test_async_grpo_steps_with_max_staleness_1(tmp_path):
 
     from trainers.ppo import run
 
-    cfg = small_run_config(tmp_path, "rollout/backend=vllm_gpu", "rollout.engine=async", "trainer.max_staleness=1",
-                           "trainer.total_steps=4")
+    cfg = small_run_config(
+        tmp_path,
+        "rollout/backend=vllm_gpu",
+        "rollout.engine=async",
+        "trainer.max_staleness=1",
+        "trainer.total_steps=4",
+    )
     summary = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -36,17 +36,28 @@ from rollout.load_path import LoadPath  # noqa: E402
 from rollout.tiny_model import TinyModelSpec, build_tokenizer, ensure_tiny_model  # noqa: E402
 from rollout.transfer import Sync, TransferConfig, Transport  # noqa: E402
 
-PROMPTS = ["The quick brown fox", "12+7=", "def f(x):\n    return"]
+PROMPTS = helpers.PROMPTS
 # bf16 with 4 layers: 1.8 MB, so a refit with 1 MB buckets spans two buckets and a layer straddles them
 # (the default 2-layer tiny model is 0.9 MB in bf16: one bucket, no race to exercise).
 SPEC = TinyModelSpec(num_hidden_layers=4, dtype="bfloat16")
 
 
-def gpu_cfg(mode: Mode = Mode.standalone, sync: Sync = Sync.fenced, utilization: float = 0.2,
-            load_format: str = "auto", load_path: LoadPath = LoadPath.auto) -> RolloutConfig:
+def gpu_cfg(
+    mode: Mode = Mode.standalone,
+    sync: Sync = Sync.fenced,
+    utilization: float = 0.2,
+    load_format: str = "auto",
+    load_path: LoadPath = LoadPath.auto,
+) -> RolloutConfig:
     return RolloutConfig(
-        backend=BackendConfig(name="vllm_gpu", dtype="bfloat16", gpu_memory_utilization=utilization,
-                              max_model_len=512, max_num_seqs=32, load_format=load_format),
+        backend=BackendConfig(
+            name="vllm_gpu",
+            dtype="bfloat16",
+            gpu_memory_utilization=utilization,
+            max_model_len=512,
+            max_num_seqs=32,
+            load_format=load_format,
+        ),
         mode=mode,
         transfer=TransferConfig(transport="auto", bucket_mb=1, sync=sync, timeout_s=60.0),
         cache_reset=CacheReset.auto,
@@ -64,7 +75,10 @@ def base(tmp_path_factory):
 
 def perturbed(state, seed, scale=0.05, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
-    return {k: (v.float() + scale * torch.randn(v.shape, generator=gen)).to(v.dtype).to(device) for k, v in state.items()}
+    return {
+        k: (v.float() + scale * torch.randn(v.shape, generator=gen)).to(v.dtype).to(device)
+        for k, v in state.items()
+    }
 
 
 def save_model(src_dir, state, out_dir):
@@ -72,22 +86,31 @@ def save_model(src_dir, state, out_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(src_dir)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)  # (torch_)dtype= differs across versions
-    missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
+    model = AutoModelForCausalLM.from_config(config).to(
+        torch.bfloat16
+    )  # (torch_)dtype= differs across versions
+    missing, unexpected = model.load_state_dict(
+        {k: v.cpu() for k, v in state.items()}, strict=False
+    )
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    assert set(missing) <= tied and not unexpected, (missing, unexpected)  # a tied head shares the embedding
+    assert set(missing) <= tied and not unexpected, (
+        missing,
+        unexpected,
+    )  # a tied head shares the embedding
     model.save_pretrained(out_dir, safe_serialization=True)
     build_tokenizer().save_pretrained(out_dir)
     return out_dir
 
 
-greedy = functools.partial(helpers.greedy, prompts=PROMPTS, max_tokens=24)
+greedy = functools.partial(helpers.greedy, max_tokens=24)
 
 
 def assert_same(a, b, atol=0.0):
     assert [s.token_ids for s in a] == [s.token_ids for s in b]
     for x, y in zip(a, b):
-        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=atol, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=atol, rtol=0
+        )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +124,12 @@ def fresh_expected(base, tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("sync", "load_format", "load_path"),
-    [(Sync.fenced, "auto", LoadPath.auto), (Sync.double_buffer, "auto", LoadPath.auto),
-     (Sync.fenced, "dummy", LoadPath.auto), (Sync.fenced, "auto", LoadPath.layerwise)],
+    [
+        (Sync.fenced, "auto", LoadPath.auto),
+        (Sync.double_buffer, "auto", LoadPath.auto),
+        (Sync.fenced, "dummy", LoadPath.auto),
+        (Sync.fenced, "auto", LoadPath.layerwise),
+    ],
 )
 def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_format, load_path):
     """auto loads an unquantized bf16 model through its weight loaders directly (issue 16, item 3);
@@ -112,8 +139,12 @@ def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_for
     cfg = gpu_cfg(sync=sync, load_format=load_format, load_path=load_path)
     with build_rollout(cfg, path, worker_extension=BENCH_WORKER_EXTENSION) as ro:
         assert ro.refitter.transfer.transport is Transport.cuda_ipc  # auto on cuda
-        assert ro.llm.collective_rpc("refit_worker_info")[0]["device"].startswith("cuda")  # receiver on the GPU
-        if load_format == "dummy":  # random weights until the first refit: generating first is refused
+        assert ro.llm.collective_rpc("refit_worker_info")[0]["device"].startswith(
+            "cuda"
+        )  # receiver on the GPU
+        if (
+            load_format == "dummy"
+        ):  # random weights until the first refit: generating first is refused
             with pytest.raises(RuntimeError, match="dummy"):
                 greedy(ro)
             before = None
@@ -129,21 +160,29 @@ def test_cuda_ipc_refit_equals_fresh_engine(base, fresh_expected, sync, load_for
         refitted = greedy(ro)
     assert plans == (["", ""] if load_path is LoadPath.layerwise else ["recorded", "replayed"])
     if before is not None:
-        assert [s.token_ids for s in before] != [s.token_ids for s in refitted], "the perturbation changed nothing"
+        assert [s.token_ids for s in before] != [s.token_ids for s in refitted], (
+            "the perturbation changed nothing"
+        )
     assert all(s.version == 2 for s in refitted)
     assert_same(refitted, expected, atol=1e-3)
 
 
-@pytest.mark.parametrize(("arch", "load_path"), [("qwen2", LoadPath.auto), ("llama", LoadPath.auto),
-                                                  ("llama", LoadPath.layerwise)])
+@pytest.mark.parametrize(
+    ("arch", "load_path"),
+    [("qwen2", LoadPath.auto), ("llama", LoadPath.auto), ("llama", LoadPath.layerwise)],
+)
 def test_tied_embeddings_refit_equals_fresh_engine(arch, load_path, tmp_path):
     """Issue 10 on vLLM's CUDA build: a tied model (no lm_head.weight in the trainer's weights nor in the
     checkpoint), the embedding perturbed too; the refit engine's output changes exactly as a fresh
     engine's on the same weights."""
     from safetensors.torch import load_file
 
-    path = ensure_tiny_model(dataclasses.replace(SPEC, architecture=arch, tie_word_embeddings=True,
-                                                 num_key_value_heads=1), tmp_path / "models")
+    path = ensure_tiny_model(
+        dataclasses.replace(
+            SPEC, architecture=arch, tie_word_embeddings=True, num_key_value_heads=1
+        ),
+        tmp_path / "models",
+    )
     state = load_file(path / "model.safetensors")
     assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state
     new = perturbed(state, seed=3)
@@ -154,10 +193,14 @@ def test_tied_embeddings_refit_equals_fresh_engine(arch, load_path, tmp_path):
         stats = ro.update_weights(new.items(), version=1)
         assert stats.load_path == ("layerwise" if load_path is LoadPath.layerwise else "direct")
         refitted = greedy(ro)
-        ro.update_weights(perturbed(state, seed=4).items(), version=2)  # and again: no state kept from the first
+        ro.update_weights(
+            perturbed(state, seed=4).items(), version=2
+        )  # and again: no state kept from the first
         ro.update_weights(new.items(), version=3)
         again = greedy(ro)
-    assert [s.token_ids for s in before] != [s.token_ids for s in refitted], "the perturbation changed nothing"
+    assert [s.token_ids for s in before] != [s.token_ids for s in refitted], (
+        "the perturbation changed nothing"
+    )
     assert_same(refitted, expected, atol=1e-3)
     assert_same(again, expected, atol=1e-3)
 
@@ -175,8 +218,12 @@ def test_colocate_sleep_wake_refit_and_encoder_reset(base):
         assert free_asleep - free_awake > 0.15 * total, (free_awake, free_asleep, total)
         with pytest.raises(RuntimeError, match="asleep"):
             greedy(ro)
-        stats = ro.update_weights(w2.items(), version=2)  # wakes weights, refits, wakes the KV cache
-        assert "encoder" in stats.caches_reset and "prefix" in stats.caches_reset, stats.caches_reset
+        stats = ro.update_weights(
+            w2.items(), version=2
+        )  # wakes weights, refits, wakes the KV cache
+        assert "encoder" in stats.caches_reset and "prefix" in stats.caches_reset, (
+            stats.caches_reset
+        )
         out2 = greedy(ro)
         ro.sleep()
         ro.update_weights(w1.items(), version=3)

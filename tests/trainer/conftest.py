@@ -27,8 +27,9 @@ def trainer_engine(tiny_path):
     segments = vllm_segments_held_by(child_pids() - before)
     yield ro
     ro.close()
-    assert not vllm_segments_left(segments), f"the trainer engine's vLLM shared memory survived close(): " \
-                                             f"{vllm_segments_left(segments)}"
+    assert not vllm_segments_left(segments), (
+        f"the trainer engine's vLLM shared memory survived close(): {vllm_segments_left(segments)}"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -96,7 +96,9 @@ def test_clipped_value_loss_takes_the_worse_of_clipped_and_unclipped():
     old = torch.tensor([[0.0]])
     returns = torch.tensor([[1.0]])
     # unclipped error 0; clipped value 0.2 -> error 0.64: the max keeps the critic from jumping
-    assert clipped_value_loss(values, old, returns, torch.ones(1, 1), clip=0.2).item() == pytest.approx(0.32)
+    assert clipped_value_loss(
+        values, old, returns, torch.ones(1, 1), clip=0.2
+    ).item() == pytest.approx(0.32)
 
 
 def test_masked_mean_ignores_masked_entries():
@@ -106,7 +108,12 @@ def test_masked_mean_ignores_masked_entries():
 def test_collate_aligns_response_tokens_with_targets(tiny_path):
     from trainers.policy import load_policy
 
-    batch = collate([[5, 6, 7], [8]], [[9, 1], [10, 11, 1]], pad_id=0, sampler_logprobs=[[-1.0, -2.0], [-3.0, -4.0, -5.0]])
+    batch = collate(
+        [[5, 6, 7], [8]],
+        [[9, 1], [10, 11, 1]],
+        pad_id=0,
+        sampler_logprobs=[[-1.0, -2.0], [-3.0, -4.0, -5.0]],
+    )
     assert batch.tokens.tolist() == [[5, 6, 7, 9, 1], [8, 10, 11, 1, 0]]
     assert batch.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
     assert batch.sampler_logprobs.tolist() == [[0, 0, -1, -2], [-3, -4, -5, 0]]
@@ -115,7 +122,9 @@ def test_collate_aligns_response_tokens_with_targets(tiny_path):
         logp, entropy = token_logprobs(model, batch, with_entropy=True)
         logits = model(input_ids=torch.tensor([[8, 10, 11, 1]])).logits[0].log_softmax(-1)
     # row 1: position 0 predicts token 10, position 1 token 11, position 2 the eos
-    torch.testing.assert_close(logp[1, :3], torch.stack([logits[0, 10], logits[1, 11], logits[2, 1]]))
+    torch.testing.assert_close(
+        logp[1, :3], torch.stack([logits[0, 10], logits[1, 11], logits[2, 1]])
+    )
     assert (entropy[batch.mask > 0] > 0).all()
     with pytest.raises(ValueError, match="2 log-probs for 3 response tokens"):
         collate([[5]], [[1, 2, 3]], 0, sampler_logprobs=[[0.0, 0.0]])

@@ -19,13 +19,17 @@ def test_weights_are_the_capped_ratio_and_one_off_the_mask():
     sampler = torch.tensor([[-1.5, -1.0, -0.5, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     weights = truncated_is_weights(trainer, sampler, cap=1.2, mask=mask)
-    torch.testing.assert_close(weights, torch.tensor([[1.2, math.exp(-1.0), 1.0, 1.0]]))  # e^0.5 > 1.2: capped
+    torch.testing.assert_close(
+        weights, torch.tensor([[1.2, math.exp(-1.0), 1.0, 1.0]])
+    )  # e^0.5 > 1.2: capped
     assert not weights.requires_grad
 
 
 def test_weights_carry_no_gradient():
     trainer = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    weights = truncated_is_weights(trainer, torch.tensor([[-1.2, -2.0]]), cap=2.0, mask=torch.ones(1, 2))
+    weights = truncated_is_weights(
+        trainer, torch.tensor([[-1.2, -2.0]]), cap=2.0, mask=torch.ones(1, 2)
+    )
     assert weights.grad_fn is None
 
 
@@ -44,7 +48,9 @@ def test_weighted_loss_is_the_token_mean_of_weighted_terms():
     torch.testing.assert_close(weighted, masked_mean(terms * weights, mask))
     (grad_plain,) = torch.autograd.grad(plain, logp)
     (grad_weighted,) = torch.autograd.grad(weighted, logp)
-    torch.testing.assert_close(grad_weighted, grad_plain * weights)  # each token's gradient scaled by its weight
+    torch.testing.assert_close(
+        grad_weighted, grad_plain * weights
+    )  # each token's gradient scaled by its weight
 
 
 def test_policy_backward_scales_the_pg_gradient(tiny_path):
@@ -62,7 +68,9 @@ def test_policy_backward_scales_the_pg_gradient(tiny_path):
         policy_backward(policy, batch, old, adv, None, alg, 0, weights)
         return [p.grad.clone() for p in policy.parameters() if p.grad is not None]
 
-    for none, ones, doubled in zip(grads(None), grads(torch.ones_like(old)), grads(2 * torch.ones_like(old))):
+    for none, ones, doubled in zip(
+        grads(None), grads(torch.ones_like(old)), grads(2 * torch.ones_like(old))
+    ):
         torch.testing.assert_close(ones, none)
         torch.testing.assert_close(doubled, 2 * none)
 

@@ -16,8 +16,19 @@ from trainers.policy import collate, load_policy, token_logprobs
 from trainers.ppo import run
 
 REQUIRED = [
-    "step", "reward/mean", "reward/std", "timing/gen_s", "timing/refit_s", "timing/train_s", "timing/step_s",
-    "refit/gbps", "kl", "entropy", "clip_frac", "logprob_gap", "version_lag",
+    "step",
+    "reward/mean",
+    "reward/std",
+    "timing/gen_s",
+    "timing/refit_s",
+    "timing/train_s",
+    "timing/step_s",
+    "refit/gbps",
+    "kl",
+    "entropy",
+    "clip_frac",
+    "logprob_gap",
+    "version_lag",
 ]
 GAP_ATOL = 1e-4  # fp32 engine vs fp32 trainer: observed ~1e-7
 
@@ -29,8 +40,12 @@ def read_metrics(out_dir) -> list[dict]:
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_short_run_writes_every_metric_and_output(trainer_engine, tmp_path, algorithm):
     cfg = small_run_config(
-        tmp_path, f"algorithm={algorithm}", "algorithm.kl_coef=0.05", "algorithm.entropy_coef=0.01",
-        "trainer.checkpoint_every=2", "logger=[console,jsonl,tensorboard]",
+        tmp_path,
+        f"algorithm={algorithm}",
+        "algorithm.kl_coef=0.05",
+        "algorithm.entropy_coef=0.01",
+        "trainer.checkpoint_every=2",
+        "logger=[console,jsonl,tensorboard]",
     )
     summary = run(cfg, rollout=trainer_engine)
     rows = read_metrics(tmp_path)
@@ -39,17 +54,27 @@ def test_short_run_writes_every_metric_and_output(trainer_engine, tmp_path, algo
         missing = [k for k in REQUIRED if row.get(k) is None]
         assert not missing, f"step {row['step']} lacks {missing}"
         assert 0.0 <= row["reward/mean"] <= 1.0 and row["kl"] >= 0.0 and row["version_lag"] == 0
-        assert row["logprob_gap"] < GAP_ATOL, "the engine sampled with weights other than the trainer's"
+        assert row["logprob_gap"] < GAP_ATOL, (
+            "the engine sampled with weights other than the trainer's"
+        )
         assert row["timing/refit_s"] > 0 and row["refit/gbps"] > 0
     if algorithm == "ppo":
         assert all(r["value_loss"] is not None for r in rows)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "reward_curve.png").stat().st_size > 0
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002.pt", "step_000003.pt"]
-    assert summary["steps"] == 3 and json.loads((tmp_path / "summary.json").read_text())["algorithm"] == algorithm
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000002.pt",
+        "step_000003.pt",
+    ]
+    assert (
+        summary["steps"] == 3
+        and json.loads((tmp_path / "summary.json").read_text())["algorithm"] == algorithm
+    )
 
 
-def test_the_loop_runs_with_the_startup_heap_frozen_and_unfreezes_it(trainer_engine, tmp_path, monkeypatch):
+def test_the_loop_runs_with_the_startup_heap_frozen_and_unfreezes_it(
+    trainer_engine, tmp_path, monkeypatch
+):
     """Full collections during the steps skip what was alive at the start (they took ~0.3 s each, with the GIL,
     over vLLM's and torch's objects); a run hands the heap back to the collector when it ends."""
     import gc
@@ -57,7 +82,9 @@ def test_the_loop_runs_with_the_startup_heap_frozen_and_unfreezes_it(trainer_eng
     import trainers.ppo as ppo
 
     frozen, record = [], ppo.record
-    monkeypatch.setattr(ppo, "record", lambda *a: (frozen.append(gc.get_freeze_count()), record(*a)))
+    monkeypatch.setattr(
+        ppo, "record", lambda *a: (frozen.append(gc.get_freeze_count()), record(*a))
+    )
     run(small_run_config(tmp_path, "trainer.total_steps=2"), rollout=trainer_engine)
     assert len(frozen) == 2 and min(frozen) > 100_000, frozen
     assert gc.get_freeze_count() == 0
@@ -72,12 +99,19 @@ def test_gsm8k_task_runs_on_the_sample_file(trainer_engine, tmp_path):
 def test_engine_serves_exactly_the_trainers_step_k_weights(trainer_engine, tmp_path, tiny_path):
     """After step k, the engine's greedy log-probs equal the trainer's step-k model on the same tokens,
     and differ from the weights it started with (the check can fail)."""
-    run(small_run_config(tmp_path, "trainer.total_steps=2", "algorithm.lr=1e-2"), rollout=trainer_engine)
+    run(
+        small_run_config(tmp_path, "trainer.total_steps=2", "algorithm.lr=1e-2"),
+        rollout=trainer_engine,
+    )
     prompts = ["1+2=", "3+3=", "5+0=", "4+1="]
     samples = trainer_engine.generate(prompts, n=1, max_tokens=6, temperature=0.0)
     assert {s.version for s in samples} == {2}
-    batch = collate([s.prompt_token_ids for s in samples], [s.token_ids for s in samples], 0,
-                    sampler_logprobs=[s.logprobs for s in samples])
+    batch = collate(
+        [s.prompt_token_ids for s in samples],
+        [s.token_ids for s in samples],
+        0,
+        sampler_logprobs=[s.logprobs for s in samples],
+    )
     trained = load_policy(str(tiny_path))
     trained.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "step_000002.pt")["policy"])
     initial = load_policy(str(tiny_path))
@@ -86,12 +120,20 @@ def test_engine_serves_exactly_the_trainers_step_k_weights(trainer_engine, tmp_p
         before = token_logprobs(initial, batch)[0][batch.mask > 0]
     engine = batch.sampler_logprobs[batch.mask > 0]
     torch.testing.assert_close(engine, ours, atol=GAP_ATOL, rtol=0)
-    assert (engine - before).abs().max() > 1e-2, "step-2 weights are indistinguishable from the initial ones"
+    assert (engine - before).abs().max() > 1e-2, (
+        "step-2 weights are indistinguishable from the initial ones"
+    )
 
 
-def test_refit_every_k_logs_the_version_lag_and_the_gap_sees_stale_weights(trainer_engine, tmp_path):
-    run(small_run_config(tmp_path, "trainer.total_steps=4", "trainer.refit_every=2", "algorithm.lr=1e-2"),
-        rollout=trainer_engine)
+def test_refit_every_k_logs_the_version_lag_and_the_gap_sees_stale_weights(
+    trainer_engine, tmp_path
+):
+    run(
+        small_run_config(
+            tmp_path, "trainer.total_steps=4", "trainer.refit_every=2", "algorithm.lr=1e-2"
+        ),
+        rollout=trainer_engine,
+    )
     rows = read_metrics(tmp_path)
     assert [r["version_lag"] for r in rows] == [0, 1, 0, 1]
     assert [r["refit/gbps"] is not None for r in rows] == [False, True, False, True]
@@ -105,9 +147,18 @@ def test_refit_every_k_logs_the_version_lag_and_the_gap_sees_stale_weights(train
 
 def test_resume_continues_with_consistent_steps_and_metrics(trainer_engine, tmp_path):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    run(small_run_config(first, "trainer.total_steps=3", "trainer.checkpoint_every=2"), rollout=trainer_engine)
-    run(small_run_config(resumed, "trainer.total_steps=4", f"trainer.resume={first / 'checkpoints' / 'step_000002.pt'}"),
-        rollout=trainer_engine)
+    run(
+        small_run_config(first, "trainer.total_steps=3", "trainer.checkpoint_every=2"),
+        rollout=trainer_engine,
+    )
+    run(
+        small_run_config(
+            resumed,
+            "trainer.total_steps=4",
+            f"trainer.resume={first / 'checkpoints' / 'step_000002.pt'}",
+        ),
+        rollout=trainer_engine,
+    )
     a, b = read_metrics(first), read_metrics(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert b[:2] == a[:2], "the resumed run's file holds the steps before the checkpoint unchanged"
@@ -122,11 +173,22 @@ def test_resume_continues_with_consistent_steps_and_metrics(trainer_engine, tmp_
 def test_multirun_of_two_jobs_completes_with_a_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [
-        sys.executable, "-m", "trainers.ppo", "-m", "rollout.transfer.bucket_mb=1,4", "debug=tiny", "trainer.total_steps=2",
-        "trainer.prompts_per_step=2", "algorithm.num_samples=2", "algorithm.num_minibatches=1",
-        "rollout.backend.max_num_seqs=16", f"hydra.sweep.dir={sweep}",
+        sys.executable,
+        "-m",
+        "trainers.ppo",
+        "-m",
+        "rollout.transfer.bucket_mb=1,4",
+        "debug=tiny",
+        "trainer.total_steps=2",
+        "trainer.prompts_per_step=2",
+        "algorithm.num_samples=2",
+        "algorithm.num_minibatches=1",
+        "rollout.backend.max_num_seqs=16",
+        f"hydra.sweep.dir={sweep}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ}
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     for job in ("0", "1"):
         assert [r["step"] for r in read_metrics(sweep / job)] == [1, 2]
@@ -138,7 +200,9 @@ def test_multirun_of_two_jobs_completes_with_a_sweep_report(tmp_path):
 @pytest.mark.slow
 def test_default_run_learns_beyond_its_warm_start(trainer_engine, tmp_path):
     """The default run (no overrides, ~2 min here): RL lifts the reward well above the warm-start's."""
-    summary = run(compose_typed([f"trainer.out_dir={tmp_path}", "logger=[jsonl]"]), rollout=trainer_engine)
+    summary = run(
+        compose_typed([f"trainer.out_dir={tmp_path}", "logger=[jsonl]"]), rollout=trainer_engine
+    )
     assert summary["reward_last_fifth"] - summary["reward_first_fifth"] >= 0.2, summary
     assert summary["final_eval_reward"] - summary["baseline_eval_reward"] >= 0.2, summary
     assert summary["max_logprob_gap"] < GAP_ATOL, summary

@@ -35,11 +35,15 @@ def test_threshold_follows_the_dtypes_unless_configured():
 def test_fires_only_right_after_a_refit_and_above_the_threshold():
     said = []
     assert not check_refit_gap(3, 1e-4, 0, 1e-3, False, said.append)
-    assert not check_refit_gap(3, 0.5, 1, 1e-3, False, said.append)  # sampled with older weights: not checked
+    assert not check_refit_gap(
+        3, 0.5, 1, 1e-3, False, said.append
+    )  # sampled with older weights: not checked
     assert check_refit_gap(3, 0.5, 0, 1e-3, False, said.append)
     assert check_refit_gap(4, math.nan, 0, 1e-3, False, said.append)
     assert len(said) == 2 and "step 3" in said[0] and "0.5" in said[0]
-    with pytest.raises(RefitCanaryError, match=r"step 7: logprob_gap 0\.5 > 0\.001.*strict_refit=true"):
+    with pytest.raises(
+        RefitCanaryError, match=r"step 7: logprob_gap 0\.5 > 0\.001.*strict_refit=true"
+    ):
         check_refit_gap(7, 0.5, 0, 1e-3, True, said.append)
 
 
@@ -62,9 +66,19 @@ class SkipsARefit:
     def refit(self, version, send):
         if version != self._skip:
             return self._engine.refit(version, send)
-        self._engine.state.version = version  # what a refit that silently loaded nothing would leave behind
-        return RefitStats(version, seconds=1e-3, num_bytes=1, num_tensors=0, num_buckets=0, send_s=0.0, load_s=0.0,
-                          detached_bytes=0)
+        self._engine.state.version = (
+            version  # what a refit that silently loaded nothing would leave behind
+        )
+        return RefitStats(
+            version,
+            seconds=1e-3,
+            num_bytes=1,
+            num_tensors=0,
+            num_buckets=0,
+            send_s=0.0,
+            load_s=0.0,
+            detached_bytes=0,
+        )
 
 
 def test_quiet_on_the_default_tiny_run(trainer_engine, tmp_path, caplog):
@@ -74,10 +88,15 @@ def test_quiet_on_the_default_tiny_run(trainer_engine, tmp_path, caplog):
 
 
 def test_warns_on_a_stale_engine_and_fails_the_run_when_strict(trainer_engine, tmp_path, caplog):
-    stale = SkipsARefit(trainer_engine, skip_version=1)  # the refit after step 1: step 2 samples stale weights
+    stale = SkipsARefit(
+        trainer_engine, skip_version=1
+    )  # the refit after step 1: step 2 samples stale weights
     with caplog.at_level(logging.WARNING, logger=CANARY_LOGGER):
         run(small_run_config(tmp_path / "warn", "algorithm.lr=1e-2"), rollout=stale)
     fired = [r.getMessage() for r in caplog.records if r.name == CANARY_LOGGER]
     assert len(fired) == 1 and "step 2: logprob_gap" in fired[0], fired
     with pytest.raises(RefitCanaryError, match="step 2: logprob_gap"):
-        run(small_run_config(tmp_path / "strict", "algorithm.lr=1e-2", "trainer.strict_refit=true"), rollout=stale)
+        run(
+            small_run_config(tmp_path / "strict", "algorithm.lr=1e-2", "trainer.strict_refit=true"),
+            rollout=stale,
+        )

@@ -6,13 +6,12 @@ import importlib.util
 import json
 
 import pytest
+from trainer_helpers import ROOT, compose_typed
 
 from trainers.config import TaskConfig
 from trainers.ppo import build_reward
 from trainers.rewards import addition_reward, extract_answer, gsm8k_reward
 from trainers.tasks import addition_examples, build_task, load_records
-
-from trainer_helpers import ROOT, compose_typed
 
 SAMPLE = ROOT / "trainers" / "data" / "gsm8k_sample.jsonl"
 
@@ -65,10 +64,21 @@ def test_gsm8k_task_reads_the_sample_file_in_every_format(tmp_path):
     as_json = tmp_path / "rows.json"
     as_json.write_text(json.dumps(rows))
     for path in (SAMPLE, as_json):
-        task = build_task(TaskConfig(name="gsm8k", data_path=str(path), num_eval_prompts=4, prompt_template="Q: {question}\nA:"))
+        task = build_task(
+            TaskConfig(
+                name="gsm8k",
+                data_path=str(path),
+                num_eval_prompts=4,
+                prompt_template="Q: {question}\nA:",
+            )
+        )
         assert len(task.train) == len(rows) and len(task.eval) == 4
         first = task.train[0]
-        assert first.prompt.startswith("Q: Tom has") and first.answer == "12" and "####" in first.completion
+        assert (
+            first.prompt.startswith("Q: Tom has")
+            and first.answer == "12"
+            and "####" in first.completion
+        )
     assert task.batch(3, 5) == task.batch(3, 5), "a step's prompts are a function of (seed, step)"
 
 
@@ -105,10 +115,19 @@ def exact_match(response: str, answer: str, bonus: float = 0.0) -> float:
 
 
 def test_reward_is_chosen_by_target_with_keyword_arguments():
-    fn = build_reward({"_target_": "trainers.rewards.addition_reward", "_partial_": True, "tolerance": 2})
+    fn = build_reward(
+        {"_target_": "trainers.rewards.addition_reward", "_partial_": True, "tolerance": 2}
+    )
     assert fn("6", "7") == pytest.approx(0.25)
-    assert build_reward({"_target_": "trainers.rewards.AdditionReward", "tolerance": 2})("6", "7") == pytest.approx(0.25)
-    assert build_reward({"_target_": "trainers.rewards.Gsm8kReward", "format_score": 0.3})("I think 13", "12") == 0.3
+    assert build_reward({"_target_": "trainers.rewards.AdditionReward", "tolerance": 2})(
+        "6", "7"
+    ) == pytest.approx(0.25)
+    assert (
+        build_reward({"_target_": "trainers.rewards.Gsm8kReward", "format_score": 0.3})(
+            "I think 13", "12"
+        )
+        == 0.3
+    )
     mine = build_reward({"_target_": f"{__name__}.exact_match", "_partial_": True, "bonus": 0.5})
     assert mine("3", "3") == 1.0 and mine("4", "3") == 0.5
 

@@ -22,7 +22,11 @@ def test_default_config_is_grpo_on_the_tiny_model_with_vllm_cpu():
     assert isinstance(cfg, PPOConfig)
     assert cfg.algorithm.name is Algorithm.grpo and cfg.model.path is None
     assert cfg.rollout.backend.name.value == "vllm_cpu" and cfg.task.name.value == "toy"
-    assert cfg.logger.console is not None and cfg.logger.jsonl is not None and cfg.logger.tensorboard is not None
+    assert (
+        cfg.logger.console is not None
+        and cfg.logger.jsonl is not None
+        and cfg.logger.tensorboard is not None
+    )
 
 
 def test_algorithm_group_switches_to_ppo():
@@ -39,16 +43,25 @@ def test_logger_group_takes_several_options():
 
 def test_gsm8k_task_composes_with_its_sample_file():
     cfg = compose_typed(["task=gsm8k"])
-    assert Path(cfg.task.data_path).exists() and cfg.task.reward["_target_"] == "trainers.rewards.Gsm8kReward"
+    assert (
+        Path(cfg.task.data_path).exists()
+        and cfg.task.reward["_target_"] == "trainers.rewards.Gsm8kReward"
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_composes_and_converts(recipe):
     text = recipe.read_text()
-    assert f"python -m trainers.ppo --config-dir recipes --config-name {recipe.stem}" in text, "launch command in the header"
+    assert f"python -m trainers.ppo --config-dir recipes --config-name {recipe.stem}" in text, (
+        "launch command in the header"
+    )
     # `--config-dir recipes` puts recipes/ on the search path beside conf/; composing from recipes/
     # with conf/ on the search path is the same tree.
-    cfg = compose_typed([f"hydra.searchpath=[file://{ROOT / 'conf'}]"], config_name=recipe.stem, config_dir=ROOT / "recipes")
+    cfg = compose_typed(
+        [f"hydra.searchpath=[file://{ROOT / 'conf'}]"],
+        config_name=recipe.stem,
+        config_dir=ROOT / "recipes",
+    )
     assert isinstance(cfg, PPOConfig) and cfg.trainer.total_steps > 0
 
 
@@ -66,8 +79,12 @@ def test_every_recipe_holds_deltas_only(recipe):
     from omegaconf import OmegaConf
 
     body = OmegaConf.to_container(OmegaConf.load(recipe))
-    groups = [f"{k.removeprefix('override ')}={v}" for entry in body.pop("defaults") if isinstance(entry, dict)
-              for k, v in entry.items()]
+    groups = [
+        f"{k.removeprefix('override ')}={v}"
+        for entry in body.pop("defaults")
+        if isinstance(entry, dict)
+        for k, v in entry.items()
+    ]
     base = dict(_leaves(OmegaConf.to_container(OmegaConf.structured(compose_typed(groups)))))
     restated = [key for key, value in _leaves(body) if base.get(key, object()) == value]
     assert not restated, f"{recipe.name} restates what its defaults already give: {restated}"
@@ -75,7 +92,11 @@ def test_every_recipe_holds_deltas_only(recipe):
 
 def test_recipes_set_what_their_names_say():
     by_name = {
-        r.stem: compose_typed([f"hydra.searchpath=[file://{ROOT / 'conf'}]"], config_name=r.stem, config_dir=ROOT / "recipes")
+        r.stem: compose_typed(
+            [f"hydra.searchpath=[file://{ROOT / 'conf'}]"],
+            config_name=r.stem,
+            config_dir=ROOT / "recipes",
+        )
         for r in RECIPES
     }
     assert by_name["ppo_tiny_cpu"].algorithm.name is Algorithm.ppo
@@ -88,17 +109,41 @@ def test_recipes_set_what_their_names_say():
     "override, error, match",
     [
         ("algorithm=sac", ConfigCompositionException, "Could not find 'algorithm/sac'"),
-        ("trainer.totl_steps=3", ConfigCompositionException, "Key 'totl_steps' not in 'TrainerConfig'"),
-        ("algorithm.lr=fast", ConfigCompositionException, "Value 'fast' of type 'str' could not be converted to Float"),
-        ("algorithm.name=sac", ConfigCompositionException, "Invalid value 'sac', expected one of \\[grpo, ppo\\]"),
+        (
+            "trainer.totl_steps=3",
+            ConfigCompositionException,
+            "Key 'totl_steps' not in 'TrainerConfig'",
+        ),
+        (
+            "algorithm.lr=fast",
+            ConfigCompositionException,
+            "Value 'fast' of type 'str' could not be converted to Float",
+        ),
+        (
+            "algorithm.name=sac",
+            ConfigCompositionException,
+            "Invalid value 'sac', expected one of \\[grpo, ppo\\]",
+        ),
         ("algorithm.num_samples=1", ValueError, "algorithm=grpo needs algorithm.num_samples >= 2"),
-        ("algorithm.kl_estimator=k2", ConfigCompositionException, "Invalid value 'k2', expected one of \\[k1, k3\\]"),
+        (
+            "algorithm.kl_estimator=k2",
+            ConfigCompositionException,
+            "Invalid value 'k2', expected one of \\[k1, k3\\]",
+        ),
         ("trainer.refit_every=0", ValueError, "trainer.refit_every must be >= 1"),
-        ("task.name=chess", ConfigCompositionException, "Invalid value 'chess', expected one of \\[toy, gsm8k\\]"),
+        (
+            "task.name=chess",
+            ConfigCompositionException,
+            "Invalid value 'chess', expected one of \\[toy, gsm8k\\]",
+        ),
         ("~task.reward._target_", ValueError, "task.reward must be a node with a _target_"),
         ("rollout.transfer.bucket_mb=0", ValueError, "rollout.transfer.bucket_mb"),
         ("trainer.num_workers=0", ValueError, "trainer.num_workers must be >= 1"),
-        ("ray.placement_strategy=RANDOM", ConfigCompositionException, "Invalid value 'RANDOM', expected one of \\[PACK"),
+        (
+            "ray.placement_strategy=RANDOM",
+            ConfigCompositionException,
+            "Invalid value 'RANDOM', expected one of \\[PACK",
+        ),
         ("ray.timeout_s=0", ValueError, "ray.timeout_s must be > 0"),
         ("ray.num_cpus=-1", ValueError, "ray.num_cpus must be > 0"),
     ],
@@ -115,9 +160,13 @@ def test_bad_config_fails_at_compose_or_conversion(override, error, match):
 
 def test_the_async_engine_composes_with_sharded_trainers_and_several_engines():
     """One engine API for all: the async engine runs in the Ray engine actor and as several engines."""
-    cfg = compose_typed(["trainer.num_workers=2", "rollout.engine=async", "trainer.max_staleness=1"])
+    cfg = compose_typed(
+        ["trainer.num_workers=2", "rollout.engine=async", "trainer.max_staleness=1"]
+    )
     assert cfg.trainer.num_workers == 2 and cfg.rollout.engine.value == "async"
-    cfg = compose_typed(["rollout.num_engines=2", "rollout.engine=async", "trainer.max_staleness=1"])
+    cfg = compose_typed(
+        ["rollout.num_engines=2", "rollout.engine=async", "trainer.max_staleness=1"]
+    )
     assert cfg.rollout.num_engines == 2 and cfg.rollout.engine.value == "async"
 
 
@@ -125,11 +174,23 @@ def test_the_async_engine_composes_with_sharded_trainers_and_several_engines():
     "overrides, error, match",
     [
         (["task.reward._target_=trainers.rewards.nope"], ValueError, "task.reward=.*nope"),
-        (["task=gsm8k", "task.data_path=/nonexistent/gsm8k.jsonl"], FileNotFoundError, "/nonexistent/gsm8k.jsonl"),
-        (["trainer.resume=/nonexistent/run"], FileNotFoundError, "trainer.resume='/nonexistent/run'"),
+        (
+            ["task=gsm8k", "task.data_path=/nonexistent/gsm8k.jsonl"],
+            FileNotFoundError,
+            "/nonexistent/gsm8k.jsonl",
+        ),
+        (
+            ["trainer.resume=/nonexistent/run"],
+            FileNotFoundError,
+            "trainer.resume='/nonexistent/run'",
+        ),
         pytest.param(
-            ["logger=[console,wandb]"], ImportError, "logger=wandb needs the wandb package",
-            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
+            ["logger=[console,wandb]"],
+            ImportError,
+            "logger=wandb needs the wandb package",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("wandb") is not None, reason="wandb is installed"
+            ),
         ),
     ],
 )

@@ -28,7 +28,9 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_path, batch
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    old = logprobs_no_grad(policy, batch, 1.0, 0) - 0.3  # ratio e^0.3 > 1 + clip_eps: clipping shows
+    old = (
+        logprobs_no_grad(policy, batch, 1.0, 0) - 0.3
+    )  # ratio e^0.3 > 1 + clip_eps: clipping shows
     assert torch.allclose(old + 0.3, logprobs_no_grad(policy, batch, 1.0, 2), atol=1e-6)
     ref = logprobs_no_grad(reference, batch, 1.0, 0)
     adv = torch.randn(batch.mask.shape, generator=torch.Generator().manual_seed(1)) * batch.mask
@@ -39,7 +41,9 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_path, batch
         results[micro] = (metrics, grads(policy))
     for micro in (2, 1):
         for key in results[0][0]:
-            assert results[micro][0][key] == pytest.approx(results[0][0][key], rel=1e-5, abs=1e-7), key
+            assert results[micro][0][key] == pytest.approx(
+                results[0][0][key], rel=1e-5, abs=1e-7
+            ), key
         for a, b in zip(results[micro][1], results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert results[0][0]["clip_frac"] > 0 and results[0][0]["kl"] > 0
@@ -54,7 +58,10 @@ def test_value_gradients_do_not_depend_on_the_micro_batch_size(tiny_path, batch)
     out = {}
     for micro in (0, 3):
         critic.zero_grad(set_to_none=True)
-        out[micro] = (value_backward(critic, batch, old.detach() + 0.05, returns, 0.2, micro), grads(critic))
+        out[micro] = (
+            value_backward(critic, batch, old.detach() + 0.05, returns, 0.2, micro),
+            grads(critic),
+        )
     assert out[3][0] == pytest.approx(out[0][0], rel=1e-5)
     for a, b in zip(out[3][1], out[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 register_configs()
 
 
-def compose_typed(overrides: list[str] = (), config_name: str = "ppo", config_dir: Path = ROOT / "conf") -> PPOConfig:
+def compose_typed(
+    overrides: list[str] = (), config_name: str = "ppo", config_dir: Path = ROOT / "conf"
+) -> PPOConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         return to_typed(compose(config_name, overrides=list(overrides)))

@@ -9,17 +9,22 @@ import time
 import traceback
 
 import torch
+from cuda_gate import hold_stream
+from transfer_procs import CTX, as_bytes, race_value
 
 from rollout.transfer import PeerError, TransferConfig, WeightReceiver, WeightSender
 from rollout.transfer.direct import DirectSender
-from transfer_procs import CTX, as_bytes, race_value
 
 
-def tiny_trainer(seed: int = 0, device: str = "cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def tiny_trainer(
+    seed: int = 0, device: str = "cpu"
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Parameters of several shapes, a bf16 and an int64 buffer, a 0-dim and an empty one, and one 6 MB
     weight (larger than any bucket the bucketed tests use)."""
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Embedding(1536, 1024), torch.nn.LayerNorm(1024), torch.nn.Linear(1024, 37))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(1536, 1024), torch.nn.LayerNorm(1024), torch.nn.Linear(1024, 37)
+    )
     model.register_buffer("scale_bf16", torch.randn(5, 3).to(torch.bfloat16))
     model.register_buffer("steps_i64", torch.tensor(0))
     model.register_buffer("empty", torch.empty(0, 4))
@@ -73,35 +78,55 @@ def _sender(cfg: dict, endpoint: str, device: str, broken: str) -> WeightSender:
     return sender
 
 
-def _refits(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gpu_sleep_cycles: int) -> None:
+def _refits(
+    cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gate_s: float
+) -> None:
     """Round trips: refit, report what was sent, step; re-allocates a parameter before refit 3, replaces a
     Parameter object before refit 4, sends state_dict() views at refit 5."""
     model, opt = tiny_trainer(device=device)
     with _sender(cfg, endpoint, device, broken) as sender:
         for v in range(1, num_refits + 1):
             if v == 3:
-                model[2].weight.data = model[2].weight.data.clone()  # a fresh storage; AdamW still updates it
+                model[2].weight.data = model[
+                    2
+                ].weight.data.clone()  # a fresh storage; AdamW still updates it
             if v == 4:
-                model[1].bias = torch.nn.Parameter(model[1].bias.detach() + 1)  # a new Parameter object
+                model[1].bias = torch.nn.Parameter(
+                    model[1].bias.detach() + 1
+                )  # a new Parameter object
             named = tensors(model, use_state_dict=v == 5)
             try:
                 stats = sender.send(named, version=v)
-            except PeerError as exc:  # the receiver's consume failed: report it and go on, as a trainer would
+            except (
+                PeerError
+            ) as exc:  # the receiver's consume failed: report it and go on, as a trainer would
                 queue.put(("peer_error", v, str(exc)))
                 continue
-            queue.put(("sent", v, stats.num_tensors, stats.num_buckets, snapshot(named),
-                       sorted(n for n, t in named if t.numel() and not t.untyped_storage().is_shared())))
+            queue.put(
+                (
+                    "sent",
+                    v,
+                    stats.num_tensors,
+                    stats.num_buckets,
+                    snapshot(named),
+                    sorted(
+                        n for n, t in named if t.numel() and not t.untyped_storage().is_shared()
+                    ),
+                )
+            )
             train_step(model, opt, v)
 
 
-def _race(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gpu_sleep_cycles: int) -> None:
+def _race(
+    cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str, gate_s: float
+) -> None:
     """Persistent constant-filled tensors, overwritten in place with the next refit's values right after send()
-    (on a GPU, with `gpu_sleep_cycles`, queued behind a long kernel)."""
+    (on a GPU, with `gate_s`, queued behind a host function that holds the stream that long: cuda_gate.py)."""
     named = [(f"layer.{i}", torch.empty(50_000, device=device)) for i in range(20)]
     with _sender(cfg, endpoint, device, broken) as sender:
         for v in range(1, num_refits + 1):
-            if gpu_sleep_cycles:
-                torch.cuda._sleep(gpu_sleep_cycles)
+            if gate_s:
+                hold_stream(gate_s)
             for name, t in named:
                 t.fill_(race_value(v, name))
             sender.send(named, version=v)
@@ -111,20 +136,37 @@ def _race(cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device:
         time.sleep(1.0)  # keep the storages alive while a late reader still looks
 
 
-def direct_sender(scenario: str, cfg: dict, endpoint: str, num_refits: int, queue, broken: str, device: str,
-                  gpu_sleep_cycles: int) -> None:
+def direct_sender(
+    scenario: str,
+    cfg: dict,
+    endpoint: str,
+    num_refits: int,
+    queue,
+    broken: str,
+    device: str,
+    gate_s: float,
+) -> None:
     torch.set_num_threads(1)
     try:
-        {"refits": _refits, "race": _race}[scenario](cfg, endpoint, num_refits, queue, broken, device, gpu_sleep_cycles)
+        {"refits": _refits, "race": _race}[scenario](
+            cfg, endpoint, num_refits, queue, broken, device, gate_s
+        )
     except Exception as exc:  # reported to the test, which asserts on it
         queue.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
 
 
-def start_sender(scenario: str, cfg: dict, endpoint: str, num_refits: int, broken: str = "", device: str = "cpu",
-                 gpu_sleep_cycles: int = 0):
+def start_sender(
+    scenario: str,
+    cfg: dict,
+    endpoint: str,
+    num_refits: int,
+    broken: str = "",
+    device: str = "cpu",
+    gate_s: float = 0.0,
+):
     """`broken`: "" (the real sender), "returns_before_done" or "no_trainer_fence" (test-only subclasses)."""
     queue = CTX.Queue()
-    args = (scenario, cfg, endpoint, num_refits, queue, broken, device, gpu_sleep_cycles)
+    args = (scenario, cfg, endpoint, num_refits, queue, broken, device, gate_s)
     proc = CTX.Process(target=direct_sender, args=args, daemon=True)
     proc.start()
     return proc, queue

@@ -19,23 +19,53 @@ from rollout.transfer.shm import ShmTransport
 BUCKET = 4096
 
 
-def _entry(name: str, offset: int, nbytes: int, chunk: int = 0, num_chunks: int = 1, total: int | None = None):
-    return wire.TensorEntry(name, "float32", [nbytes // 4] if num_chunks == 1 else [(total or nbytes) // 4],
-                            offset, nbytes, chunk, num_chunks, total or nbytes)
+def _entry(
+    name: str,
+    offset: int,
+    nbytes: int,
+    chunk: int = 0,
+    num_chunks: int = 1,
+    total: int | None = None,
+):
+    return wire.TensorEntry(
+        name,
+        "float32",
+        [nbytes // 4] if num_chunks == 1 else [(total or nbytes) // 4],
+        offset,
+        nbytes,
+        chunk,
+        num_chunks,
+        total or nbytes,
+    )
 
 
 BAD = {
-    "past the bucket's extent": ([_entry("w.past", 256, 4096)], 4096, "'w.past' lies outside bucket 0"),
+    "past the bucket's extent": (
+        [_entry("w.past", 256, 4096)],
+        4096,
+        "'w.past' lies outside bucket 0",
+    ),
     "negative offset": ([_entry("w.neg", -256, 64)], 64, "'w.neg' lies outside bucket 0"),
     "shape and bytes disagree": (
-        [wire.TensorEntry("w.shape", "float32", [3, 3], 0, 64, 0, 1, 64)], 64, "'w.shape': shape [3, 3]"
+        [wire.TensorEntry("w.shape", "float32", [3, 3], 0, 64, 0, 1, 64)],
+        64,
+        "'w.shape': shape [3, 3]",
     ),
-    "chunk 1 before chunk 0": ([_entry("w.big", 0, 4096, 1, 3, 3 * 4096)], 4096, "chunk 1/3 of 'w.big' out of order"),
+    "chunk 1 before chunk 0": (
+        [_entry("w.big", 0, 4096, 1, 3, 3 * 4096)],
+        4096,
+        "chunk 1/3 of 'w.big' out of order",
+    ),
     "two chunks in one bucket": (
         [_entry("w.a", 0, 1024, 0, 2, 4096 + 1024), _entry("w.b", 1024, 1024, 0, 2, 4096 + 1024)],
-        2048, "second chunk ('w.b')",
+        2048,
+        "second chunk ('w.b')",
     ),
-    "bucket larger than the buffers": ([_entry("w.ok", 0, 64)], BUCKET + 1, "does not fit the handshake's buffers"),
+    "bucket larger than the buffers": (
+        [_entry("w.ok", 0, 64)],
+        BUCKET + 1,
+        "does not fit the handshake's buffers",
+    ),
 }
 
 
@@ -59,7 +89,9 @@ def _hand_driven_refit(consume):
     worker = threading.Thread(target=receive)
     worker.start()
     try:
-        hello = wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", BUCKET, 1, **transport.describe())
+        hello = wire.Hello(
+            wire.PROTOCOL_VERSION, "shm", "fenced", BUCKET, 1, **transport.describe()
+        )
         channel.send(wire.BeginRefit(7, 1, 1, hello), "BeginRefit")
         assert isinstance(channel.recv("Ready", channel.deadline()), wire.Ready)
         yield channel, transport.buffer(0), raised
@@ -85,7 +117,9 @@ def test_bad_bucket_meta_fails_the_refit_naming_the_entry(case):
 def test_well_formed_meta_from_the_same_hand_driven_sender_is_delivered():
     """The control for the cases above: the same hand-built refit, with entries that fit, arrives."""
     got: dict[str, torch.Tensor] = {}
-    with _hand_driven_refit(lambda weights, is_last: got.update((n, t.clone()) for n, t in weights)) as (channel, buffer, raised):
+    with _hand_driven_refit(
+        lambda weights, is_last: got.update((n, t.clone()) for n, t in weights)
+    ) as (channel, buffer, raised):
         buffer[:64].view(torch.float32).copy_(torch.arange(16, dtype=torch.float32))
         channel.send(wire.BucketMeta(1, 0, 0, 64, True, [_entry("w.ok", 0, 64)]), "BucketMeta")
         channel.send(wire.Packed(1, 0, -1), "Packed")
@@ -99,7 +133,11 @@ def test_well_formed_meta_from_the_same_hand_driven_sender_is_delivered():
 def test_bytes_acquired_elsewhere_than_the_views_read_fail_the_refit(monkeypatch):
     """The views are built over buffer(i) before the bytes come, so acquire must hand back that memory:
     a copy (right bytes, other memory) is refused rather than leaving the views on stale pages."""
-    monkeypatch.setattr(ShmTransport, "acquire", lambda self, index, nbytes, deadline, what: self.buffer(index)[:nbytes].clone())
+    monkeypatch.setattr(
+        ShmTransport,
+        "acquire",
+        lambda self, index, nbytes, deadline, what: self.buffer(index)[:nbytes].clone(),
+    )
     with _hand_driven_refit(lambda weights, is_last: None) as (channel, _, raised):
         channel.send(wire.BucketMeta(1, 0, 0, 64, True, [_entry("w.ok", 0, 64)]), "BucketMeta")
         channel.send(wire.Packed(1, 0, -1), "Packed")

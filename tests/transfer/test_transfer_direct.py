@@ -10,8 +10,6 @@ import signal
 
 import pytest
 import torch
-
-from rollout.transfer import PeerError, TransferConfig, TransferTimeout, WeightReceiver, WeightSender, new_endpoint
 from direct_procs import (
     mapped_storages_of,
     receiver_once,
@@ -24,6 +22,15 @@ from direct_procs import (
     tiny_trainer,
 )
 from transfer_procs import CTX, race_value
+
+from rollout.transfer import (
+    PeerError,
+    TransferConfig,
+    TransferTimeout,
+    WeightReceiver,
+    WeightSender,
+    new_endpoint,
+)
 
 DIRECT = {"transport": "shm", "mode": "direct", "timeout_s": 30.0}
 NUM_REFITS = 6
@@ -49,25 +56,35 @@ def test_bitwise_round_trips_with_optimizer_steps_and_reallocated_parameters():
             sent = queue.get(timeout=30)
             assert sent[0] == "sent", sent
             _, version, num_tensors, num_buckets, expected, not_shared = sent
-            assert stats.version == version == v and stats.num_tensors == num_tensors == len(expected)
-            assert stats.num_buckets == num_buckets == 0 and calls == [(len(expected), True)]  # one hand-out
+            assert stats.version == version == v and stats.num_tensors == num_tensors == len(
+                expected
+            )
+            assert stats.num_buckets == num_buckets == 0 and calls == [
+                (len(expected), True)
+            ]  # one hand-out
             assert list(got) == list(expected)  # order kept
             for name, (dtype, shape, data) in expected.items():
-                assert got[name][:2] == (dtype, shape) and got[name][2] == data, f"refit {v}: {name} differs"
+                assert got[name][:2] == (dtype, shape) and got[name][2] == data, (
+                    f"refit {v}: {name} differs"
+                )
             assert not_shared == []  # every sent storage now lives in shared memory
             if previous is not None:  # the step changed the tensors in place and we saw it
-                assert got["2.weight"][2] != previous["2.weight"][2] and got["steps_i64"][2] != previous["steps_i64"][2]
+                assert (
+                    got["2.weight"][2] != previous["2.weight"][2]
+                    and got["steps_i64"][2] != previous["steps_i64"][2]
+                )
             previous = got
             segments_after.append(sorted(receiver._direct._segments))
     proc.join(30)
-    # The same 7 storages (the empty buffer has none) stay mapped across refits; refit 3 (a re-allocated weight) and refit 4 (a new
+    # The same 7 storages (the empty buffer has none) stay mapped across refits; refit 3 (a re-allocated
+    # weight) and refit 4 (a new
     # Parameter object) each replace exactly one segment; state_dict() views (refit 5) map nothing new.
     assert all(len(s) == 7 for s in segments_after), segments_after
     assert segments_after[0] == segments_after[1]
     assert len(set(segments_after[2]) - set(segments_after[1])) == 1
     assert len(set(segments_after[3]) - set(segments_after[2])) == 1
     assert segments_after[4] == segments_after[3] == segments_after[5]
-    assert not shm_entries_of(proc.pid) and not os.path.exists(endpoint[len("ipc://"):])
+    assert not shm_entries_of(proc.pid) and not os.path.exists(endpoint[len("ipc://") :])
 
 
 def _race(broken: str) -> list[str]:
@@ -80,8 +97,14 @@ def _race(broken: str) -> list[str]:
             def consume(weights, is_last):
                 import time
 
-                time.sleep(0.02)  # the trainer's next in-place update runs meanwhile, if send() returned early
-                corrupt.extend(f"refit {v}: {n}" for n, view in weights if not bool((view == race_value(v, n)).all()))
+                time.sleep(
+                    0.02
+                )  # the trainer's next in-place update runs meanwhile, if send() returned early
+                corrupt.extend(
+                    f"refit {v}: {n}"
+                    for n, view in weights
+                    if not bool((view == race_value(v, n)).all())
+                )
 
             receiver.receive(consume)
     assert queue.get(timeout=30) == ("sent", NUM_REFITS)
@@ -119,12 +142,14 @@ def test_receiver_survives_sigkilled_sender_and_unmaps_its_memory():
                 outcomes.append(str(exc))
                 break
             receiver._channel.timeout_s = 1.5
-        assert outcomes[-1] != "ok" and "BeginRefit" in outcomes[-1] and endpoint in outcomes[-1], outcomes
+        assert outcomes[-1] != "ok" and "BeginRefit" in outcomes[-1] and endpoint in outcomes[-1], (
+            outcomes
+        )
         gc.collect()
         assert not mapped_storages_of(proc.pid)  # a failed refit drops every mapping
     assert names and proc.exitcode == -signal.SIGKILL
     assert not shm_entries_of(proc.pid)
-    assert not os.path.exists(os.path.dirname(endpoint[len("ipc://"):]))
+    assert not os.path.exists(os.path.dirname(endpoint[len("ipc://") :]))
 
 
 def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one():
@@ -134,7 +159,9 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one():
         ready = CTX.Queue()
         dying = CTX.Process(target=receiver_that_dies, args=(DIRECT, endpoint, ready))
         dying.start()
-        assert ready.get(timeout=30) == "connected"  # its start-up took seconds; our wait for Done must not
+        assert (
+            ready.get(timeout=30) == "connected"
+        )  # its start-up took seconds; our wait for Done must not
         sender._channel.timeout_s = 1.5
         with pytest.raises(TransferTimeout, match="Done") as err:
             sender.send(tensors(model), version=1)
@@ -201,7 +228,9 @@ def test_a_tensor_direct_cannot_map_is_a_value_error_naming_it():
     model, _ = tiny_trainer()
     strided = [("ok", torch.zeros(4)), ("w.t", model[2].weight.t())]
     with WeightSender(TransferConfig(**{**DIRECT, "timeout_s": 1.5}), new_endpoint()) as sender:
-        with pytest.raises(ValueError, match=r"'w.t' is a non-contiguous view .*direct_fallback=bucketed"):
+        with pytest.raises(
+            ValueError, match=r"'w.t' is a non-contiguous view .*direct_fallback=bucketed"
+        ):
             sender.send(strided, version=1)  # before anything is sent: no receiver needed
         with pytest.raises(ValueError, match=r"'m' has no dense storage"):
             sender.send([("m", torch.empty(3, device="meta"))], version=1)
@@ -228,14 +257,22 @@ def test_fallback_to_buckets_is_explicit_and_logged(caplog):
     cfg = {**DIRECT, "direct_fallback": "bucketed", "bucket_mb": 1}
     endpoint = new_endpoint()
     g = torch.Generator().manual_seed(3)
-    strided = [("a", torch.randn(300, 7, generator=g)), ("b.t", torch.randn(40, 30, generator=g).t())]
+    strided = [
+        ("a", torch.randn(300, 7, generator=g)),
+        ("b.t", torch.randn(40, 30, generator=g).t()),
+    ]
     queue = CTX.Queue()
     with WeightSender(TransferConfig(**cfg), endpoint) as sender:
-        receivers = [CTX.Process(target=receiver_once, args=(cfg, endpoint, queue)) for _ in range(2)]
+        receivers = [
+            CTX.Process(target=receiver_once, args=(cfg, endpoint, queue)) for _ in range(2)
+        ]
         receivers[0].start()
         with caplog.at_level(logging.WARNING, logger="rollout.transfer.direct"):
             bucketed = sender.send(strided, version=1)
-        assert "'b.t' is a non-contiguous view" in caplog.text and "goes through buckets" in caplog.text
+        assert (
+            "'b.t' is a non-contiguous view" in caplog.text
+            and "goes through buckets" in caplog.text
+        )
         assert queue.get(timeout=30) == (1, snapshot(strided))
         # The first receiver must be gone before the second dials in: a DEALER socket deals its messages
         # round-robin over every pipe it still holds, and a refit's layout dealt to a dead one is lost.

@@ -24,19 +24,31 @@ def test_storages_are_exported_once_and_again_only_when_they_change():
     sender = DirectSender(CFG, Transport.shm, torch.device("cpu"))
     w, b = torch.nn.Parameter(torch.randn(64, 32)), torch.zeros(7)
     fused = torch.randn(30, 8)
-    named = [("w", w), ("b", b), ("q", fused[:10]), ("k", fused[10:20]), ("empty", torch.empty(0, 3))]
+    named = [
+        ("w", w),
+        ("b", b),
+        ("q", fused[:10]),
+        ("k", fused[10:20]),
+        ("empty", torch.empty(0, 3)),
+    ]
     _, first = sender.prepare(named)
     ids = _segment_ids(first)
     assert w.untyped_storage().is_shared() and b.untyped_storage().is_shared()
-    assert ids["q"] == ids["k"] != ids["w"] and ids["empty"] == 0  # views of one storage share its segment
+    assert (
+        ids["q"] == ids["k"] != ids["w"] and ids["empty"] == 0
+    )  # views of one storage share its segment
     assert [e.offset for e in first.entries if e.name in ("q", "k")] == [0, 10 * 8 * 4]
     assert len(first.shm_segments) == 3 and all(s.pid == os.getpid() for s in first.shm_segments)
 
     with torch.no_grad():
-        w.mul_(2)  # an in-place update changes nothing of the layout: the same plan, sent as a DirectRepeat
+        w.mul_(
+            2
+        )  # an in-place update changes nothing of the layout: the same plan, sent as a DirectRepeat
     _, second = sender.prepare(named)
     assert second is first
-    assert sender.prepare([(n, t.detach()) for n, t in named])[1] is first  # other tensor objects, same places
+    assert (
+        sender.prepare([(n, t.detach()) for n, t in named])[1] is first
+    )  # other tensor objects, same places
 
     w.data = w.data.clone()  # re-allocated under the same name: a new storage, found by identity
     _, third = sender.prepare(named)
@@ -59,7 +71,9 @@ def test_any_change_of_where_a_tensor_lies_is_a_new_plan(change):
         "fewer": [("a", flat[:32].view(4, 8))],
     }[change]
     _, second = sender.prepare(changed)
-    assert second.plan_id == first.plan_id + 1 and [e.name for e in second.entries] == [n for n, _ in changed]
+    assert second.plan_id == first.plan_id + 1 and [e.name for e in second.entries] == [
+        n for n, _ in changed
+    ]
 
 
 def test_receiver_rejects_malformed_layouts_naming_the_entry():
@@ -68,13 +82,25 @@ def test_receiver_rejects_malformed_layouts_naming_the_entry():
     good = wire.DirectEntry("w", "float32", [4, 4], 1, 256, 64)
     assert receiver._views(wire.DirectLayout(1, 1, [], [], [good]))[0][1].shape == (4, 4)
     bad = [
-        (wire.DirectEntry("past.end", "float32", [4, 4], 1, 1000, 64), "'past.end' lies outside segment 1"),
+        (
+            wire.DirectEntry("past.end", "float32", [4, 4], 1, 1000, 64),
+            "'past.end' lies outside segment 1",
+        ),
         (wire.DirectEntry("negative", "float32", [4], 1, -16, 16), "'negative' lies outside"),
         (wire.DirectEntry("unaligned", "float32", [4], 1, 2, 16), "'unaligned' lies outside"),
-        (wire.DirectEntry("no.segment", "float32", [4], 7, 0, 16), "'no.segment' lies outside segment 7"),
-        (wire.DirectEntry("size", "float32", [4, 4], 1, 0, 60), "'size': shape [4, 4] x float32 is not 60 bytes"),
+        (
+            wire.DirectEntry("no.segment", "float32", [4], 7, 0, 16),
+            "'no.segment' lies outside segment 7",
+        ),
+        (
+            wire.DirectEntry("size", "float32", [4, 4], 1, 0, 60),
+            "'size': shape [4, 4] x float32 is not 60 bytes",
+        ),
         (wire.DirectEntry("neg.dim", "float32", [-4], 1, 0, 16), "'neg.dim': shape"),
-        (wire.DirectEntry("dtype", "object", [4], 1, 0, 16), "'object' is not in the transfer's whitelist"),
+        (
+            wire.DirectEntry("dtype", "object", [4], 1, 0, 16),
+            "'object' is not in the transfer's whitelist",
+        ),
     ]
     for entry, words in bad:
         with pytest.raises(wire.ProtocolError, match=words.replace("[", r"\[").replace("]", r"\]")):

@@ -8,15 +8,6 @@ import re
 
 import pytest
 import torch
-
-from rollout.transfer import (
-    IntegrityError,
-    TransferConfig,
-    TransferTimeout,
-    WeightReceiver,
-    WeightSender,
-    new_endpoint,
-)
 from transfer_procs import (
     our_segments,
     race_tensors,
@@ -27,11 +18,20 @@ from transfer_procs import (
     refit_to_a_restarted_receiver,
 )
 
+from rollout.transfer import (
+    IntegrityError,
+    TransferConfig,
+    TransferTimeout,
+    WeightReceiver,
+    WeightSender,
+    new_endpoint,
+)
+
 SHORT = {"transport": "shm", "bucket_mb": 1, "sync": "fenced", "timeout_s": 1.5}
 
 
 def _socket_path(endpoint: str) -> str:
-    return endpoint[len("ipc://"):]
+    return endpoint[len("ipc://") :]
 
 
 def test_new_endpoint_is_unique_and_private():
@@ -72,7 +72,9 @@ def test_receiver_survives_sigkilled_sender_and_cleans_up(monkeypatch):
     attached = recording_allocate(monkeypatch, "attach")
     endpoint = new_endpoint()
     with receiving_from_a_killed_sender(SHORT, endpoint) as (receiver, error, seen):
-        assert isinstance(error, TransferTimeout) and re.search("Packed 1|bucket 1", str(error)), error
+        assert isinstance(error, TransferTimeout) and re.search("Packed 1|bucket 1", str(error)), (
+            error
+        )
         assert endpoint in str(error)
         assert receiver._transport is None  # unmapped at once, not at close()
         names = _names(attached[0])
@@ -88,7 +90,9 @@ def test_sender_survives_sigkilled_receiver_and_serves_a_restarted_one(monkeypat
     with WeightSender(cfg, endpoint) as sender:
         refit_to_a_receiver_that_dies(sender, SHORT, endpoint)
         first_names = _names(made[0])
-        assert not our_segments(first_names) and sender._transport is None  # a failed refit drops its buffers
+        assert (
+            not our_segments(first_names) and sender._transport is None
+        )  # a failed refit drops its buffers
 
         refit_to_a_restarted_receiver(sender, SHORT, endpoint)  # fresh buffers for a fresh receiver
         second_names = _names(sender._transport.describe())
@@ -104,11 +108,17 @@ def test_names_go_once_mapped_and_a_second_receiver_gets_fresh_buffers():
     endpoint = new_endpoint()
     hellos = []
     with WeightSender(cfg, endpoint) as sender:
-        for receiver in receivers_in_turn(sender, cfg, endpoint):  # the previous one closed between refits
+        for receiver in receivers_in_turn(
+            sender, cfg, endpoint
+        ):  # the previous one closed between refits
             names = _names(sender._transport.describe())
-            assert names == _names({"shm_buffers": receiver._hello.shm_buffers}) and not our_segments(names)
+            assert names == _names(
+                {"shm_buffers": receiver._hello.shm_buffers}
+            ) and not our_segments(names)
             hellos.append(receiver._hello)
-    assert [h.generation for h in hellos] == [1, 2] and _names(vars(hellos[0])) != _names(vars(hellos[1]))
+    assert [h.generation for h in hellos] == [1, 2] and _names(vars(hellos[0])) != _names(
+        vars(hellos[1])
+    )
 
 
 def test_checksum_mismatch_names_the_tensors(sender_server):

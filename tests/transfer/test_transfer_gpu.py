@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from rollout.transfer import IntegrityError, TransferConfig, WeightReceiver, new_endpoint, resolve_transport
 from transfer_procs import AckWithoutFence, as_bytes, late_gpu_reads, mixed_tensors, race_value
+
+from rollout.transfer import (
+    IntegrityError,
+    TransferConfig,
+    WeightReceiver,
+    new_endpoint,
+    resolve_transport,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -17,7 +23,10 @@ def _cfg(**kw) -> dict:
 
 def test_auto_resolves_by_device():
     cfg = TransferConfig()
-    assert resolve_transport(cfg, "cuda:0").value == "cuda_ipc" and resolve_transport(cfg, "cpu").value == "shm"
+    assert (
+        resolve_transport(cfg, "cuda:0").value == "cuda_ipc"
+        and resolve_transport(cfg, "cpu").value == "shm"
+    )
 
 
 @pytest.mark.parametrize("sync", ["fenced", "double_buffer", "clone"])
@@ -25,7 +34,12 @@ def test_cuda_ipc_bitwise_round_trip(sender_server, sync):
     cfg = _cfg(sync=sync)
     endpoint = new_endpoint()
     seeds = [21, 22]
-    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": 1 << 20, "seed": s, "version": s} for s in seeds], device="cuda")
+    sender_server.run(
+        cfg,
+        endpoint,
+        [{"kind": "mixed", "bucket_bytes": 1 << 20, "seed": s, "version": s} for s in seeds],
+        device="cuda",
+    )
     with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
         for seed in seeds:
             got = {}
@@ -44,7 +58,9 @@ def test_cuda_ipc_bitwise_round_trip(sender_server, sync):
 
 
 def _late_gpu_reads(sender_server, sync: str, policy=None) -> list[str]:
-    return late_gpu_reads(sender_server, _cfg(sync=sync), "cuda", "cuda:0", num_refits=6, policy=policy)
+    return late_gpu_reads(
+        sender_server, _cfg(sync=sync), "cuda", "cuda:0", num_refits=6, policy=policy
+    )
 
 
 @pytest.mark.parametrize("sync", ["fenced", "double_buffer"])
@@ -65,8 +81,12 @@ def _late_packs(sender_server) -> list[str]:
     endpoint = new_endpoint()
     versions = list(range(1, 5))
     corrupt = []
-    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v, "gpu_sleep_cycles": 50_000_000} for v in versions],
-                      device="cuda")
+    sender_server.run(
+        cfg,
+        endpoint,
+        [{"kind": "race", "version": v, "gpu_sleep_cycles": 50_000_000} for v in versions],
+        device="cuda",
+    )
     with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
         for v in versions:
             dest: dict[str, torch.Tensor] = {}
@@ -77,7 +97,11 @@ def _late_packs(sender_server) -> list[str]:
 
             receiver.receive(consume)
             torch.cuda.synchronize()
-            corrupt += [f"refit {v}: {n}" for n, t in dest.items() if not bool((t == race_value(v, n)).all())]
+            corrupt += [
+                f"refit {v}: {n}"
+                for n, t in dest.items()
+                if not bool((t == race_value(v, n)).all())
+            ]
     assert all(r[0] == "ok" for r in sender_server.result())
     return corrupt
 
@@ -89,7 +113,11 @@ def test_cuda_ipc_receiver_waits_for_late_packs(sender_server):
 def test_cuda_ipc_late_pack_test_catches_a_missing_wait(sender_server, monkeypatch):
     from rollout.transfer.cuda_ipc import CudaIpcTransport
 
-    monkeypatch.setattr(CudaIpcTransport, "acquire", lambda self, index, nbytes, deadline, what: self.buffer(index)[:nbytes])
+    monkeypatch.setattr(
+        CudaIpcTransport,
+        "acquire",
+        lambda self, index, nbytes, deadline, what: self.buffer(index)[:nbytes],
+    )
     assert _late_packs(sender_server)
 
 
@@ -114,20 +142,28 @@ def test_cuda_ipc_reassembled_tensor_is_complete_for_a_consumer_on_another_strea
     cfg = _cfg(bucket_mb=256)
     endpoint = new_endpoint()
     seeds = [31, 32]
-    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": bucket, "seed": s, "version": s} for s in seeds],
-                      device="cuda")
+    sender_server.run(
+        cfg,
+        endpoint,
+        [{"kind": "mixed", "bucket_bytes": bucket, "seed": s, "version": s} for s in seeds],
+        device="cuda",
+    )
     loader = torch.cuda.Stream(device="cuda:0")  # non-blocking, as PyTorch's pool streams are
     with WeightReceiver(TransferConfig(**cfg), endpoint, device="cuda:0") as receiver:
         for seed in seeds:
             got = {}
 
             def consume(weights, is_last):
-                with torch.cuda.stream(loader):  # read at once, on another stream, as vLLM's loader does
+                with torch.cuda.stream(
+                    loader
+                ):  # read at once, on another stream, as vLLM's loader does
                     for name, view in weights:
                         got[name] = view.clone()
                 loader.synchronize()
 
             receiver.receive(consume)
             big = dict(mixed_tensors(bucket, seed))["big.3_5x"]
-            assert torch.equal(as_bytes(got["big.3_5x"].cpu()), as_bytes(big)), f"refit {seed}: a partial reassembly"
+            assert torch.equal(as_bytes(got["big.3_5x"].cpu()), as_bytes(big)), (
+                f"refit {seed}: a partial reassembly"
+            )
     assert all(r[0] == "ok" for r in sender_server.result())

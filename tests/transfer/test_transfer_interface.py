@@ -15,8 +15,11 @@ from rollout.transfer.nccl import NcclTransport
 from rollout.transfer.shm import ShmTransport
 
 TRANSFER = Path(transports.__file__).parent
-MEMBERS = [name for name, member in vars(transports.BucketTransport).items()
-           if inspect.isfunction(member) and not name.startswith("_")]
+MEMBERS = [
+    name
+    for name, member in vars(transports.BucketTransport).items()
+    if inspect.isfunction(member) and not name.startswith("_")
+]
 
 
 def _methods(cls: type) -> dict[str, ast.FunctionDef]:
@@ -26,19 +29,35 @@ def _methods(cls: type) -> dict[str, ast.FunctionDef]:
 
 def test_the_protocol_has_the_verbs_the_docstring_names():
     assert MEMBERS == ["describe", "reclaim", "publish", "buffer", "acquire", "close"]
-    assert all(f"{name}(" in transports.BucketTransport.__doc__ or f"`{name}`" in transports.BucketTransport.__doc__
-               for name in MEMBERS)
+    assert all(
+        f"{name}(" in transports.BucketTransport.__doc__
+        or f"`{name}`" in transports.BucketTransport.__doc__
+        for name in MEMBERS
+    )
 
 
-@pytest.mark.parametrize("cls", [ShmTransport, CudaIpcTransport, NcclTransport], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [ShmTransport, CudaIpcTransport, NcclTransport], ids=lambda c: c.__name__
+)
 def test_every_transport_implements_every_member_for_real(cls):
     methods = _methods(cls)
     for name in MEMBERS:
-        assert inspect.signature(getattr(cls, name)) == inspect.signature(getattr(transports.BucketTransport, name)), name
-        body = [node for node in methods[name].body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+        assert inspect.signature(getattr(cls, name)) == inspect.signature(
+            getattr(transports.BucketTransport, name)
+        ), name
+        body = [
+            node
+            for node in methods[name].body
+            if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+        ]
         assert body, f"{cls.__name__}.{name} is a docstring-only no-op"
-    assigned = {t.attr for node in ast.walk(methods["__init__"]) if isinstance(node, ast.Assign)
-                for t in node.targets if isinstance(t, ast.Attribute)}
+    assigned = {
+        t.attr
+        for node in ast.walk(methods["__init__"])
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Attribute)
+    }
     assert set(transports.BucketTransport.__annotations__) <= assigned  # device
 
 

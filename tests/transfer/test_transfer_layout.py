@@ -15,7 +15,11 @@ def _plan(tensors):
 
 
 def test_offsets_are_aligned_and_buckets_fill_in_order():
-    tensors = [("a", torch.zeros(3, dtype=torch.int8)), ("b", torch.zeros(5)), ("c", torch.zeros(2, dtype=torch.float64))]
+    tensors = [
+        ("a", torch.zeros(3, dtype=torch.int8)),
+        ("b", torch.zeros(5)),
+        ("c", torch.zeros(2, dtype=torch.float64)),
+    ]
     (bucket,) = _plan(tensors)
     assert [p.entry.offset for p in bucket.placements] == [0, 256, 512]
     assert bucket.is_last and bucket.nbytes == 512 + 16
@@ -25,11 +29,17 @@ def test_exact_bucket_fits_and_one_byte_more_is_chunked():
     exact = _plan([("x", torch.zeros(B, dtype=torch.uint8))])
     assert len(exact) == 1 and exact[0].placements[0].entry.num_chunks == 1
     over = _plan([("x", torch.zeros(B + 1, dtype=torch.uint8))])
-    assert [b.nbytes for b in over] == [B, 1] and [b.placements[0].entry.chunk_index for b in over] == [0, 1]
+    assert [b.nbytes for b in over] == [B, 1] and [
+        b.placements[0].entry.chunk_index for b in over
+    ] == [0, 1]
 
 
 def test_tensor_three_and_a_half_buckets_is_four_chunks_starting_a_fresh_bucket():
-    small, big, tail = torch.ones(10), torch.arange(int(3.5 * B) // 4, dtype=torch.float32), torch.ones(4)
+    small, big, tail = (
+        torch.ones(10),
+        torch.arange(int(3.5 * B) // 4, dtype=torch.float32),
+        torch.ones(4),
+    )
     buckets = _plan([("s", small), ("big", big), ("t", tail)])
     assert [len(b.placements) for b in buckets] == [1, 1, 1, 1, 2]
     chunks = [p.entry for b in buckets for p in b.placements if p.entry.name == "big"]
@@ -39,7 +49,12 @@ def test_tensor_three_and_a_half_buckets_is_four_chunks_starting_a_fresh_bucket(
 
 
 def test_tensor_that_does_not_fit_the_rest_starts_the_next_bucket():
-    buckets = _plan([("a", torch.zeros(B // 2, dtype=torch.uint8)), ("b", torch.zeros(B // 2 + 1, dtype=torch.uint8))])
+    buckets = _plan(
+        [
+            ("a", torch.zeros(B // 2, dtype=torch.uint8)),
+            ("b", torch.zeros(B // 2 + 1, dtype=torch.uint8)),
+        ]
+    )
     assert [p.entry.name for b in buckets for p in b.placements] == ["a", "b"] and len(buckets) == 2
 
 
@@ -68,7 +83,11 @@ def test_pack_then_view_is_bitwise_for_strided_and_chunked_inputs():
 
 
 def test_unpack_into_inverts_pack_for_strided_and_chunked_inputs():
-    tensors = [("s", torch.randn(20, 30)[::2, ::3]), ("z", torch.tensor(True)), ("c", torch.randn(70, 30).t())]
+    tensors = [
+        ("s", torch.randn(20, 30)[::2, ::3]),
+        ("z", torch.tensor(True)),
+        ("c", torch.randn(70, 30).t()),
+    ]
     dests = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in tensors}
     buffer = torch.zeros(B, dtype=torch.uint8)
     for bucket in _plan(tensors):

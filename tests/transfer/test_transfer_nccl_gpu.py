@@ -9,9 +9,6 @@ import signal
 
 import pytest
 import torch
-
-from benchmarks import transfer as bench
-from rollout.transfer import IntegrityError, PeerError, TransferConfig, TransferTimeout, WeightReceiver, WeightSender, new_endpoint
 from transfer_procs import (
     CTX,
     AckWithoutFence,
@@ -24,7 +21,21 @@ from transfer_procs import (
     sender_silent_after_first_bucket,
 )
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")]
+from benchmarks import transfer as bench
+from rollout.transfer import (
+    IntegrityError,
+    PeerError,
+    TransferConfig,
+    TransferTimeout,
+    WeightReceiver,
+    WeightSender,
+    new_endpoint,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+]
 
 SENDER, RECEIVER = "cuda:0", "cuda:1"
 
@@ -43,7 +54,12 @@ def test_nccl_bitwise_round_trip_gpu0_to_gpu1(sender_server, sync):
     cfg = _cfg(sync=sync)
     endpoint = new_endpoint()
     seeds = [31, 32]
-    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": 1 << 20, "seed": s, "version": s} for s in seeds], device=SENDER)
+    sender_server.run(
+        cfg,
+        endpoint,
+        [{"kind": "mixed", "bucket_bytes": 1 << 20, "seed": s, "version": s} for s in seeds],
+        device=SENDER,
+    )
     allocated = _allocated(RECEIVER)
     nvls_before = os.environ.get("NCCL_NVLS_ENABLE")
     with WeightReceiver(TransferConfig(**cfg), endpoint, device=RECEIVER) as receiver:
@@ -65,11 +81,15 @@ def test_nccl_bitwise_round_trip_gpu0_to_gpu1(sender_server, sync):
         assert receiver._hello.nccl_buffers[0].backend == "nccl"
     assert [r[0] for r in sender_server.result()] == ["ok", "ok"]
     assert _allocated(RECEIVER) == allocated  # buffer and reassembly freed on close
-    assert os.environ.get("NCCL_NVLS_ENABLE") == nvls_before  # set only around the communicator's creation
+    assert (
+        os.environ.get("NCCL_NVLS_ENABLE") == nvls_before
+    )  # set only around the communicator's creation
 
 
 def _late_gpu_reads(sender_server, sync: str, policy=None) -> list[str]:
-    return late_gpu_reads(sender_server, _cfg(sync=sync), SENDER, RECEIVER, num_refits=4, policy=policy)
+    return late_gpu_reads(
+        sender_server, _cfg(sync=sync), SENDER, RECEIVER, num_refits=4, policy=policy
+    )
 
 
 @pytest.mark.parametrize("sync", ["fenced", "double_buffer", "clone"])
@@ -96,7 +116,12 @@ def test_nccl_verify_detects_corruption(sender_server):
 def test_nccl_failed_refit_then_a_good_one_on_a_fresh_communicator(sender_server):
     cfg = _cfg(sync="double_buffer")
     endpoint = new_endpoint()
-    sender_server.run(cfg, endpoint, [{"kind": "duplicate", "version": 1}, {"kind": "race", "version": 2}], device=SENDER)
+    sender_server.run(
+        cfg,
+        endpoint,
+        [{"kind": "duplicate", "version": 1}, {"kind": "race", "version": 2}],
+        device=SENDER,
+    )
     with WeightReceiver(TransferConfig(**cfg), endpoint, device=RECEIVER) as receiver:
         with pytest.raises(PeerError, match="duplicate"):
             receiver.receive(lambda w, last: None)
@@ -112,10 +137,14 @@ def test_nccl_receiver_stuck_on_a_broadcast_times_out_and_frees_its_memory():
     endpoint = new_endpoint()
     torch.zeros(1, device=RECEIVER)  # CUDA up here too, before the handshake's short waits
     ready = CTX.Queue()
-    sender = CTX.Process(target=sender_silent_after_first_bucket, args=(cfg, endpoint, SENDER, ready))
+    sender = CTX.Process(
+        target=sender_silent_after_first_bucket, args=(cfg, endpoint, SENDER, ready)
+    )
     sender.start()
     try:
-        assert ready.get(timeout=120) == "ready"  # CUDA is up in the child: the waits below are short
+        assert (
+            ready.get(timeout=120) == "ready"
+        )  # CUDA is up in the child: the waits below are short
         allocated = _allocated(RECEIVER)
         with WeightReceiver(TransferConfig(**cfg), endpoint, device=RECEIVER) as receiver:
             with pytest.raises(TransferTimeout, match="the bytes of bucket 1 of refit 1") as err:
@@ -137,7 +166,9 @@ def test_nccl_sender_survives_sigkilled_receiver_frees_memory_and_serves_a_resta
     with WeightSender(TransferConfig(**cfg), endpoint, device=SENDER) as sender:
         dying = CTX.Process(target=receiver_that_dies, args=(cfg, endpoint, RECEIVER))
         dying.start()
-        sender._channel.timeout_s = 10.0  # the child connects first (the send of BeginRefit waits for it)
+        sender._channel.timeout_s = (
+            10.0  # the child connects first (the send of BeginRefit waits for it)
+        )
         with pytest.raises(TransferTimeout, match="Ack") as err:
             sender.send(tensors, version=1)
         dying.join()
@@ -157,7 +188,9 @@ def test_nccl_sender_survives_sigkilled_receiver_frees_memory_and_serves_a_resta
 
 def test_bench_measures_gpu0_to_gpu1_against_the_three_copy_floor():
     cfg = TransferConfig(transport="nccl", bucket_mb=4, sync="fenced", timeout_s=60.0)
-    result = bench.run(cfg, bench.BenchConfig(device="cuda", total_gb=0.05, hidden_size=256, num_repeats=2))
+    result = bench.run(
+        cfg, bench.BenchConfig(device="cuda", total_gb=0.05, hidden_size=256, num_repeats=2)
+    )
     assert (result["sender_device"], result["receiver_device"]) == ("cuda:0", "cuda:1")
     assert result["num_buckets"] >= 10 and len(result["refit_all_s"]) == 2
     assert result["floor_s"] > 0 and result["refit_s"] > 0

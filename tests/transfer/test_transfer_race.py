@@ -15,10 +15,10 @@ import threading
 import time
 
 import pytest
+from transfer_procs import race_value
 
 from rollout.transfer import PeerError, TransferConfig, WeightReceiver, new_endpoint
 from rollout.transfer.sync import Fenced
-from transfer_procs import race_value
 
 NUM_REFITS = 8
 
@@ -38,16 +38,22 @@ def _slow_checking_consume(version: int, delay_s: float = 0.02):
         for name, view in weights:
             expected = race_value(version, name)
             if not bool((view == expected).all()):
-                raise AssertionError(f"corrupt view {name}: expected {expected}, found {view.unique()[:4].tolist()}")
+                raise AssertionError(
+                    f"corrupt view {name}: expected {expected}, found {view.unique()[:4].tolist()}"
+                )
 
     return consume
 
 
-def _receive_all(cfg: dict, endpoint: str, versions: list[int], rank: int, policy, delay_s: float) -> list:
+def _receive_all(
+    cfg: dict, endpoint: str, versions: list[int], rank: int, policy, delay_s: float
+) -> list:
     outcomes = []
     with WeightReceiver(TransferConfig(**cfg), endpoint, device="cpu", rank=rank) as receiver:
         if policy is not None:
-            receiver._policy = policy  # the test injects the broken ordering; no config value exposes it
+            receiver._policy = (
+                policy  # the test injects the broken ordering; no config value exposes it
+            )
         for v in versions:
             try:
                 stats = receiver.receive(_slow_checking_consume(v, delay_s))
@@ -66,11 +72,18 @@ def _run_race(sender_server, sync: str, policies=(None,), transport: str = "shm"
     endpoint = new_endpoint()
     versions = list(range(1, NUM_REFITS + 1))
     last = len(policies) - 1
-    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in versions], num_receivers=len(policies))
+    sender_server.run(
+        cfg,
+        endpoint,
+        [{"kind": "race", "version": v} for v in versions],
+        num_receivers=len(policies),
+    )
     outcomes: list[list] = [[] for _ in policies]
 
     def run(rank: int) -> None:
-        outcomes[rank] = _receive_all(cfg, endpoint, versions, rank, policies[rank], 0.02 if rank == last else 0.0)
+        outcomes[rank] = _receive_all(
+            cfg, endpoint, versions, rank, policies[rank], 0.02 if rank == last else 0.0
+        )
 
     threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(last)]
     for t in threads:
@@ -87,7 +100,9 @@ def _run_race(sender_server, sync: str, policies=(None,), transport: str = "shm"
 def test_late_reader_never_sees_overwritten_views(sender_server, transport, sync):
     (outcomes,) = _run_race(sender_server, sync, transport=transport)
     assert all(status == "ok" for status, _ in outcomes), outcomes
-    assert all(num_buckets >= 3 for _, num_buckets in outcomes)  # several buckets share the buffer(s)
+    assert all(
+        num_buckets >= 3 for _, num_buckets in outcomes
+    )  # several buckets share the buffer(s)
 
 
 def test_race_test_catches_ack_before_consume(sender_server):
@@ -95,7 +110,9 @@ def test_race_test_catches_ack_before_consume(sender_server):
     assert any(status == "corrupt" for status, _ in outcomes), outcomes
 
 
-@pytest.mark.parametrize(("transport", "sync"), [("shm", "fenced"), ("shm", "double_buffer"), ("nccl", "fenced")])
+@pytest.mark.parametrize(
+    ("transport", "sync"), [("shm", "fenced"), ("shm", "double_buffer"), ("nccl", "fenced")]
+)
 def test_fanout_slow_receiver_never_sees_overwritten_views(sender_server, transport, sync):
     """Two receivers, the second slow: the sender waits for both Acks before it packs a buffer again."""
     outcomes = _run_race(sender_server, sync, policies=(None, None), transport=transport)

@@ -7,9 +7,16 @@ import os
 
 import pytest
 import torch
+from transfer_procs import (
+    as_bytes,
+    listening,
+    mixed_tensors,
+    our_segments,
+    send_in_thread,
+    store_ports,
+)
 
 from rollout.transfer import PeerError, TransferConfig, WeightReceiver, WeightSender, new_endpoint
-from transfer_procs import as_bytes, listening, mixed_tensors, our_segments, send_in_thread, store_ports
 
 TIMEOUT_S = 20.0
 
@@ -50,13 +57,24 @@ def test_bitwise_round_trip_over_many_refits(sender_server, transport, sync, buc
     cfg = _cfg(transport=transport, sync=sync, bucket_mb=bucket_mb, spin_us=spin_us)
     endpoint = new_endpoint()
     seeds = [11, 12, 13]
-    sender_server.run(cfg, endpoint, [{"kind": "mixed", "bucket_bytes": bucket_mb << 20, "seed": s, "version": s} for s in seeds])
+    sender_server.run(
+        cfg,
+        endpoint,
+        [
+            {"kind": "mixed", "bucket_bytes": bucket_mb << 20, "seed": s, "version": s}
+            for s in seeds
+        ],
+    )
     stores = [{} for _ in seeds]
     calls = [[] for _ in seeds]
-    outcomes, hello = _receive_all(cfg, endpoint, len(seeds), lambda i: _collector(stores[i], calls[i]))
+    outcomes, hello = _receive_all(
+        cfg, endpoint, len(seeds), lambda i: _collector(stores[i], calls[i])
+    )
     sent = sender_server.result()
 
-    for seed, store, is_last_flags, (status, stats), result in zip(seeds, stores, calls, outcomes, sent):
+    for seed, store, is_last_flags, (status, stats), result in zip(
+        seeds, stores, calls, outcomes, sent
+    ):
         assert status == "ok", stats
         assert result[0] == "ok", result
         expected = mixed_tensors(bucket_mb << 20, seed)
@@ -76,19 +94,27 @@ def test_bitwise_round_trip_over_many_refits(sender_server, transport, sync, buc
     else:  # one group (one store) served every refit, and it is gone with the sender
         assert hello.num_buffers == len(hello.nccl_buffers) and len(store_ports(hello)) == 1
         assert not listening(store_ports(hello)[0])
-    assert not os.path.exists(endpoint[len("ipc://"):])
+    assert not os.path.exists(endpoint[len("ipc://") :])
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_zero_tensor_refit_completes_without_consume(sender_server, transport):
     cfg = _cfg(transport=transport, sync="fenced", bucket_mb=1)
     endpoint = new_endpoint()
-    sender_server.run(cfg, endpoint, [{"kind": "zero", "version": 3}, {"kind": "race", "version": 4}])
+    sender_server.run(
+        cfg, endpoint, [{"kind": "zero", "version": 3}, {"kind": "race", "version": 4}]
+    )
     calls = []
-    outcomes, _ = _receive_all(cfg, endpoint, 2, lambda i: lambda w, last: calls.append((i, len(w))))
+    outcomes, _ = _receive_all(
+        cfg, endpoint, 2, lambda i: lambda w, last: calls.append((i, len(w)))
+    )
     sent = sender_server.result()
     assert [o[0] for o in outcomes] == ["ok", "ok"] and [r[0] for r in sent] == ["ok", "ok"]
-    assert outcomes[0][1].num_tensors == 0 and outcomes[0][1].num_buckets == 0 and outcomes[0][1].version == 3
+    assert (
+        outcomes[0][1].num_tensors == 0
+        and outcomes[0][1].num_buckets == 0
+        and outcomes[0][1].version == 3
+    )
     assert calls and all(i == 1 for i, _ in calls)
 
 
@@ -108,20 +134,30 @@ def test_consume_error_reaches_sender_and_next_refit_works(sender_server, transp
     outcomes, hello = _receive_all(cfg, endpoint, 2, consume_factory)
     sent = sender_server.result()
     assert outcomes[0][0] == "error" and "exploded on purpose" in str(outcomes[0][1])
-    assert sent[0][0] == "error" and sent[0][1] == "PeerError" and "exploded on purpose" in sent[0][2]
+    assert (
+        sent[0][0] == "error" and sent[0][1] == "PeerError" and "exploded on purpose" in sent[0][2]
+    )
     assert outcomes[1][0] == "ok" and outcomes[1][1].version == 2 and sent[1][0] == "ok"
-    assert hello.generation == 2  # a failed refit closes the transport on both ends: fresh buffers or group
+    assert (
+        hello.generation == 2
+    )  # a failed refit closes the transport on both ends: fresh buffers or group
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_duplicate_name_is_a_value_error_and_next_refit_works(sender_server, transport):
     cfg = _cfg(transport=transport, sync="double_buffer", bucket_mb=1)
     endpoint = new_endpoint()
-    sender_server.run(cfg, endpoint, [{"kind": "duplicate", "version": 1}, {"kind": "race", "version": 2}])
+    sender_server.run(
+        cfg, endpoint, [{"kind": "duplicate", "version": 1}, {"kind": "race", "version": 2}]
+    )
     outcomes, hello = _receive_all(cfg, endpoint, 2, lambda i: lambda w, last: None)
     sent = sender_server.result()
     assert sent[0][:2] == ("error", "ValueError") and "'layer.3'" in sent[0][2]
-    assert outcomes[0][0] == "error" and isinstance(outcomes[0][1], PeerError) and "duplicate" in str(outcomes[0][1])
+    assert (
+        outcomes[0][0] == "error"
+        and isinstance(outcomes[0][1], PeerError)
+        and "duplicate" in str(outcomes[0][1])
+    )
     assert outcomes[1][0] == "ok" and sent[1][0] == "ok"
     assert hello.generation == 2
 
@@ -129,7 +165,9 @@ def test_duplicate_name_is_a_value_error_and_next_refit_works(sender_server, tra
 def test_receiver_may_start_before_sender(sender_server):
     cfg = _cfg(sync="fenced", bucket_mb=1)
     endpoint = new_endpoint()
-    receiver = WeightReceiver(TransferConfig(**cfg), endpoint, device="cpu")  # connects to nothing yet
+    receiver = WeightReceiver(
+        TransferConfig(**cfg), endpoint, device="cpu"
+    )  # connects to nothing yet
     sender_server.run(cfg, endpoint, [{"kind": "race", "version": 5}])
     with receiver:
         stats = receiver.receive(lambda w, last: None)
@@ -138,8 +176,12 @@ def test_receiver_may_start_before_sender(sender_server):
 
 def test_config_mismatch_is_reported_on_both_ends(sender_server):
     endpoint = new_endpoint()
-    sender_server.run(_cfg(sync="double_buffer", bucket_mb=1), endpoint, [{"kind": "race", "version": 1}])
-    outcomes, _ = _receive_all(_cfg(sync="fenced", bucket_mb=1), endpoint, 1, lambda i: lambda w, last: None)
+    sender_server.run(
+        _cfg(sync="double_buffer", bucket_mb=1), endpoint, [{"kind": "race", "version": 1}]
+    )
+    outcomes, _ = _receive_all(
+        _cfg(sync="fenced", bucket_mb=1), endpoint, 1, lambda i: lambda w, last: None
+    )
     sent = sender_server.result()
     assert outcomes[0][0] == "error" and "sync mismatch" in str(outcomes[0][1])
     assert sent[0][1] == "PeerError" and "sync mismatch" in sent[0][2]
@@ -151,8 +193,12 @@ def test_both_ends_tell_their_observer_every_step_of_every_bucket_in_order(sync,
     cfg = TransferConfig(**_cfg(sync=sync, bucket_mb=1))
     endpoint = new_endpoint()
     sent, got = [], []
-    with WeightSender(cfg, endpoint, device="cpu", on_step=lambda step, k: sent.append((step, k))) as sender:
-        with WeightReceiver(cfg, endpoint, on_step=lambda step, k: got.append((step, k))) as receiver:
+    with WeightSender(
+        cfg, endpoint, device="cpu", on_step=lambda step, k: sent.append((step, k))
+    ) as sender:
+        with WeightReceiver(
+            cfg, endpoint, on_step=lambda step, k: got.append((step, k))
+        ) as receiver:
             thread, outcome = send_in_thread(sender, 1, num_tensors=20)
             num_buckets = receiver.receive(lambda w, last: None).num_buckets
             thread.join(20)
@@ -164,6 +210,11 @@ def test_both_ends_tell_their_observer_every_step_of_every_bucket_in_order(sync,
     assert len(sent) == 5 * num_buckets and len(got) == 3 * num_buckets
     sender_steps = ["send BucketMeta", "pack start", "pack end", "send Packed", "got Ack"]
     assert by_bucket(sent) == dict.fromkeys(range(num_buckets), sender_steps)
-    assert by_bucket(got) == dict.fromkeys(range(num_buckets), ["got BucketMeta", "got Packed", "send Ack"])
+    assert by_bucket(got) == dict.fromkeys(
+        range(num_buckets), ["got BucketMeta", "got Packed", "send Ack"]
+    )
     # a buffer is packed again only after its previous bucket's Ack
-    assert all(sent.index(("got Ack", k - num_buffers)) < sent.index(("pack start", k)) for k in range(num_buffers, num_buckets))
+    assert all(
+        sent.index(("got Ack", k - num_buffers)) < sent.index(("pack start", k))
+        for k in range(num_buffers, num_buckets)
+    )

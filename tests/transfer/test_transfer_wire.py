@@ -12,13 +12,37 @@ from rollout.transfer import wire
 
 
 def _samples() -> list:
-    hello = wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", 1 << 20, 1, [wire.ShmBuffer("refit-" + "0" * 32 + "-0", 1 << 20)], [])
+    hello = wire.Hello(
+        wire.PROTOCOL_VERSION,
+        "shm",
+        "fenced",
+        1 << 20,
+        1,
+        [wire.ShmBuffer("refit-" + "0" * 32 + "-0", 1 << 20)],
+        [],
+    )
     cuda = wire.CudaIpcBuffer("GPU-1", 0, b"\x00\x01", 4096, 512, b"rc", 8, b"", False, 2048)
     entry = wire.TensorEntry("w", "bfloat16", [3, 4], 256, 24, 0, 1, 24)
     return [
         wire.BeginRefit(123, 4, 7, hello),
-        wire.BeginRefit(123, 5, 8, wire.Hello(1, "cuda_ipc", "double_buffer", 4096, 2, [], [cuda, cuda])),
-        wire.BeginRefit(123, 6, 9, wire.Hello(2, "nccl", "double_buffer", 4096, 3, [], [], [wire.NcclBuffer("127.0.0.1", 29500, "nccl", 4096)] * 2)),
+        wire.BeginRefit(
+            123, 5, 8, wire.Hello(1, "cuda_ipc", "double_buffer", 4096, 2, [], [cuda, cuda])
+        ),
+        wire.BeginRefit(
+            123,
+            6,
+            9,
+            wire.Hello(
+                2,
+                "nccl",
+                "double_buffer",
+                4096,
+                3,
+                [],
+                [],
+                [wire.NcclBuffer("127.0.0.1", 29500, "nccl", 4096)] * 2,
+            ),
+        ),
         wire.Ready(4, False, "gone"),
         wire.BucketMeta(4, 0, 1, 280, True, [entry, entry]),
         wire.BucketMeta(4, 1, 0, 0, False, []),
@@ -28,9 +52,22 @@ def _samples() -> list:
         wire.EndOfRefit(4, 2, 48, 1),
         wire.Done(4),
         wire.Error(4, "boom"),
-        wire.BeginRefit(123, 7, 10, wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", 0, 0, [], [], mode="direct")),
-        wire.DirectLayout(7, 3, [wire.ShmSegment(1, 4242, 17, 99, 4096)], [], [wire.DirectEntry("w", "bfloat16", [3, 4], 1, 256, 24),
-                                                                          wire.DirectEntry("e", "float32", [0], 0, 0, 0)]),
+        wire.BeginRefit(
+            123,
+            7,
+            10,
+            wire.Hello(wire.PROTOCOL_VERSION, "shm", "fenced", 0, 0, [], [], mode="direct"),
+        ),
+        wire.DirectLayout(
+            7,
+            3,
+            [wire.ShmSegment(1, 4242, 17, 99, 4096)],
+            [],
+            [
+                wire.DirectEntry("w", "bfloat16", [3, 4], 1, 256, 24),
+                wire.DirectEntry("e", "float32", [0], 0, 0, 0),
+            ],
+        ),
         wire.DirectLayout(8, 4, [], [wire.CudaSegment(2, cuda)], []),
         wire.DirectRepeat(9, 4),
     ]
@@ -51,7 +88,25 @@ def test_messages_round_trip(msg):
         msgpack.packb([4, "1", 2, 3]),  # a str where an int belongs
         msgpack.packb([3, 1, 0, 0, 0, True, [["w", "float32", [1], 0, 4, 0, 1]]]),  # short entry
         msgpack.packb([8, 1, 0]),  # Packed without its checksum
-        msgpack.packb([1, 1, 2, 3, [2, "nccl", "fenced", 4096, 1, [], [], [["127.0.0.1", "29500", "nccl", 4096]], "bucketed"]]),  # str port
+        msgpack.packb(
+            [
+                1,
+                1,
+                2,
+                3,
+                [
+                    2,
+                    "nccl",
+                    "fenced",
+                    4096,
+                    1,
+                    [],
+                    [],
+                    [["127.0.0.1", "29500", "nccl", 4096]],
+                    "bucketed",
+                ],
+            ]
+        ),  # str port
         msgpack.packb([9, 1, [[1, 4242, "17", 99, 4096]], [], []]),  # DirectLayout: a str fd
         msgpack.packb([9, 1, [], [[2, "not a CudaIpcBuffer"]], []]),
         b"\xc1",

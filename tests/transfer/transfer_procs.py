@@ -15,13 +15,28 @@ import traceback
 
 import torch
 
-from rollout.transfer import TransferConfig, TransferTimeout, WeightReceiver, WeightSender, new_endpoint
+from rollout.transfer import (
+    TransferConfig,
+    TransferTimeout,
+    WeightReceiver,
+    WeightSender,
+    new_endpoint,
+)
 from rollout.transfer.sync import Fenced
 
 SHM_DIR = "/dev/shm"
 CTX = mp.get_context("spawn")
 FP8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int8, torch.bool, *FP8]
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int8,
+    torch.bool,
+    *FP8,
+]
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
@@ -36,16 +51,24 @@ def mixed_tensors(bucket_bytes: int, seed: int) -> list[tuple[str, torch.Tensor]
     """Every awkward input at once: all dtypes at odd sizes (alignment), 0-dim, empty, strided,
     a tensor 3.5x the bucket, a strided tensor larger than the bucket, exact-boundary sizes."""
     g = torch.Generator().manual_seed(seed)
-    out = [("scalar", torch.randn((), generator=g)), ("empty", torch.empty(0)), ("empty2d.bf16", torch.empty(3, 0, dtype=torch.bfloat16))]
+    out = [
+        ("scalar", torch.randn((), generator=g)),
+        ("empty", torch.empty(0)),
+        ("empty2d.bf16", torch.empty(3, 0, dtype=torch.bfloat16)),
+    ]
     out += [(f"w.{str(dt)[6:]}", _random((37, 19), dt, g)) for dt in DTYPES]
     out.append(("strided.t", torch.randn(48, 40, generator=g).t()))
     out.append(("strided.step", torch.randn(64, 30, generator=g)[::3, 1::2]))
     out.append(("big.3_5x", torch.randn(int(3.5 * bucket_bytes) // 4, generator=g)))
-    out.append(("big.strided", torch.randn(bucket_bytes // 512 + 3, 128, generator=g).t()))  # > 1 bucket
+    out.append(
+        ("big.strided", torch.randn(bucket_bytes // 512 + 3, 128, generator=g).t())
+    )  # > 1 bucket
     out.append(("exact.bucket", _random((bucket_bytes,), torch.uint8, g)))
     out.append(("bucket.plus1", _random((bucket_bytes + 1,), torch.uint8, g)))
     out.append(("scalar.i64", torch.tensor(7 + seed)))
-    out.append(("fills.rest", _random((bucket_bytes - 4096,), torch.uint8, g)))  # nearly a whole bucket, behind small tensors
+    out.append(
+        ("fills.rest", _random((bucket_bytes - 4096,), torch.uint8, g))
+    )  # nearly a whole bucket, behind small tensors
     out.append(("tail.bf16", _random((5, 3), torch.bfloat16, g)))
     return out
 
@@ -55,9 +78,14 @@ def race_value(version: int, name: str) -> float:
     return float(version * 1000 + int(name.split(".")[1]))
 
 
-def race_tensors(version: int, num_tensors: int = 20, numel: int = 50_000) -> list[tuple[str, torch.Tensor]]:
+def race_tensors(
+    version: int, num_tensors: int = 20, numel: int = 50_000
+) -> list[tuple[str, torch.Tensor]]:
     """Constant-filled tensors whose value names the refit and the tensor, so any overwrite shows."""
-    return [(f"layer.{i}", torch.full((numel,), race_value(version, f"layer.{i}"))) for i in range(num_tensors)]
+    return [
+        (f"layer.{i}", torch.full((numel,), race_value(version, f"layer.{i}")))
+        for i in range(num_tensors)
+    ]
 
 
 class AckWithoutFence(Fenced):
@@ -68,13 +96,17 @@ class AckWithoutFence(Fenced):
         ack()
 
 
-def late_gpu_reads(sender_server, cfg: dict, sender: str, receiver: str, num_refits: int, policy=None) -> list[str]:
+def late_gpu_reads(
+    sender_server, cfg: dict, sender: str, receiver: str, num_refits: int, policy=None
+) -> list[str]:
     """consume only queues its reads behind a long kernel and returns; returns the tensors whose copy,
     checked after receive() returned, holds other bytes than its refit's."""
     endpoint = new_endpoint()
     versions = list(range(1, num_refits + 1))
     corrupt = []
-    sender_server.run(cfg, endpoint, [{"kind": "race", "version": v} for v in versions], device=sender)
+    sender_server.run(
+        cfg, endpoint, [{"kind": "race", "version": v} for v in versions], device=sender
+    )
     with WeightReceiver(TransferConfig(**cfg), endpoint, device=receiver) as rx:
         if policy is not None:
             rx._policy = policy
@@ -89,7 +121,11 @@ def late_gpu_reads(sender_server, cfg: dict, sender: str, receiver: str, num_ref
 
             rx.receive(consume)
             torch.cuda.synchronize(receiver)
-            corrupt += [f"refit {v}: {n}" for n, t in dest.items() if not bool((t == race_value(v, n)).all())]
+            corrupt += [
+                f"refit {v}: {n}"
+                for n, t in dest.items()
+                if not bool((t == race_value(v, n)).all())
+            ]
     assert all(r[0] == "ok" for r in sender_server.result())
     return corrupt
 
@@ -129,17 +165,28 @@ class CorruptingSender(WeightSender):
         transport.publish, transport.corrupting = corrupt_then_publish, True
 
 
-def _send_plan(cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool, device: str, num_receivers: int = 1) -> list[tuple]:
+def _send_plan(
+    cfg_kwargs: dict,
+    endpoint: str,
+    plan: list[dict],
+    corrupt: bool,
+    device: str,
+    num_receivers: int = 1,
+) -> list[tuple]:
     cls = CorruptingSender if corrupt else WeightSender
     results = []
-    with cls(TransferConfig(**cfg_kwargs), endpoint, device=device, num_receivers=num_receivers) as sender:
+    with cls(
+        TransferConfig(**cfg_kwargs), endpoint, device=device, num_receivers=num_receivers
+    ) as sender:
         for spec in plan:
             try:
                 tensors = [(n, t.to(device)) for n, t in tensors_for(spec)]
                 if spec.get("gpu_sleep_cycles"):  # queue the packing copies behind a long kernel
                     torch.cuda._sleep(spec["gpu_sleep_cycles"])
                 stats = sender.send(tensors, version=spec["version"])
-                results.append(("ok", stats.version, stats.num_tensors, stats.num_buckets, stats.num_bytes))
+                results.append(
+                    ("ok", stats.version, stats.num_tensors, stats.num_buckets, stats.num_bytes)
+                )
             except Exception as exc:  # reported to the parent, which asserts on it
                 results.append(("error", type(exc).__name__, str(exc)))
     return results
@@ -166,10 +213,25 @@ class SenderServer:
         self.process = CTX.Process(target=sender_server, args=(child,), daemon=True)
         self.process.start()
 
-    def run(self, cfg_kwargs: dict, endpoint: str, plan: list[dict], corrupt: bool = False, device: str = "cpu",
-            num_receivers: int = 1) -> None:
-        self._conn.send({"cfg_kwargs": cfg_kwargs, "endpoint": endpoint, "plan": plan, "corrupt": corrupt, "device": device,
-                         "num_receivers": num_receivers})
+    def run(
+        self,
+        cfg_kwargs: dict,
+        endpoint: str,
+        plan: list[dict],
+        corrupt: bool = False,
+        device: str = "cpu",
+        num_receivers: int = 1,
+    ) -> None:
+        self._conn.send(
+            {
+                "cfg_kwargs": cfg_kwargs,
+                "endpoint": endpoint,
+                "plan": plan,
+                "corrupt": corrupt,
+                "device": device,
+                "num_receivers": num_receivers,
+            }
+        )
 
     def result(self, timeout_s: float = 60.0) -> list[tuple]:
         if not self._conn.poll(timeout_s):
@@ -183,7 +245,9 @@ class SenderServer:
             self.process.kill()
 
 
-def sender_then_hang(cfg_kwargs: dict, endpoint: str, num_tensors: int, device: str = "cpu") -> None:
+def sender_then_hang(
+    cfg_kwargs: dict, endpoint: str, num_tensors: int, device: str = "cpu"
+) -> None:
     """Send one refit and never return: the parent SIGKILLs this process mid-refit."""
     torch.set_num_threads(1)
     sender = WeightSender(TransferConfig(**cfg_kwargs), endpoint, device=device)
@@ -226,14 +290,18 @@ def receiver_that_dies(cfg_kwargs: dict, endpoint: str, device: str = "cpu", ran
     receiver.receive(lambda weights, is_last: os.kill(os.getpid(), signal.SIGKILL))
 
 
-def receiver_process(cfg_kwargs: dict, endpoint: str, num_refits: int, queue, device: str = "cpu") -> None:
+def receiver_process(
+    cfg_kwargs: dict, endpoint: str, num_refits: int, queue, device: str = "cpu"
+) -> None:
     """Receive `num_refits` refits, report each outcome (and the tensor names seen) on `queue`."""
     torch.set_num_threads(1)
     with WeightReceiver(TransferConfig(**cfg_kwargs), endpoint, device=device) as receiver:
         for _ in range(num_refits):
             names: list[str] = []
             try:
-                stats = receiver.receive(lambda weights, is_last: names.extend(n for n, _ in weights))
+                stats = receiver.receive(
+                    lambda weights, is_last: names.extend(n for n, _ in weights)
+                )
                 queue.put(("ok", stats.version, names))
             except Exception as exc:
                 queue.put(("error", type(exc).__name__, str(exc)))
@@ -264,7 +332,9 @@ def send_in_thread(sender: WeightSender, version: int, num_tensors: int = 4) -> 
 
     def run():
         try:
-            outcome.append(sender.send(race_tensors(version, num_tensors=num_tensors), version=version))
+            outcome.append(
+                sender.send(race_tensors(version, num_tensors=num_tensors), version=version)
+            )
         except Exception as exc:
             outcome.append(exc)
 
@@ -278,7 +348,9 @@ def refit_to_a_receiver_that_dies(sender: WeightSender, cfg_kwargs: dict, endpoi
     process: the sender's wait for its Ack must end at cfg_kwargs["timeout_s"] with an error naming the endpoint."""
     dying = CTX.Process(target=receiver_that_dies, args=(cfg_kwargs, endpoint))
     dying.start()
-    sender._channel.timeout_s = cfg_kwargs["timeout_s"]  # only after connecting: the child's start-up takes seconds
+    sender._channel.timeout_s = cfg_kwargs[
+        "timeout_s"
+    ]  # only after connecting: the child's start-up takes seconds
     try:
         sender.send(race_tensors(1), version=1)
     except TransferTimeout as exc:
@@ -286,7 +358,10 @@ def refit_to_a_receiver_that_dies(sender: WeightSender, cfg_kwargs: dict, endpoi
     else:
         raise AssertionError("send() returned although its receiver was killed mid-refit")
     dying.join()
-    assert dying.exitcode == -signal.SIGKILL and "Ack" in error and endpoint in error, (dying.exitcode, error)
+    assert dying.exitcode == -signal.SIGKILL and "Ack" in error and endpoint in error, (
+        dying.exitcode,
+        error,
+    )
 
 
 def refit_to_a_restarted_receiver(sender: WeightSender, cfg_kwargs: dict, endpoint: str) -> None:

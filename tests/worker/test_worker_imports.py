@@ -21,6 +21,7 @@ ALLOWED_ROLLOUT = (
     "rollout.bucket_stream",
     "rollout.tied_heads",
     "rollout.vllm_compat",
+    "rollout.graph_audit",
 )
 DRIVER = (
     "rollout.engine",
@@ -81,10 +82,13 @@ def test_the_worker_package_imports_only_the_receiving_half():
 
 
 def test_vllm_workers_load_no_driver_module():
+    # the extension, and the weight-transfer backend's plugin and worker engine (vLLM loads the
+    # plugin in every process of an engine, the API server's included)
     worker_modules = [
         "rollout.worker.extension",
-        "rollout.worker_extension",
-    ]  # the second: the old name
+        "rollout.vllm_backend",
+        "rollout.vllm_backend.worker",
+    ]
     assert _driver_modules_loaded(*worker_modules) == []
     # negative control: the driver's engine module does pull the driver in
     assert "rollout.refit" in _driver_modules_loaded("rollout.engine")

@@ -32,17 +32,27 @@ class RayConfig:
             actor = cluster.remote(TrainerRank, bundle=0).remote(...)
     """
 
-    address: Optional[str] = None  # null: a local Ray for this run; "auto" or "host:port": join a cluster
-    num_cpus: Optional[float] = None  # local Ray only: CPUs it may use (null = all of this machine's)
-    cpus_per_worker: Optional[float] = None  # each bundle's CPUs (null: local = num_cpus / bundles, cluster = 1)
+    address: Optional[str] = (
+        None  # null: a local Ray for this run; "auto" or "host:port": join a cluster
+    )
+    num_cpus: Optional[float] = (
+        None  # local Ray only: CPUs it may use (null = all of this machine's)
+    )
+    cpus_per_worker: Optional[float] = (
+        None  # each bundle's CPUs (null: local = num_cpus / bundles, cluster = 1)
+    )
     placement_strategy: PlacementStrategy = PlacementStrategy.PACK
     object_store_mb: int = 512  # local Ray only: its shared-memory object store
     timeout_s: float = 300.0  # placement, actor calls and torch.distributed collectives
 
     def __post_init__(self) -> None:
-        self.placement_strategy = coerce_enum(PlacementStrategy, self.placement_strategy, "ray.placement_strategy")
+        self.placement_strategy = coerce_enum(
+            PlacementStrategy, self.placement_strategy, "ray.placement_strategy"
+        )
         if self.address is not None and self.num_cpus is not None:
-            raise ValueError(f"ray.num_cpus={self.num_cpus!r} sizes a local Ray; ray.address={self.address!r} joins one")
+            raise ValueError(
+                f"ray.num_cpus={self.num_cpus!r} sizes a local Ray; ray.address={self.address!r} joins one"
+            )
         for key in ("num_cpus", "cpus_per_worker"):
             value = getattr(self, key)
             if value is not None and not value > 0:
@@ -50,15 +60,22 @@ class RayConfig:
         if not self.timeout_s > 0:
             raise ValueError(f"ray.timeout_s must be > 0 seconds, got {self.timeout_s!r}")
         if self.object_store_mb < 80:
-            raise ValueError(f"ray.object_store_mb must be >= 80 (Ray's minimum), got {self.object_store_mb!r}")
+            raise ValueError(
+                f"ray.object_store_mb must be >= 80 (Ray's minimum), got {self.object_store_mb!r}"
+            )
 
 
 class RayCluster:
     """A context manager owning this run's Ray resources: the local instance it started (if any), one
     placement group of `num_bundles` bundles, and the actors created through `remote()`."""
 
-    def __init__(self, cfg: RayConfig, num_bundles: int, gpus_per_bundle: float = 0,
-                 extra_bundles: Optional[list[dict[str, float]]] = None) -> None:
+    def __init__(
+        self,
+        cfg: RayConfig,
+        num_bundles: int,
+        gpus_per_bundle: float = 0,
+        extra_bundles: Optional[list[dict[str, float]]] = None,
+    ) -> None:
         """`num_bundles` alike (one per trainer rank), then `extra_bundles` as given (a standalone engine's)."""
         self.cfg = cfg
         self.num_bundles = num_bundles
@@ -78,19 +95,35 @@ class RayCluster:
                 num_cpus = self.cfg.num_cpus or float(os.cpu_count() or 1)
                 # "local": a new instance even where another Ray runs on this host (ray.init alone would join it).
                 # Ray takes whole CPUs here; the bundles below take fractions of them.
-                ray.init(address="local", num_cpus=max(1, round(num_cpus)), include_dashboard=False,
-                         object_store_memory=self.cfg.object_store_mb << 20, configure_logging=False)
+                ray.init(
+                    address="local",
+                    num_cpus=max(1, round(num_cpus)),
+                    include_dashboard=False,
+                    object_store_memory=self.cfg.object_store_mb << 20,
+                    configure_logging=False,
+                )
                 self.started_ray = True
-                cpus = self.cfg.cpus_per_worker or num_cpus / (self.num_bundles + len(self.extra_bundles))
+                cpus = self.cfg.cpus_per_worker or num_cpus / (
+                    self.num_bundles + len(self.extra_bundles)
+                )
             else:
-                if not ray.is_initialized():  # a driver already connected (a notebook, a test session) stays so
+                if (
+                    not ray.is_initialized()
+                ):  # a driver already connected (a notebook, a test session) stays so
                     ray.init(address=self.cfg.address, configure_logging=False)
                     self.connected = True
                 cpus = self.cfg.cpus_per_worker or 1.0
-            bundle = {"CPU": cpus, **({"GPU": self.gpus_per_bundle} if self.gpus_per_bundle else {})}
+            bundle = {
+                "CPU": cpus,
+                **({"GPU": self.gpus_per_bundle} if self.gpus_per_bundle else {}),
+            }
             bundles = [dict(bundle) for _ in range(self.num_bundles)] + [
-                {"CPU": extra.get("CPU", cpus), **({"GPU": extra["GPU"]} if extra.get("GPU") else {})}
-                for extra in self.extra_bundles]
+                {
+                    "CPU": extra.get("CPU", cpus),
+                    **({"GPU": extra["GPU"]} if extra.get("GPU") else {}),
+                }
+                for extra in self.extra_bundles
+            ]
             self.group = placement_group(bundles, strategy=self.cfg.placement_strategy.value)
             if not self.group.wait(timeout_seconds=self.cfg.timeout_s):
                 raise TimeoutError(
@@ -109,8 +142,14 @@ class RayCluster:
 
         spec = self.group.bundle_specs[bundle]
         strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)
-        resources = {"num_cpus": spec["CPU"], "num_gpus": spec.get("GPU", 0), **options}  # options may share a bundle
-        return _TrackedActorClass(self, ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, **resources))
+        resources = {
+            "num_cpus": spec["CPU"],
+            "num_gpus": spec.get("GPU", 0),
+            **options,
+        }  # options may share a bundle
+        return _TrackedActorClass(
+            self, ray.remote(cls).options(scheduling_strategy=strategy, max_restarts=0, **resources)
+        )
 
     def kill(self, actor: Any) -> None:
         """Kill one of this run's actors now (close() kills the rest)."""
@@ -123,7 +162,13 @@ class RayCluster:
         except Exception:  # noqa: BLE001 - already dead is fine
             pass
 
-    def get(self, refs: list[Any], what: str, timeout_s: Optional[float] = None, role: str = "a trainer rank") -> list[Any]:
+    def get(
+        self,
+        refs: list[Any],
+        what: str,
+        timeout_s: Optional[float] = None,
+        role: str = "a trainer rank",
+    ) -> list[Any]:
         """`ray.get(refs)` bounded by `ray.timeout_s`, failing at the FIRST rank that fails (the others may be
         blocked in a collective with it): a dead actor or a timeout raises RuntimeError naming `what`."""
         import time
@@ -135,13 +180,17 @@ class RayCluster:
         pending = list(refs)
         try:
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                ready, pending = ray.wait(
+                    pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+                )
                 if not ready:
                     raise RuntimeError(f"{what}: no answer within {timeout_s} s (ray.timeout_s)")
                 ray.get(ready[0])  # raises that rank's error now
             return ray.get(list(refs))
         except ray.exceptions.RayActorError as exc:
-            raise RuntimeError(f"{what}: {role} died ({exc.__class__.__name__}: {_first_line(exc)})") from exc
+            raise RuntimeError(
+                f"{what}: {role} died ({exc.__class__.__name__}: {_first_line(exc)})"
+            ) from exc
         except ray.exceptions.RayTaskError as exc:
             raise RuntimeError(f"{what} failed on {role}: {_first_line(exc)}") from exc
 

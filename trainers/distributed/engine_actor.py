@@ -49,10 +49,16 @@ class EngineHost:
         from rollout.vllm_segments import EngineSegments
 
         # vLLM's shared memory of the engine, and the processes holding it: this actor's and the engine's
-        segments = EngineSegments.merge("the rollout engine actor", [self.ro.vllm_segments], tracked=False)
+        segments = EngineSegments.merge(
+            "the rollout engine actor", [self.ro.vllm_segments], tracked=False
+        )
         segments.pids.add(os.getpid())
-        return {"node_id": self.ro.refitter.node_id, "dtype": self.ro.dtype, "version": self.ro.version,
-                "vllm_segments": segments}
+        return {
+            "node_id": self.ro.refitter.node_id,
+            "dtype": self.ro.dtype,
+            "version": self.ro.version,
+            "vllm_segments": segments,
+        }
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.ro, method)(*args, **kwargs)
@@ -89,7 +95,9 @@ class RayEngine:
         ro.close()
     """
 
-    def __init__(self, cluster: RayCluster, bundle: int, cfg: Any, model_path: str, share_bundle: bool) -> None:
+    def __init__(
+        self, cluster: RayCluster, bundle: int, cfg: Any, model_path: str, share_bundle: bool
+    ) -> None:
         self._cluster = cluster
         # Beside rank 0 on its bundle (colocate) it takes none of the bundle's CPUs: the rank holds them.
         options = {"num_cpus": 0, "num_gpus": 0} if share_bundle else {}
@@ -98,10 +106,14 @@ class RayEngine:
         self.node_id: str = info["node_id"]
         self.dtype = info["dtype"]
         self.version: int = info["version"]
-        self._segments = info["vllm_segments"] if self.node_id == _driver_node_id() else None  # /dev/shm is per node
+        self._segments = (
+            info["vllm_segments"] if self.node_id == _driver_node_id() else None
+        )  # /dev/shm is per node
         self._sender: Any = None  # update_weights' sender in the driver (on the actor's node)
         self._model_path, self._tokenizer = model_path, None
-        self.generate_timeout_s: float = cfg.generate_timeout_s  # a submit's samples wait at most this
+        self.generate_timeout_s: float = (
+            cfg.generate_timeout_s
+        )  # a submit's samples wait at most this
         self._closed = False
 
     @property
@@ -113,9 +125,18 @@ class RayEngine:
             self._tokenizer = AutoTokenizer.from_pretrained(self._model_path)
         return self._tokenizer
 
-    def _get(self, what: str, *args: Any, timeout_s: Optional[float] = None, method: str = "call", **kwargs: Any) -> Any:
+    def _get(
+        self,
+        what: str,
+        *args: Any,
+        timeout_s: Optional[float] = None,
+        method: str = "call",
+        **kwargs: Any,
+    ) -> Any:
         ref = getattr(self._actor, method).remote(*args, **kwargs)
-        (out,) = self._cluster.get([ref], f"the rollout engine actor: {what}", timeout_s, role="the rollout engine actor")
+        (out,) = self._cluster.get(
+            [ref], f"the rollout engine actor: {what}", timeout_s, role="the rollout engine actor"
+        )
         return out
 
     def generate(self, *args: Any, **kwargs: Any) -> list[Sample]:
@@ -156,8 +177,10 @@ class RayEngine:
 
     def _driver_sender(self, endpoint: RefitEndpoint) -> Any:
         if self.node_id != _driver_node_id():
-            raise RuntimeError(f"the engine actor runs on Ray node {self.node_id}, this process elsewhere: send "
-                               "from a process on its node (a trainer rank), the transfer is node-local")
+            raise RuntimeError(
+                f"the engine actor runs on Ray node {self.node_id}, this process elsewhere: send "
+                "from a process on its node (a trainer rank), the transfer is node-local"
+            )
         if self._sender is not None and self._sender.endpoint != endpoint.address:
             self._sender.close()
             self._sender = None
@@ -208,7 +231,9 @@ class RemoteHandle:
 
     def __init__(self, engine: RayEngine, key: int) -> None:
         self._engine, self._key = engine, key
-        self.finished_at: Optional[float] = None  # known once the result came (the actor's clock differs)
+        self.finished_at: Optional[float] = (
+            None  # known once the result came (the actor's clock differs)
+        )
         self._samples: Optional[list[Sample]] = None
 
     def done(self) -> bool:
@@ -225,8 +250,9 @@ class RemoteHandle:
 
     def _fetch(self, wait: float) -> tuple[list[Sample], Optional[float]]:
         ref = self._engine._actor.result.remote(self._key, wait)
-        (out,) = self._engine._cluster.get([ref], "the rollout engine actor: result", wait + 30.0,
-                                           role="the rollout engine actor")
+        (out,) = self._engine._cluster.get(
+            [ref], "the rollout engine actor: result", wait + 30.0, role="the rollout engine actor"
+        )
         return out
 
 

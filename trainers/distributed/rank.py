@@ -43,9 +43,9 @@ class RankSpec:
 
 class TrainerRank:
     """Example (through `ShardedLearner`, which starts N of these in a placement group):
-        rank = cluster.remote(TrainerRank, bundle=i).remote(i, n, spec)
-        addr = ray.get(rank0.address.remote());  ray.get([r.setup.remote(addr) for r in ranks])
-        ray.get([r.logprobs.remote(rows_i, 1.0) for r, rows_i in zip(ranks, shares)])
+    rank = cluster.remote(TrainerRank, bundle=i).remote(i, n, spec)
+    addr = ray.get(rank0.address.remote());  ray.get([r.setup.remote(addr) for r in ranks])
+    ray.get([r.logprobs.remote(rows_i, 1.0) for r, rows_i in zip(ranks, shares)])
     """
 
     def __init__(self, rank: int, world_size: int, spec: RankSpec) -> None:
@@ -78,16 +78,27 @@ class TrainerRank:
 
         timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size,
-                                timeout=timeout, device_id=self.device if self.device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timeout,
+            device_id=self.device if self.device.type == "cuda" else None,
+        )
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         torch.manual_seed(self.spec.trainer.seed)
         alg = self.spec.algorithm
         policy = shard_model(load_policy(self.spec.model_path).to(self.device), self.mesh)
-        self.models = Models(policy, torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay))
+        self.models = Models(
+            policy, torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay)
+        )
         if self.spec.with_critic:
             critic = shard_model(ValueModel(self.spec.model_path).to(self.device), self.mesh)
-            self.models.critic, self.models.critic_opt = critic, torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr)
+            self.models.critic, self.models.critic_opt = (
+                critic,
+                torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr),
+            )
 
     # this rank's shards by name
     policy = property(lambda self: self.models.policy)
@@ -100,8 +111,9 @@ class TrainerRank:
     def warm_start_step(self, batch: TokenBatch) -> float:
         """One supervised step on this rank's share of `batch`'s rows; returns this rank's share of the loss."""
         if self._warmup_opt is None:
-            self._warmup_opt = torch.optim.AdamW(self.policy.parameters(), lr=self.spec.trainer.warmup_lr,
-                                                 weight_decay=0.0)
+            self._warmup_opt = torch.optim.AdamW(
+                self.policy.parameters(), lr=self.spec.trainer.warmup_lr, weight_decay=0.0
+            )
         total_tokens = batch.mask.sum().clamp_min(1.0)
         batch = batch.select(self.share(torch.arange(batch.tokens.shape[0]))).to(self.device)
         logp, _ = token_logprobs(self.policy, batch)
@@ -117,7 +129,9 @@ class TrainerRank:
         self._warmup_opt = None
         if not self.spec.with_reference or self.reference is not None:
             return
-        reference = shard_model(load_policy(self.spec.model_path).to(self.device), self.mesh).requires_grad_(False)
+        reference = shard_model(
+            load_policy(self.spec.model_path).to(self.device), self.mesh
+        ).requires_grad_(False)
         with torch.no_grad():
             for ref, param in zip(reference.parameters(), self.policy.parameters()):
                 ref.copy_(param)  # shard to shard: same mesh, same placements
@@ -134,21 +148,45 @@ class TrainerRank:
         old = score(self.models, batch, self.spec.algorithm, self.spec.trainer.micro_batch_size)
         return tuple(None if t is None else t.cpu() for t in old.tensors())
 
-    def update(self, batch: TokenBatch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
-               old_values: Optional[torch.Tensor], is_weights: Optional[torch.Tensor], advantages: torch.Tensor,
-               returns: Optional[torch.Tensor], minibatches: list[torch.Tensor]) -> list[dict[str, float]]:
+    def update(
+        self,
+        batch: TokenBatch,
+        old_logp: torch.Tensor,
+        ref_logp: Optional[torch.Tensor],
+        old_values: Optional[torch.Tensor],
+        is_weights: Optional[torch.Tensor],
+        advantages: torch.Tensor,
+        returns: Optional[torch.Tensor],
+        minibatches: list[torch.Tensor],
+    ) -> list[dict[str, float]]:
         """One optimizer step per minibatch (row indices into the WHOLE batch, given to every rank), each on
         this rank's share of its rows; returns each minibatch's metrics as this rank's share."""
         d, alg, micro = self.device, self.spec.algorithm, self.spec.trainer.micro_batch_size
         batch = batch.to(d)
-        old = OldScores(*(None if t is None else t.to(d) for t in (old_logp, None, ref_logp, old_values, is_weights)))
+        old = OldScores(
+            *(
+                None if t is None else t.to(d)
+                for t in (old_logp, None, ref_logp, old_values, is_weights)
+            )
+        )
         advantages, returns = advantages.to(d), None if returns is None else returns.to(d)
         out = []
         for idx in minibatches:
             total = batch.mask[idx].sum()  # the minibatch's tokens over all ranks
             mine = self.share(idx).to(d)
-            out.append(minibatch_step(self.models, batch.select(mine), old.select(mine), advantages[mine],
-                                      None if returns is None else returns[mine], alg, micro, total, full_grad_norm))
+            out.append(
+                minibatch_step(
+                    self.models,
+                    batch.select(mine),
+                    old.select(mine),
+                    advantages[mine],
+                    None if returns is None else returns[mine],
+                    alg,
+                    micro,
+                    total,
+                    full_grad_norm,
+                )
+            )
         return out
 
     # -- refit ----------------------------------------------------------------------------------
@@ -169,14 +207,22 @@ class TrainerRank:
                 self._sender = endpoint.sender(device=self.device.type)
             stats = self._sender.send(tensors, version)
         finally:
-            drain(tensors)  # after an error the other ranks are still gathering: match their collectives
-        return {"stats": stats, "gather_peak_bytes": meter.peak_bytes,
-                "largest_tensor_bytes": meter.largest_tensor_bytes}
+            drain(
+                tensors
+            )  # after an error the other ranks are still gathering: match their collectives
+        return {
+            "stats": stats,
+            "gather_peak_bytes": meter.peak_bytes,
+            "largest_tensor_bytes": meter.largest_tensor_bytes,
+        }
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _parts(self) -> Parts:
-        return {"policy": (self.policy, self.optimizer), "critic": (self.critic, self.critic_opt),
-                "reference": (self.reference, None)}
+        return {
+            "policy": (self.policy, self.optimizer),
+            "critic": (self.critic, self.critic_opt),
+            "reference": (self.reference, None),
+        }
 
     def save(self, path: str) -> None:
         """Every rank writes its shards into the directory `path` (torch.distributed.checkpoint)."""

@@ -26,8 +26,12 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     fully_shard(model, mesh=mesh)
     for unit in model.modules():
         if isinstance(unit, FSDPModule):  # each unit reduces its own gradients
-            unit.set_gradient_divide_factor(1.0)  # sum: each rank's loss already carries its global token share
-            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+            unit.set_gradient_divide_factor(
+                1.0
+            )  # sum: each rank's loss already carries its global token share
+            unit.set_force_sum_reduction_for_comms(
+                True
+            )  # a plain SUM: gloo has no pre-multiplied sum
     return model
 
 
@@ -58,7 +62,9 @@ class GatherMeter:
         self.live_bytes -= nbytes
 
 
-def gathered_parameters(model: nn.Module, meter: GatherMeter | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def gathered_parameters(
+    model: nn.Module, meter: GatherMeter | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for each parameter in order, each all-gathered from the shards only when asked for.
 
     Every rank must iterate to the end in the same order (each `full_tensor()` is a collective); ranks that

@@ -11,11 +11,16 @@ from typing import Optional
 from torch import nn
 from torch.optim import Optimizer
 
-Parts = dict[str, tuple[Optional[nn.Module], Optional[Optimizer]]]  # key -> (model, its optimizer or None)
+Parts = dict[
+    str, tuple[Optional[nn.Module], Optional[Optimizer]]
+]  # key -> (model, its optimizer or None)
 
 
 def _states(parts: Parts) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     state = {}
     for key, (model, optimizer) in parts.items():
@@ -37,7 +42,10 @@ def save_states(parts: Parts, path: str) -> None:
 def load_states(parts: Parts, path: str) -> None:
     """Load `parts` (already built, on this rank's mesh or unsharded) from the directory `path`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = _states(parts)
     dcp.load(state, checkpoint_id=path)
