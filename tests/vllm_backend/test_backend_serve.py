@@ -90,17 +90,20 @@ def test_three_refits_equal_a_fresh_server_and_weight_info_follows(
     assert refit_segments_mapped() == [], "the trainer still maps its buffers"
 
 
-def _wait_for_line(proc: subprocess.Popen, word: str, timeout_s: float) -> None:
-    found = threading.Event()
+def _wait_for_line(proc: subprocess.Popen, word: str, timeout_s: float) -> list[str]:
+    """The lines `proc` printed up to the one that is `word`."""
+    found, lines = threading.Event(), []
 
     def read() -> None:
         for line in proc.stdout:
+            lines.append(line.strip())
             if line.strip() == word:
                 found.set()
                 return
 
     threading.Thread(target=read, daemon=True).start()
     assert found.wait(timeout_s), f"the trainer process did not print {word} in {timeout_s} s"
+    return lines
 
 
 def _log_has(path: Path, text: str, timeout_s: float) -> bool:
@@ -121,7 +124,9 @@ def test_a_killed_trainer_leaves_the_last_complete_version_and_nothing_behind(
     args = [sys.executable, str(TRAINER_PROC), server.url, str(tiny_path), "7", "70", "hang"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
-        _wait_for_line(proc, "HALF", timeout_s=180)
+        printed = _wait_for_line(proc, "HALF", timeout_s=180)
+        socket = next(p for p in printed if p.startswith("CONNECTED ")).split()[1]
+        socket = socket.removeprefix("ipc://")
         mapped = refit_segments_mapped(proc.pid)
         assert mapped, "the trainer had sent nothing yet"
         proc.send_signal(signal.SIGKILL)
@@ -135,6 +140,8 @@ def test_a_killed_trainer_leaves_the_last_complete_version_and_nothing_behind(
     assert_same(server.complete(PROMPTS), before, "after the killed update")
     assert all(refit_segments_mapped(pid) == [] for pid in server.pids())
     assert not any(os.path.exists(f"/dev/shm/{os.path.basename(m)}") for m in mapped)
+    # the dead sender's socket and its private directory: removed by the worker's receiver
+    assert not os.path.exists(os.path.dirname(socket)), "the dead trainer's socket was left"
 
     load(trainer, new_state)  # the next trainer is served as usual
     engine = _trainer_engine(server, ModuleSource(trainer))
@@ -181,9 +188,11 @@ def test_a_killed_server_fails_the_trainer_within_its_timeout(server, trainer, b
     go_on.set()
     sender.join(4 * TIMEOUT_S + 60)
     assert not sender.is_alive(), "send_weights did not return"
+    print(f"the trainer reported the dead server {time.monotonic() - killed:.1f} s after")
     assert time.monotonic() - killed < 4 * TIMEOUT_S + 60
     assert isinstance(outcome.get("error"), RefitBackendError), outcome
     assert "update to version 80" in str(outcome["error"])
     engine.shutdown()
     assert refit_segments_mapped() == [], "the trainer still maps its buffers"
+    assert not os.path.exists(os.path.dirname(engine.endpoint.removeprefix("ipc://")))
     assert not wait_gone(pids)

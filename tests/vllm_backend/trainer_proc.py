@@ -43,7 +43,7 @@ def main(url: str, model_path: str, seed: int, version: int, hang: bool) -> None
     )
     client = HTTPVLLMWeightSyncClient(url, timeout=60)
     engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
-    print("CONNECTED", flush=True)
+    print(f"CONNECTED {engine.endpoint}", flush=True)
     engine.send_weights(version)
     print("SENT", flush=True)
     engine.shutdown()
