@@ -60,6 +60,7 @@ class WeightReceiver(End):
         self._hello: wire.Hello | None = None
         self._session: int | None = None
         self._last_refit_id = 0
+        self._begin_generation = -1  # the Hello generation of the refit in progress
         self._pending: wire.BeginRefit | None = (
             None  # a BeginRefit that cut the previous refit short
         )
@@ -82,6 +83,7 @@ class WeightReceiver(End):
                 self._direct.close()  # no refit came: the trainer may be dead, do not keep its memory mapped
             raise
         start = time.perf_counter()
+        self._begin_generation = begin.hello.generation
         try:
             if begin.hello.mode == TransferMode.direct.value:  # rollout/transfer/direct.py
                 self._check_compatible(begin)
@@ -129,6 +131,7 @@ class WeightReceiver(End):
                     begin = self._next(
                         begin.refit_id, wire.BeginRefit, "BeginRefit with fresh buffers"
                     )
+                    self._begin_generation = begin.hello.generation
                     continue
                 self._attached, self._hello = key, hello
             self._channel.send(wire.Ready(begin.refit_id, True, "", self.rank), "Ready")
@@ -216,6 +219,8 @@ class WeightReceiver(End):
                 )
             if getattr(msg, "refit_id", None) != refit_id:
                 continue  # left over from an aborted refit
+            if isinstance(msg, wire.BeginRefit) and not self._fresh_begin(msg, expected):
+                continue  # a repeat of this refit's BeginRefit (WeightSender._wait)
             if isinstance(msg, wire.Error):
                 raise PeerError(
                     f"{self.endpoint}: the sender aborted refit {refit_id}: {msg.message}"
@@ -225,6 +230,12 @@ class WeightReceiver(End):
                     f"{self.endpoint}: got {type(msg).__name__} while waiting for {what}"
                 )
             return msg
+
+    def _fresh_begin(self, msg: wire.BeginRefit, expected) -> bool:
+        """Whether a BeginRefit of the current refit is news: only the second handshake (fresh buffers,
+        a new generation) is; the same generation again is a repeat the sender sent while we were quiet."""
+        wanted = expected if isinstance(expected, tuple) else (expected,)
+        return wire.BeginRefit in wanted and msg.hello.generation != self._begin_generation
 
     def _unpack(self, meta: wire.BucketMeta) -> list[tuple[str, torch.Tensor]]:
         hello = self._hello

@@ -17,6 +17,8 @@ from rollout.transfer.errors import PeerError, TransferError, TransferTimeout
 from rollout.transfer.stats import OnStep, TransferStats, no_observer
 from rollout.transfer.sync import make_sync_policy
 
+RESEND_S = 1.0  # a silent receiver gets its BeginRefit again this often (see WeightSender._wait)
+
 
 def _popped_then(box: list, rest: Iterator) -> Iterator:
     """box's items (popped: no reference stays behind, unlike itertools.chain's), then rest's."""
@@ -172,12 +174,13 @@ class WeightSender(End):
                 **self._transport.describe(),
                 num_receivers=self.num_receivers,
             )
+            begins = [
+                wire.BeginRefit(self._session, refit_id, version, hello, rank)
+                for rank in range(self.num_receivers)
+            ]
             for rank, channel in enumerate(self._channels):
-                channel.send(
-                    wire.BeginRefit(self._session, refit_id, version, hello, rank),
-                    f"BeginRefit to receiver {rank}",
-                )
-            readies = self._wait_all(refit_id, wire.Ready, "Ready")
+                channel.send(begins[rank], f"BeginRefit to receiver {rank}")
+            readies = self._wait_all(refit_id, wire.Ready, "Ready", resend=begins)
             if all(r.attached for r in readies):
                 return
             # A receiver that came after the names were unlinked (a restarted worker): start afresh, all
@@ -278,12 +281,13 @@ class WeightSender(End):
                 )
         self._on_step("got Ack", bucket_index)
 
-    def _wait_all(self, refit_id: int, expected: type, what: str) -> list:
+    def _wait_all(self, refit_id: int, expected: type, what: str, resend=None) -> list:
         """`expected` from each receiver in rank order, all within one timeout_s: the answers that came
-        early wait in their sockets while we read the others."""
+        early wait in their sockets while we read the others. `resend[rank]` goes out again every
+        RESEND_S while that receiver is silent (see _wait)."""
         deadline = self._channels[0].deadline()
         return [
-            self._wait(rank, refit_id, expected, what, deadline)
+            self._wait(rank, refit_id, expected, what, deadline, resend and resend[rank])
             for rank in range(self.num_receivers)
         ]
 
@@ -291,10 +295,28 @@ class WeightSender(End):
         """The one receiver's answer (mode=direct)."""
         return self._wait(0, refit_id, expected, what, self._channel.deadline())
 
-    def _wait(self, rank: int, refit_id: int, expected: type, what: str, deadline: float):
+    def _wait(
+        self, rank: int, refit_id: int, expected: type, what: str, deadline: float, resend=None
+    ):
+        """The receiver's `expected` answer to refit `refit_id`. With `resend` (a BeginRefit), a silent
+        receiver gets it again every RESEND_S until the deadline: ZMQ hands a message to any pipe it
+        still believes open, and a receiver that closed a moment ago (a worker restarted at once) may
+        still own one, so the first BeginRefit can vanish with it. The receiver drops repeats."""
         channel = self._channels[rank]
+        waiting_for = f"{what} of refit {refit_id} from receiver {rank}"
         while True:
-            msg = channel.recv(f"{what} of refit {refit_id} from receiver {rank}", deadline)
+            if resend is None:
+                msg = channel.recv(waiting_for, deadline)
+            else:
+                try:
+                    msg = channel.recv(waiting_for, min(deadline, time.monotonic() + RESEND_S))
+                except TransferTimeout:
+                    if time.monotonic() >= deadline:
+                        raise
+                    channel.try_send(resend)
+                    continue
+                if getattr(msg, "refit_id", None) == refit_id:
+                    resend = None  # the receiver heard it: no more repeats
             if getattr(msg, "refit_id", None) != refit_id:
                 continue  # a late answer from an aborted refit
             if isinstance(msg, wire.Error):

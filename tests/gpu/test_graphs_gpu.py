@@ -119,7 +119,7 @@ def test_refits_under_cuda_graphs_keep_pointers_and_equal_a_fresh_graph_engine(
     ) as ro:
         before = greedy(ro)
         for load_path in (LoadPath.auto, LoadPath.layerwise, LoadPath.auto):
-            ro.cfg.load_path = load_path  # read at every refit
+            ro.refitter.load_path = load_path  # the refitter's, read at every refit
             for weights in (other, new):
                 ro.sleep()  # standalone: a no-op
                 version += 1

@@ -146,3 +146,31 @@ def test_meta_tensor_is_rejected_before_anything_is_sent():
     with WeightSender(TransferConfig(**SHORT), endpoint) as sender:
         with pytest.raises(ValueError, match="'m' is a meta tensor"):
             sender.send([("m", torch.empty(4, device="meta"))], version=1)
+
+
+@pytest.mark.parametrize("transport", ["shm", "nccl"])
+def test_a_begin_refit_lost_on_a_closing_pipe_is_sent_again(monkeypatch, transport):
+    """ZMQ may hand a BeginRefit to the pipe of a receiver that closed a moment ago (a worker restarted
+    at once): the message dies with that pipe. The lost message is forced here by dropping the first
+    BeginRefit: the sender repeats it to a silent receiver (sender.RESEND_S), the refit completes well
+    within timeout_s, and the receiver ignores the repeat. Without the repeat the receiver waits out
+    its timeout for a BeginRefit that never comes."""
+    from rollout.transfer import channel as channel_module
+    from rollout.transfer import sender as sender_module
+    from rollout.transfer import wire
+
+    monkeypatch.setattr(sender_module, "RESEND_S", 0.2)
+    real_send, dropped = channel_module.Channel.send, []
+
+    def lossy_send(self, msg, what, if_blocked=None):
+        if isinstance(msg, wire.BeginRefit) and not dropped:
+            dropped.append(msg.refit_id)
+            return None
+        return real_send(self, msg, what, if_blocked)
+
+    monkeypatch.setattr(channel_module.Channel, "send", lossy_send)
+    cfg = TransferConfig(**{**SHORT, "transport": transport, "timeout_s": 5.0})
+    endpoint = new_endpoint()
+    with WeightSender(cfg, endpoint, device="cpu") as sender:
+        got = [r for r in receivers_in_turn(sender, cfg, endpoint, versions=(1, 2, 3))]
+    assert dropped == [1] and len(got) == 3  # refit 1 lost its first BeginRefit and still completed
