@@ -1,11 +1,16 @@
 """backend="refit" in an offline `LLM(...)` (CPU, tiny model), driven through vLLM's trainer-side
 API with the LLM as the client: refits equal a fresh engine in both transfer modes, the weight
-version follows, and an update that fails midway leaves the last complete version serving."""
+version follows, an update that fails midway leaves the last complete version serving, and a
+killed worker fails the trainer within its timeout, leaving nothing behind."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
+import psutil
 import pytest
 from backend_helpers import PROMPTS, assert_same, load, refit_segments_mapped
 from helpers import child_pids, wait_gone
@@ -47,11 +52,18 @@ def _shutdown(llm, pids: set[int]) -> None:
 
 @pytest.fixture(scope="module")
 def llm(tiny_path, fresh_new):  # fresh_new first: one engine at a time
+    """One engine for the module; the last test kills its worker."""
+    from rollout.vllm_segments import EngineSegments
+
     before = child_pids()
     engine = _llm(tiny_path, "refit")
+    engine.vllm_pids = child_pids() - before
+    segments = EngineSegments.of_client(engine.llm_engine.engine_core, "the test engine")
     engine.start_outputs = _complete(engine)  # a fresh engine on the start-up weights
     yield engine
-    _shutdown(engine, child_pids() - before)
+    _shutdown(engine, engine.vllm_pids)
+    segments.release()  # what vLLM's killed worker left of its own shared memory
+    assert segments.left_behind() == {}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +83,7 @@ def _trainer_engine(llm, source, **transfer):
     info = RefitTrainerInitInfo(
         transfer=TransferConfig(bucket_mb=1, timeout_s=TIMEOUT_S, **transfer),
         timeouts=RefitTimeouts(next_bucket_s=10.0, receiver_exit_s=10.0, worker_reply_s=30.0),
+        call_timeout_s=30.0,
         rank=0,
     )
     return WeightTransferTrainerFactory.trainer_init(info, client=llm, source=source)
@@ -128,3 +141,46 @@ def test_a_failed_update_keeps_the_previous_complete_version(llm, trainer, base_
     engine.shutdown()
     load(trainer, base_state)
     assert refit_segments_mapped() == []
+
+
+def test_a_killed_worker_fails_the_trainer_within_its_timeout(llm, trainer, base_state):
+    """SIGKILLs the module's engine's worker halfway through an update (this test runs last)."""
+    from vllm.distributed.weight_transfer.base import ModuleSource
+
+    from rollout.vllm_backend.trainer import RefitBackendError
+
+    halfway, go_on = threading.Event(), threading.Event()
+
+    class HalfThenWait(ModuleSource):
+        def __iter__(self):
+            params = list(super().__iter__())
+            yield from params[:-2]  # more than one bucket sent
+            halfway.set()
+            go_on.wait(60)
+            yield from params[-2:]
+
+    load(trainer, base_state)
+    engine = _trainer_engine(llm, HalfThenWait(trainer))
+    outcome = {}
+
+    def send() -> None:
+        try:
+            engine.send_weights(90)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            outcome["error"] = exc
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    assert halfway.wait(60)
+    (worker,) = [p for p in map(psutil.Process, llm.vllm_pids) if "Worker" in p.name()]
+    os.kill(worker.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    go_on.set()
+    sender.join(4 * TIMEOUT_S + 60)
+    assert not sender.is_alive(), "send_weights did not return"
+    print(f"the trainer reported the dead worker {time.monotonic() - killed:.1f} s after")
+    assert isinstance(outcome.get("error"), RefitBackendError), outcome
+    assert "update to version 90" in str(outcome["error"])
+    engine.shutdown()  # the dead engine cannot be told: the sender's buffers are freed anyway
+    assert refit_segments_mapped() == [], "the trainer still maps its buffers"
+    assert not os.path.exists(os.path.dirname(engine.endpoint.removeprefix("ipc://")))
