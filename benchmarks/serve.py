@@ -39,6 +39,7 @@ import requests
 
 from benchmarks import hydra_app, register_schema
 from benchmarks.refit import RefitBenchRollout
+from rollout.vllm_segments import EngineSegments
 
 
 def free_port() -> int:
@@ -76,6 +77,7 @@ class VllmServer:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.seconds_to_start = 0.0
+        self.segments = EngineSegments("vllm serve")
 
     def start(self) -> VllmServer:
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
@@ -106,6 +108,9 @@ class VllmServer:
             try:
                 if requests.get(f"{self.url}/health", timeout=2).ok:
                     self.seconds_to_start = time.perf_counter() - start
+                    # vLLM's own shared memory, which a SIGKILLed server leaves (close removes it)
+                    self.segments = EngineSegments("vllm serve", self.pids(), tracked=False)
+                    self.segments.record()
                     return self
             except requests.RequestException:
                 pass
@@ -124,20 +129,22 @@ class VllmServer:
             return set()
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (a crash, for the tests)."""
+        """SIGKILL the whole process group (a crash, for the tests); vLLM's segments stay until
+        close()."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout_s`; idempotent."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        """SIGTERM, then SIGKILL after `timeout_s`, then remove what vLLM's exited processes left
+        in /dev/shm; idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.segments.release()
 
     def __enter__(self) -> VllmServer:
         return self.start()

@@ -182,7 +182,8 @@ def test_a_killed_server_fails_the_trainer_within_its_timeout(server, trainer, b
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     assert halfway.wait(60)
-    pids = server.pids()
+    pids, vllm_own = server.pids(), dict(server.segments.segments)
+    assert vllm_own, "vLLM's own segments were not recorded at start-up"
     server.kill()
     killed = time.monotonic()
     go_on.set()
@@ -196,3 +197,5 @@ def test_a_killed_server_fails_the_trainer_within_its_timeout(server, trainer, b
     assert refit_segments_mapped() == [], "the trainer still maps its buffers"
     assert not os.path.exists(os.path.dirname(engine.endpoint.removeprefix("ipc://")))
     assert not wait_gone(pids)
+    server.close()  # vLLM's own segments, which its killed processes left: removed
+    assert not [name for name in vllm_own if os.path.exists(f"/dev/shm/{name}")]
