@@ -1,12 +1,13 @@
-"""The backend tests' trainer: the tiny model in transformers (fp32), its start-up weights and a
-perturbed copy saved where a fresh engine can start from it."""
+"""The backend tests' trainer: the tiny model in transformers (fp32), its start-up weights, a
+perturbed copy saved where a fresh engine can start from it, and that fresh engine's completions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from backend_helpers import load
+from backend_helpers import PROMPTS, load
 
+from benchmarks.serve import VllmServer
 from rollout.tiny_model import ensure_tiny_model
 
 
@@ -44,3 +45,13 @@ def new_path(trainer, base_state, new_state, tiny_path, tmp_path_factory):
     load(trainer, base_state)
     AutoTokenizer.from_pretrained(tiny_path).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fresh_new(new_path, tmp_path_factory):
+    """A fresh `vllm serve` (no backend) on `new_state`: its greedy completions, then it is stopped.
+    Both modules compare with it (the offline LLM samples with the same engine code and dtype), so
+    the suite starts one reference engine, not two."""
+    log = tmp_path_factory.mktemp("fresh") / "server.log"
+    with VllmServer(new_path, backend=None, log_path=log) as fresh:
+        return fresh.complete(PROMPTS)

@@ -22,13 +22,11 @@ from rollout.transfer import TransferConfig
 TIMEOUT_S = 5.0
 
 
-def _llm(path, backend: str | None):
+def _llm(path):
     from vllm import LLM
     from vllm.config import WeightTransferConfig
 
-    extra = (
-        {} if backend is None else {"weight_transfer_config": WeightTransferConfig(backend=backend)}
-    )
+    extra = {"weight_transfer_config": WeightTransferConfig(backend="refit")}
     return LLM(
         str(path), dtype="float32", max_model_len=512, enforce_eager=True,
         gpu_memory_utilization=0.1, seed=0, **extra,
@@ -56,7 +54,7 @@ def llm(tiny_path, fresh_new):  # fresh_new first: one engine at a time
     from rollout.vllm_segments import EngineSegments
 
     before = child_pids()
-    engine = _llm(tiny_path, "refit")
+    engine = _llm(tiny_path)
     engine.vllm_pids = child_pids() - before
     segments = EngineSegments.of_client(engine.llm_engine.engine_core, "the test engine")
     engine.start_outputs = _complete(engine)  # a fresh engine on the start-up weights
@@ -64,15 +62,6 @@ def llm(tiny_path, fresh_new):  # fresh_new first: one engine at a time
     _shutdown(engine, engine.vllm_pids)
     segments.release()  # what vLLM's killed worker left of its own shared memory
     assert segments.left_behind() == {}
-
-
-@pytest.fixture(scope="module")
-def fresh_new(new_path):
-    before = child_pids()
-    fresh = _llm(new_path, None)
-    outputs = _complete(fresh)
-    _shutdown(fresh, child_pids() - before)
-    return outputs
 
 
 def _trainer_engine(llm, source, **transfer):

@@ -58,14 +58,6 @@ def server(tiny_path, fresh_new, tmp_path_factory):  # fresh_new first: one serv
     assert not wait_gone(pids), "vllm serve's processes outlived it"
 
 
-@pytest.fixture(scope="module")
-def fresh_new(new_path, tmp_path_factory):
-    """A fresh server's completions on `new_state`, then it is stopped."""
-    log = tmp_path_factory.mktemp("fresh") / "server.log"
-    with VllmServer(new_path, backend=None, log_path=log) as fresh:
-        return fresh.complete(PROMPTS)
-
-
 def test_three_refits_equal_a_fresh_server_and_weight_info_follows(
     server, trainer, base_state, new_state, fresh_new
 ):
