@@ -5,6 +5,8 @@
   through disk and vLLM's reload alone (conf/refit.yaml).
 - `benchmarks.fanout`: the refit of a TP=2 engine and of 2 engines against a single-worker engine, same run
   (conf/fanout.yaml).
+- `benchmarks.serve`: a refit into `vllm serve` through the `refit` backend against our own engine's refit
+  (conf/serve.yaml); its `VllmServer` is what tests/vllm_backend starts.
 - `benchmarks.worker_ext`: the worker extension with the benchmarks' and tests' RPCs.
 """
 

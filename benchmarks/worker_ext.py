@@ -12,13 +12,15 @@ from typing import Any
 import torch
 
 from rollout.load_path import LoadPath
-from rollout.worker_extension import RefitWorkerExtension
+from rollout.vllm_compat import detach_layerwise_pending
+from rollout.worker.extension import RefitWorkerExtension
 
 BENCH_WORKER_EXTENSION = "benchmarks.worker_ext.BenchWorkerExtension"
 
 
 class BenchWorkerExtension(RefitWorkerExtension):
-    """RefitWorkerExtension with `refit_bench_*`, `refit_worker_info` and the `refit_debug_*` switches.
+    """RefitWorkerExtension with `refit_bench_*`, `refit_worker_info` and the `refit_debug_*` switches, each
+    working through the extension's one WorkerRefit (rollout/worker/refit.py), which holds all the state.
 
     Example:
         ro = build_rollout(cfg, path, worker_extension=BENCH_WORKER_EXTENSION)
@@ -27,9 +29,10 @@ class BenchWorkerExtension(RefitWorkerExtension):
 
     def refit_worker_info(self) -> dict[str, Any]:
         """Plain facts about the worker process, for benchmarks, logs and the kill tests (pid, rank in its engine)."""
+        device = self._refit_component().target.device
         return {
             "torch_threads": torch.get_num_threads(),
-            "device": str(self._refit_device()),
+            "device": str(device),
             "pid": os.getpid(),
             "rank": self.rank,
         }
@@ -46,7 +49,8 @@ class BenchWorkerExtension(RefitWorkerExtension):
         remove. The tensors are read from `safetensors_path`, or
         made random from `specs` [(name, shape, dtype name)] (no file for a 7B model), onto the worker's
         device first, untimed."""
-        device = self._refit_device()
+        refit = self._refit_component()
+        device = refit.target.device
         if safetensors_path is not None:
             from safetensors.torch import load_file
 
@@ -57,11 +61,11 @@ class BenchWorkerExtension(RefitWorkerExtension):
                 name: random_weight(name, shape, getattr(torch, dtype), device, gen)
                 for name, shape, dtype in specs or []
             }
-        path = self._refit_prepare(LoadPath(load_path))
-        self._refit_sync()
+        path = refit.prepare(LoadPath(load_path))
+        refit.sync()
         start = time.perf_counter()
-        self._refit_reload(path, weights_iterator=iter(state.items()))
-        self._refit_sync()
+        refit.reload(path, weights_iterator=iter(state.items()))
+        refit.sync()
         seconds = time.perf_counter() - start
         del state
         if device.type == "cuda":
@@ -70,15 +74,17 @@ class BenchWorkerExtension(RefitWorkerExtension):
 
     def refit_bench_reload_from_disk(self, weights_dir: str) -> float:
         """Seconds of vLLM's reload from a checkpoint directory (device work included)."""
-        self._refit_prepare(LoadPath.layerwise)
+        refit = self._refit_component()
+        refit.prepare(LoadPath.layerwise)
         start = time.perf_counter()
-        self._refit_reload(LoadPath.layerwise, weights_path=weights_dir)
-        self._refit_sync()
+        refit.reload(LoadPath.layerwise, weights_path=weights_dir)
+        refit.sync()
         return time.perf_counter() - start
 
     def refit_debug_reallocate(self, name: str) -> int:
-        """Give parameter `name` a fresh storage with the same values: what a refit must never do under CUDA
-        graphs (they keep reading the old one). The graph-audit test shows the audit names it."""
+        """Give parameter `name` a fresh storage with the same values: what a refit must never do
+        under CUDA graphs (they keep reading the old one). The graph-audit test shows the audit
+        names it."""
         param = dict(self.model_runner.get_model().named_parameters())[name]
         param.data = param.data.clone()
         return param.data_ptr()
@@ -86,10 +92,11 @@ class BenchWorkerExtension(RefitWorkerExtension):
     def refit_debug_skip_detach(self, skip: bool) -> None:
         """`True` stops copying the reload's buffered tensors out of a bucket before its release: the race
         this project exists to prevent. The engine tests use it to show that the copy keeps refits exact."""
-        self._refit_skip_detach = bool(skip)
+        self._refit_component().detach_pending = _no_detach if skip else detach_layerwise_pending
 
-    def _refit_detach(self, bucket: Any) -> int:
-        return 0 if getattr(self, "_refit_skip_detach", False) else super()._refit_detach(bucket)
+
+def _no_detach(bucket: Any) -> int:
+    return 0
 
 
 def random_weight(

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from rollout.async_engine import AsyncVllmRollout
     from rollout.engine import VllmRollout
     from rollout.engine_group import EngineGroup
+    from rollout.vllm_backend.trainer import RefitTrainerInitInfo
 
 __all__ = [
     "AsyncVllmRollout",
@@ -52,6 +53,7 @@ __all__ = [
     "RefitError",
     "RefitPort",
     "RefitStats",
+    "RefitTrainerInitInfo",
     "RolloutConfig",
     "RolloutEngine",
     "Sample",
@@ -94,4 +96,8 @@ def __getattr__(name: str):
         from rollout.engine_group import EngineGroup
 
         return EngineGroup
+    if name == "RefitTrainerInitInfo":  # vLLM's trainer-side API (vLLM >= 0.32): imports vLLM
+        from rollout.vllm_backend.trainer import RefitTrainerInitInfo
+
+        return RefitTrainerInitInfo
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")

@@ -51,7 +51,7 @@ from rollout.vllm_compat import (
 )
 from rollout.vllm_logs import vllm_logging_env
 from rollout.vllm_segments import EngineSegments
-from rollout.worker_extension import RefitWorkerExtension
+from rollout.worker.rpc import ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
@@ -450,8 +450,8 @@ class AsyncVllmRollout:
             self._call(self._pause(), f"pausing generation ({self.cfg.pause_mode.value})")
         return self.state.asleep
 
-    def refit_rpc(self, args: tuple) -> list[dict[str, Any]]:
-        rpc = self.engine.collective_rpc("refit_receive", args=args)
+    def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
+        rpc = self.engine.collective_rpc("refit_receive", args=(request.to_dict(),))
         return self._call(
             rpc, "refit_receive", self.cfg.timeouts.worker_reply_s
         )  # every worker's answer
@@ -615,26 +615,7 @@ def split_cores(engine_cores: int | None) -> tuple[set[int], set[int]] | None:
     return set(allowed[:-count]), set(allowed[-count:])
 
 
-ASYNC_WORKER_EXTENSION = "rollout.async_engine.AsyncWorkerExtension"
-
-
-class AsyncWorkerExtension(RefitWorkerExtension):
-    """The async engine's worker extension: the refit's, plus how long the worker busy-waits for work."""
-
-    def refit_set_idle_spin(self, seconds: float) -> int:
-        """Every shared-memory queue this worker reads busy-waits `seconds` after its last read (vLLM: 1 s),
-        then sleeps until the writer's notification. Returns how many readers it set."""
-        import gc
-
-        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-
-        # type(), not isinstance(): gc also holds weak proxies, and touching a dead one raises ReferenceError
-        readers = [
-            o for o in gc.get_objects() if issubclass(type(o), SpinCondition) and o.is_reader
-        ]
-        for reader in readers:
-            reader.busy_loop_s = seconds
-        return len(readers)
+ASYNC_WORKER_EXTENSION = "rollout.worker.extension.AsyncWorkerExtension"  # + refit_set_idle_spin
 
 
 async def _new_event() -> asyncio.Event:

@@ -27,12 +27,12 @@ from rollout.vllm_compat import (
 )
 from rollout.vllm_logs import vllm_logging_env
 from rollout.vllm_segments import EngineSegments
+from rollout.worker.rpc import ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = (
-    "rollout.worker_extension.RefitWorkerExtension"  # vLLM imports it by name in its workers
-)
+# vLLM imports it by name in its workers
+WORKER_EXTENSION = "rollout.worker.extension.RefitWorkerExtension"
 
 
 @contextlib.contextmanager
@@ -223,8 +223,8 @@ class VllmRollout:
             )  # weights first: the KV cache stays released during the transfer
         return was_asleep
 
-    def refit_rpc(self, args: tuple) -> list[dict[str, Any]]:
-        return self.llm.collective_rpc("refit_receive", args=args)
+    def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
+        return self.llm.collective_rpc("refit_receive", args=(request.to_dict(),))
 
     def refit_finish(self, version: int, was_asleep: bool) -> tuple[Cache, ...]:
         """After a transfer every worker confirmed: the KV cache back, caches reset."""

@@ -158,38 +158,3 @@ class GraphAudit:
             sum(r["changed"] for r in replies),
             names("unchanged_parameters"),
         )
-
-
-class GraphAuditWorker:
-    """The worker's half (mixed into the refit worker extension): `refit_audit_start` once the
-    engine is built, `refit_audit` after each refit."""
-
-    def refit_audit_start(self) -> int:
-        """Record the model as the graphs captured it; returns how many tensors were recorded."""
-        self._refit_audit_start = self._refit_audit_last = self._refit_audit_snapshot()
-        return len(self._refit_audit_start)
-
-    def refit_audit(self) -> dict[str, Any]:
-        """Compare the model now with its start (places) and with the last audit (values)."""
-        start = getattr(self, "_refit_audit_start", None)
-        if start is None:
-            raise RuntimeError(
-                "refit_audit before refit_audit_start (rollout.graph_audit=true "
-                "calls it when the engine is built)"
-            )
-        now = self._refit_audit_snapshot()
-        report = compare(start, self._refit_audit_last, now)
-        self._refit_audit_last = now
-        return report
-
-    def refit_audit_digests(self) -> dict[str, tuple[str, int]]:
-        """Every tensor's (kind, digest) by name: two engines on the same weights must agree
-        (tests)."""
-        return {name: (r.kind, r.digest) for name, r in self._refit_audit_snapshot().items()}
-
-    def _refit_audit_snapshot(self) -> dict[str, TensorRecord]:
-        model = self.model_runner.get_model()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return snapshot(model, device.type)

@@ -14,7 +14,6 @@ thread per target) + the sending half + finish (join, check every reply, each ta
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -26,6 +25,7 @@ import torch
 
 from rollout.api import RefitEndpoint, RefitError, RefitStats, Send, send_tensors
 from rollout.transfer import TransferConfig, TransferStats
+from rollout.worker.rpc import ReceiveReply, ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class RefitTarget(Protocol):
     def refit_prepare(self) -> bool:
         """Before the transfer (weights awake, generation paused); returns whether the engine slept."""
 
-    def refit_rpc(self, args: tuple) -> list[dict[str, Any]]:
-        """Every worker's receive of one refit (a blocking RPC); returns their replies."""
+    def refit_rpc(self, request: ReceiveRequest) -> list[dict[str, Any]]:
+        """Every worker's receive of one refit (a blocking RPC of `request.to_dict()`); returns
+        their replies (ReceiveReply dicts)."""
 
     def refit_finish(self, version: int, was_asleep: bool) -> tuple[Any, ...]:
         """After every worker loaded `version`: KV cache back, caches reset, generation resumed; returns the
@@ -230,22 +231,24 @@ class Refitter:
         pending = self._pending
         if pending is None or pending.endpoint is not None:
             raise RuntimeError("the port of a refit starts its workers once, during the refit")
-        cfg = endpoint.transfer
-        fields = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-        timeouts = dataclasses.asdict(self.timeouts)
+        waits, tp = self.timeouts, self.tensor_parallel_size
+        requests = [
+            ReceiveRequest(
+                endpoint.address,
+                endpoint.transfer,
+                pending.version,
+                waits.next_bucket_s,
+                waits.receiver_exit_s,
+                self.load_path,
+                rank_offset=k * tp,
+            )
+            for k in range(len(self.targets))
+        ]
         pending.endpoint, pending.results = endpoint, [{} for _ in self.targets]
 
         def run_receive(k: int) -> None:
             try:
-                args = (
-                    endpoint.address,
-                    fields,
-                    pending.version,
-                    timeouts,
-                    _plain(self.load_path),
-                    k * self.tensor_parallel_size,
-                )
-                pending.results[k]["replies"] = self.targets[k].refit_rpc(args)
+                pending.results[k]["replies"] = self.targets[k].refit_rpc(requests[k])
             except BaseException as exc:  # noqa: BLE001 - re-raised by finish, in the caller's thread
                 pending.results[k]["rpc_error"] = exc
 
@@ -318,38 +321,37 @@ class Refitter:
             raise RefitError(
                 f"refit to version {version}: engine {k}'s collective_rpc failed: {exc}{sender_saw}"
             ) from exc
-        replies, tp = result["replies"], self.tensor_parallel_size
+        try:
+            replies = [ReceiveReply.from_dict(r) for r in result["replies"]]
+        except (TypeError, ValueError) as exc:
+            raise RefitError(f"refit to version {version}: engine {k}'s reply: {exc}") from exc
+        tp = self.tensor_parallel_size
         if len(replies) != tp:
             raise RefitError(
-                f"refit to version {version}: engine {k} answered for {len(replies)} workers, expected {tp}"
+                f"refit to version {version}: engine {k} answered for {len(replies)} workers, "
+                f"expected {tp}"
             )
         for reply in replies:
-            if not reply.get("ok"):
-                where = f"engine {k}, receiver {reply.get('receiver', '?')}"
+            if not reply.ok:
+                where = f"engine {k}, receiver {reply.receiver}"
                 logger.warning(
                     "refit to version %d failed in the vLLM worker (%s):\n%s",
                     version,
                     where,
-                    reply["traceback"],
+                    reply.traceback,
                 )
                 raise RefitError(
-                    f"refit to version {version} failed in the vLLM worker ({where}): {reply['error']}"
+                    f"refit to version {version} failed in the vLLM worker ({where}): {reply.error}"
                 ) from send_error
-        ranks, expected = sorted(r["receiver"] for r in replies), list(range(k * tp, (k + 1) * tp))
+        ranks, expected = sorted(r.receiver for r in replies), list(range(k * tp, (k + 1) * tp))
         if ranks != expected:
             raise RefitError(
-                f"refit to version {version}: engine {k}'s workers answered as receivers {ranks}, expected {expected}"
+                f"refit to version {version}: engine {k}'s workers answered as receivers {ranks}, "
+                f"expected {expected}"
             )
         return [
-            WorkerReply(
-                k,
-                r["receiver"],
-                r["load_s"],
-                r["detached_bytes"],
-                r["load_path"],
-                r.get("load_plan", ""),
-            )
-            for r in sorted(replies, key=lambda r: r["receiver"])
+            WorkerReply(k, r.receiver, r.load_s, r.detached_bytes, r.load_path, r.load_plan)
+            for r in sorted(replies, key=lambda r: r.receiver)
         ]
 
     def close(self) -> None:
@@ -417,7 +419,3 @@ def new_endpoint_in(directory: str | None) -> str:
                 exc,
             )
     return new_endpoint()
-
-
-def _plain(value: Any) -> Any:
-    return value.value if hasattr(value, "value") else value

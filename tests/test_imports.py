@@ -29,7 +29,8 @@ LAYERS = [
         "rollout.graph_audit",
         "rollout.bounded",
     ],
-    ["rollout.worker", "rollout.worker_extension"],
+    ["rollout.worker"],
+    ["rollout.vllm_backend"],
     [
         "rollout.refit",
         "rollout.engine",

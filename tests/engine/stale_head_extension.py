@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.worker_extension import RefitWorkerExtension
+from rollout.worker.extension import RefitWorkerExtension
+from rollout.worker.refit import LoadTarget, WorkerRefit
+
+
+class _ReloadAlone(WorkerRefit):
+    def reload(self, path: Any, **source: Any) -> str:
+        self.target.reload_layerwise(**source)  # no reprocess_tied_heads
+        return ""
 
 
 class KeepStaleTiedHead(RefitWorkerExtension):
-    def _refit_reload(self, path: Any, **source: Any) -> None:
-        self.reload_weights(**source, is_checkpoint_format=True)  # no reprocess_tied_heads
+    def _refit_make_component(self) -> WorkerRefit:
+        return _ReloadAlone(LoadTarget.of_worker(self), rank=self.rank)

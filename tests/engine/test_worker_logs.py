@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from rollout.worker_extension import _DropBenignNoWeights
+from rollout.worker.logs import DropBenignNoWeights
 
 
 def _record(layer: str) -> logging.LogRecord:
@@ -21,7 +21,7 @@ def _record(layer: str) -> logging.LogRecord:
 
 
 def test_only_the_rotary_warning_is_dropped():
-    keep = _DropBenignNoWeights(frozenset({"RotaryEmbedding"})).filter
+    keep = DropBenignNoWeights(frozenset({"RotaryEmbedding"})).filter
     assert not keep(_record("RotaryEmbedding"))
     assert keep(_record("QKVParallelLinear"))  # a real missing weight still warns
     assert keep(
@@ -34,6 +34,6 @@ def test_only_the_rotary_warning_is_dropped():
 
 
 def test_a_tied_head_is_benign():
-    keep = _DropBenignNoWeights(frozenset({"RotaryEmbedding", "ParallelLMHead"})).filter
+    keep = DropBenignNoWeights(frozenset({"RotaryEmbedding", "ParallelLMHead"})).filter
     assert not keep(_record("ParallelLMHead")) and not keep(_record("RotaryEmbedding"))
     assert keep(_record("VocabParallelEmbedding"))
