@@ -28,6 +28,7 @@ LAYERS = [
         "rollout.cache_reset",
         "rollout.graph_audit",
         "rollout.bounded",
+        "rollout.vllm_logs",
     ],
     ["rollout.worker"],
     ["rollout.vllm_backend"],
