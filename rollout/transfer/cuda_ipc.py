@@ -24,6 +24,57 @@ def _uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
+def share(
+    storage: torch.UntypedStorage, device: torch.device, nbytes: int, packed_event: bytes = b""
+) -> wire.CudaIpcBuffer:
+    """`storage` as a CudaIpcBuffer: the fields torch's own CUDA IPC pickling carries, as plain bytes
+    and ints (`nbytes` of it are named; `packed_event` is the bucket transport's interprocess event)."""
+    (_, handle, storage_nbytes, storage_offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
+        storage._share_cuda_()
+    )
+    return wire.CudaIpcBuffer(
+        _uuid(device),
+        device.index,
+        bytes(handle),
+        int(storage_nbytes),
+        int(storage_offset),
+        bytes(rc_handle),
+        int(rc_offset),
+        bytes(ev_handle or b""),
+        bool(ev_sync),
+        nbytes,
+        packed_event,
+    )
+
+
+def open_shared(d: wire.CudaIpcBuffer, device: torch.device, what: str, needs: str) -> torch.Tensor:
+    """The storage `d` names as a flat uint8 tensor of d.nbytes on this process's view of the same
+    GPU, rebuilt without pickle; TransferError naming `what` (and that `needs` one GPU) when `d` lives
+    on another GPU than `device`."""
+    if d.device_uuid != _uuid(device):
+        raise TransferError(
+            f"{what} lives on GPU {d.device_uuid}, but this receiver's {device} is {_uuid(device)}: "
+            f"{needs} needs both processes on the same GPU"
+        )
+    return rebuild_cuda_tensor(
+        torch.Tensor,
+        (d.nbytes,),
+        (1,),
+        0,
+        torch.UntypedStorage,
+        torch.uint8,
+        device.index,
+        d.handle,
+        d.storage_nbytes,
+        d.storage_offset_bytes,
+        False,
+        d.ref_counter_handle,
+        d.ref_counter_offset,
+        d.event_handle or None,
+        d.event_sync_required,
+    )
+
+
 def _cuda_device(device: torch.device | str | None) -> torch.device:
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -71,33 +122,10 @@ class CudaIpcTransport:
         ]
         with torch.cuda.device(device):
             events = [torch.cuda.Event(enable_timing=False, interprocess=True) for _ in buffers]
-        descs = []
-        for buf, event in zip(buffers, events):
-            (
-                _,
-                handle,
-                storage_nbytes,
-                storage_offset,
-                rc_handle,
-                rc_offset,
-                ev_handle,
-                ev_sync,
-            ) = buf.untyped_storage()._share_cuda_()
-            descs.append(
-                wire.CudaIpcBuffer(
-                    _uuid(device),
-                    device.index,
-                    bytes(handle),
-                    int(storage_nbytes),
-                    int(storage_offset),
-                    bytes(rc_handle),
-                    int(rc_offset),
-                    bytes(ev_handle or b""),
-                    bool(ev_sync),
-                    nbytes,
-                    bytes(event.ipc_handle()),
-                )
-            )
+        descs = [
+            share(buf.untyped_storage(), device, nbytes, bytes(event.ipc_handle()))
+            for buf, event in zip(buffers, events)
+        ]
         return cls(buffers, device, descs, events)
 
     @classmethod
@@ -105,30 +133,7 @@ class CudaIpcTransport:
         device = _cuda_device(device)
         buffers, events = [], []
         for d in hello.cuda_buffers:
-            if d.device_uuid != _uuid(device):
-                raise TransferError(
-                    f"cuda_ipc buffer lives on GPU {d.device_uuid}, but this receiver's {device} is "
-                    f"{_uuid(device)}: CUDA IPC needs both processes on the same GPU"
-                )
-            buffers.append(
-                rebuild_cuda_tensor(
-                    torch.Tensor,
-                    (d.nbytes,),
-                    (1,),
-                    0,
-                    torch.UntypedStorage,
-                    torch.uint8,
-                    device.index,
-                    d.handle,
-                    d.storage_nbytes,
-                    d.storage_offset_bytes,
-                    False,
-                    d.ref_counter_handle,
-                    d.ref_counter_offset,
-                    d.event_handle or None,
-                    d.event_sync_required,
-                )
-            )
+            buffers.append(open_shared(d, device, "cuda_ipc buffer", "CUDA IPC"))
             if not d.packed_event:
                 raise TransferError("cuda_ipc buffer without a packed event: the sender is too old")
             events.append(torch.cuda.Event.from_ipc_handle(device, d.packed_event))
