@@ -59,3 +59,19 @@ def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
         time.sleep(0.2)
         left = alive()
     return left
+
+
+def skip_module_unless_vllm_cuda() -> None:
+    """Called at a test module's top: skips the whole module unless vLLM's CUDA build and a CUDA
+    device are here (a lent H100/H200 with the vLLM GPU kit)."""
+    import pytest
+    import torch
+
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # noqa: BLE001 - no vLLM, or a broken one: nothing to run here
+        cuda = False
+    else:
+        cuda = torch.cuda.is_available() and current_platform.is_cuda()
+    if not cuda:
+        pytest.skip("needs vLLM's CUDA build and a CUDA device", allow_module_level=True)

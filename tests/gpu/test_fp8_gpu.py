@@ -14,22 +14,14 @@ import dataclasses
 import statistics
 import time
 
+import helpers
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm_gpu]
 
 
-def _vllm_cuda() -> bool:
-    try:
-        from vllm.platforms import current_platform
-    except Exception:  # noqa: BLE001 - no vLLM, or a broken one: nothing to run here
-        return False
-    return torch.cuda.is_available() and current_platform.is_cuda()
-
-
-if not _vllm_cuda():
-    pytest.skip("needs vLLM's CUDA build and a CUDA device", allow_module_level=True)
+helpers.skip_module_unless_vllm_cuda()
 
 from test_vllm_gpu import SPEC, gpu_cfg, greedy, perturbed, save_model  # noqa: E402
 

@@ -19,16 +19,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm_gpu]
 
 
-def _vllm_cuda() -> bool:
-    try:
-        from vllm.platforms import current_platform
-    except Exception:  # noqa: BLE001 - no vLLM, or a broken one: nothing to run here
-        return False
-    return torch.cuda.is_available() and current_platform.is_cuda()
-
-
-if not _vllm_cuda():
-    pytest.skip("needs vLLM's CUDA build and a CUDA device", allow_module_level=True)
+helpers.skip_module_unless_vllm_cuda()
 
 from benchmarks.worker_ext import BENCH_WORKER_EXTENSION  # noqa: E402
 from rollout import BackendConfig, CacheReset, Mode, RolloutConfig, build_rollout  # noqa: E402
