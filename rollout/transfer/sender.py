@@ -305,18 +305,14 @@ class WeightSender(End):
         channel = self._channels[rank]
         waiting_for = f"{what} of refit {refit_id} from receiver {rank}"
         while True:
-            if resend is None:
-                msg = channel.recv(waiting_for, deadline)
-            else:
-                try:
-                    msg = channel.recv(waiting_for, min(deadline, time.monotonic() + RESEND_S))
-                except TransferTimeout:
-                    if time.monotonic() >= deadline:
-                        raise
-                    channel.try_send(resend)
-                    continue
-                if getattr(msg, "refit_id", None) == refit_id:
-                    resend = None  # the receiver heard it: no more repeats
+            until = deadline if resend is None else min(deadline, time.monotonic() + RESEND_S)
+            try:
+                msg = channel.recv(waiting_for, until)
+            except TransferTimeout:
+                if resend is None or time.monotonic() >= deadline:
+                    raise
+                channel.try_send(resend)
+                continue
             if getattr(msg, "refit_id", None) != refit_id:
                 continue  # a late answer from an aborted refit
             if isinstance(msg, wire.Error):
