@@ -42,3 +42,36 @@ def refit_segments_mapped(pid: int | str = "self") -> list[str]:
                 if "/dev/shm/refit-" in line
             }
         )
+
+
+def send_halfway(make_engine, trainer: torch.nn.Module, version: int):
+    """Start `send_weights(version)` of `make_engine(source)` in a thread whose source yields all but
+    its last two parameters (more than one bucket sent), then waits. Returns once halfway: the engine,
+    the thread, the event that lets the source finish, and the dict the thread's error lands in."""
+    import threading
+
+    from vllm.distributed.weight_transfer.base import ModuleSource
+
+    halfway, go_on = threading.Event(), threading.Event()
+
+    class HalfThenWait(ModuleSource):
+        def __iter__(self):
+            params = list(super().__iter__())
+            yield from params[:-2]
+            halfway.set()
+            go_on.wait(60)
+            yield from params[-2:]
+
+    engine = make_engine(HalfThenWait(trainer))
+    outcome: dict = {}
+
+    def send() -> None:
+        try:
+            engine.send_weights(version)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            outcome["error"] = exc
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    assert halfway.wait(60)
+    return engine, sender, go_on, outcome

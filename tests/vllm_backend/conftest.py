@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backend_helpers import PROMPTS, load
+from backend_helpers import PROMPTS, load, refit_segments_mapped
 
 from benchmarks.serve import VllmServer
 from rollout.tiny_model import ensure_tiny_model
+
+
+@pytest.fixture
+def mapped_before() -> set[str]:
+    """The transfer segments this process maps as the test starts: other modules' session-scoped
+    engines keep theirs mapped until the session ends, so a test checks what it made itself."""
+    return set(refit_segments_mapped())
 
 
 @pytest.fixture(scope="session")
