@@ -25,6 +25,7 @@ from rollout.api import (
     send_tensors,
 )
 from rollout.config import (
+    AdapterConfig,
     Backend,
     BackendConfig,
     CacheReset,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from rollout.vllm_backend.trainer import RefitTrainerInitInfo
 
 __all__ = [
+    "AdapterConfig",
     "AsyncVllmRollout",
     "Backend",
     "BackendConfig",

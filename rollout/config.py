@@ -70,6 +70,10 @@ class BackendConfig:
     quantization: Optional[str] = None
     # vLLM's own default (5 s) force-kills a busy engine core; a graceful exit took ~4 s on 2 cores.
     shutdown_timeout_s: float = 60.0
+    # With rollout.adapter (LoRA): vLLM's max_lora_rank (null: the adapter's rank) and its LoRA slots,
+    # max_loras = max_cpu_loras (null: rollout.adapter.max_versions). Ignored without an adapter.
+    max_lora_rank: Optional[int] = None
+    max_loras: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.name = coerce_enum(Backend, self.name, "rollout.backend.name")
@@ -88,6 +92,44 @@ class BackendConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"rollout.backend.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}"
+            )
+
+
+DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+UNSUPPORTED_LORA_MODULES = {"lm_head"}
+
+
+@dataclass
+class AdapterConfig:
+    """The `rollout.adapter` node: the engine serves a LoRA adapter on its base weights (loaded from the
+    model path, never refit), and every refit is one version of the adapter: its tensors only, by PEFT's
+    names (`peft.get_peft_model_state_dict`), installed into vLLM's LoRA manager in memory as a new
+    adapter (LoRA id = version + 1). Until the first refit the engine generates with the base model.
+    The trainer sets it from `model.lora`; null: refits bring the full weights."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
+    # adapter versions kept registered at once: a request started on an older one finishes on it
+    max_versions: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rollout.adapter.rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"rollout.adapter.alpha must be > 0, got {self.alpha!r}")
+        if not self.target_modules:
+            raise ValueError("rollout.adapter.target_modules must name at least one module")
+        unsupported = sorted(set(self.target_modules) & UNSUPPORTED_LORA_MODULES)
+        if unsupported:
+            raise ValueError(
+                f"rollout.adapter.target_modules: {unsupported} cannot take a LoRA refit: with "
+                "lm_head adapted, vLLM 0.32's log-probs disagreed with PEFT's (logprob_gap 2.1 on the "
+                "tiny model); adapt the attention and MLP projections"
+            )
+        if self.max_versions < 1:
+            raise ValueError(
+                f"rollout.adapter.max_versions must be >= 1, got {self.max_versions!r}"
             )
 
 
@@ -155,6 +197,8 @@ class RolloutConfig:
     vllm_log_file: Optional[str] = None
     # With vllm_log_file: vLLM's lines at this level or above reach the console too (INFO: all of them).
     vllm_console_level: str = "WARNING"
+    # LoRA: refits move only an adapter (AdapterConfig); null: the full weights.
+    adapter: Optional[AdapterConfig] = None
 
     def __post_init__(self) -> None:
         self.mode = coerce_enum(Mode, self.mode, "rollout.mode")
@@ -204,9 +248,38 @@ class RolloutConfig:
             raise ValueError(
                 "rollout.graph_audit audits one engine; set rollout.num_engines=1 or graph_audit=false"
             )
+        self.check_adapter()
         num_workers = self.num_engines * self.backend.tensor_parallel_size
         if num_workers > 1 and self.transfer.mode is TransferMode.direct:
             raise ValueError(
                 f"rollout.transfer.mode=direct feeds one worker; {num_workers} workers (rollout.num_engines x "
                 "rollout.backend.tensor_parallel_size) need rollout.transfer.mode=bucketed"
             )
+
+    def check_adapter(self) -> None:
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
+        a, b = self.adapter, self.backend
+        if a is None:
+            return
+        if b.max_lora_rank is not None and b.max_lora_rank < a.rank:
+            raise ValueError(
+                f"rollout.backend.max_lora_rank={b.max_lora_rank!r} is below the adapter's rank "
+                f"rollout.adapter.rank={a.rank!r}"
+            )
+        if b.max_loras is not None and b.max_loras < a.max_versions:
+            raise ValueError(
+                f"rollout.backend.max_loras={b.max_loras!r} cannot hold "
+                f"rollout.adapter.max_versions={a.max_versions!r} adapter versions"
+            )
+        refused = {
+            "rollout.engine=async": self.engine.value == "async",
+            "rollout.transfer.mode=direct": self.transfer.mode is TransferMode.direct,
+            "rollout.backend.load_format=dummy": b.load_format == "dummy",
+        }
+        for name, set_ in refused.items():
+            if set_:
+                raise ValueError(
+                    f"rollout.adapter (LoRA refits) does not support {name} yet: use the sync "
+                    "engine with rollout.transfer.mode=bucketed and real base weights"
+                )

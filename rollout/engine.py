@@ -116,6 +116,7 @@ class VllmRollout:
             transfer,
             cfg.load_path,
             tp,
+            adapter=cfg.adapter,
         )
 
     @property
@@ -149,7 +150,10 @@ class VllmRollout:
         params = sampling_params(
             len(prompts), n, max_tokens, temperature, seed, top_p, prompt_offset=prompt_offset
         )
-        outputs = self.llm.generate(prompt_inputs(prompts), params, use_tqdm=False)
+        lora = lora_request(self.state.adapter_id, self.model_path)
+        outputs = self.llm.generate(
+            prompt_inputs(prompts), params, use_tqdm=False, lora_request=lora
+        )
         return [
             s
             for i, out in enumerate(outputs)
@@ -327,7 +331,34 @@ def engine_kwargs(
         enable_sleep_mode=can_sleep,
         worker_extension_cls=worker_extension or WORKER_EXTENSION,
         use_tqdm_on_load=cfg.vllm_log_file is None,  # a progress bar on the console, not in the log
+        **lora_kwargs(cfg),
     )
+
+
+def lora_kwargs(cfg: RolloutConfig) -> dict[str, Any]:
+    """vLLM's LoRA arguments for `rollout.adapter`: as many slots as adapter versions are kept."""
+    a, b = cfg.adapter, cfg.backend
+    if a is None:
+        return {}
+    slots = b.max_loras or a.max_versions
+    return dict(
+        enable_lora=True,
+        max_lora_rank=b.max_lora_rank or a.rank,
+        max_loras=slots,
+        max_cpu_loras=slots,
+    )
+
+
+def lora_request(adapter_id: int | None, model_path: str) -> Any:
+    """The vLLM LoRARequest of the adapter a refit installed in memory under `adapter_id` (None: the
+    base model). vLLM finds the id registered and never reads `lora_path` (the base model's directory,
+    which holds no adapter). A request for a version the workers removed would make vLLM look there and
+    stop its engine core: the engines only ever ask for the newest version."""
+    if adapter_id is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"refit-adapter-{adapter_id}", adapter_id, model_path)
 
 
 def sampling_params(

@@ -63,6 +63,7 @@ class EngineGroup:
             first.refitter.transfer,
             cfg.load_path,
             cfg.backend.tensor_parallel_size,
+            adapter=cfg.adapter,
         )
 
     @property

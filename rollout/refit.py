@@ -25,7 +25,7 @@ import torch
 
 from rollout.api import RefitEndpoint, RefitError, RefitStats, Send, send_tensors
 from rollout.transfer import TransferConfig, TransferStats
-from rollout.worker.rpc import ReceiveReply, ReceiveRequest
+from rollout.worker.rpc import AdapterSpec, ReceiveReply, ReceiveRequest
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class EngineState:
     weights_discarded: bool = False  # a level-2 sleep dropped them: a refit must come first
     closed: bool = False
     receivers_open: bool = False  # a refit reached the workers: close() must close their receivers
+    adapter_id: int | None = None  # LoRA refits: the LoRA id of the newest adapter (None: the base)
 
     def check_can_generate(self) -> None:
         if self.closed:
@@ -130,8 +131,11 @@ class Refitter:
         load_path: Any,
         tensor_parallel_size: int = 1,
         node_id: str | None = None,
+        adapter: Any = None,
     ) -> None:
+        """`adapter`: a rollout.config.AdapterConfig: every refit is one version of that LoRA adapter."""
         self.targets = list(targets)
+        self.adapter = adapter
         self.device_type, self.endpoint_dir, self.timeouts = device_type, endpoint_dir, timeouts
         self.transfer = (
             transfer  # may change between refits: a new endpoint then, the workers follow
@@ -198,6 +202,7 @@ class Refitter:
             state = target.state
             state.failed_version, state.weights_discarded, state.dummy_weights = None, False, False
             state.version = pending.version
+            state.adapter_id = None if self.adapter is None else adapter_id(pending.version)
         caches = [
             t.refit_finish(pending.version, slept) for t, slept in zip(self.targets, pending.slept)
         ]
@@ -231,7 +236,12 @@ class Refitter:
         pending = self._pending
         if pending is None or pending.endpoint is not None:
             raise RuntimeError("the port of a refit starts its workers once, during the refit")
-        waits, tp = self.timeouts, self.tensor_parallel_size
+        waits, tp, a = self.timeouts, self.tensor_parallel_size, self.adapter
+        adapter = None
+        if a is not None:
+            lora_id = adapter_id(pending.version)
+            modules = tuple(a.target_modules)
+            adapter = AdapterSpec(lora_id, a.rank, a.alpha, modules, a.max_versions)
         requests = [
             ReceiveRequest(
                 endpoint.address,
@@ -241,6 +251,7 @@ class Refitter:
                 waits.receiver_exit_s,
                 self.load_path,
                 rank_offset=k * tp,
+                adapter=adapter,
             )
             for k in range(len(self.targets))
         ]
@@ -401,6 +412,11 @@ def refit_stats(
         loads,
         replies[0].load_plan,
     )
+
+
+def adapter_id(version: int) -> int:
+    """The LoRA id of adapter version `version` (vLLM's ids start at 1)."""
+    return version + 1
 
 
 def new_endpoint_in(directory: str | None) -> str:

@@ -98,7 +98,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[BackendInit, BackendUpdate]
             "refit backend: version %d loaded in %.3f s (%s path)",
             loaded.version,
             loaded.load_s,
-            loaded.load_path.value,
+            loaded.load_path,
         )
 
     def finish_weight_update(self) -> None:

@@ -43,7 +43,7 @@ class RefitWorkerExtension:
                 True,
                 loaded.load_s,
                 loaded.detached_bytes,
-                loaded.load_path.value,
+                loaded.load_path,
                 loaded.load_plan,
             )
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, who raises
@@ -54,6 +54,11 @@ class RefitWorkerExtension:
     def refit_close(self) -> None:
         """Close the receiver (unmaps its buffers, closes its socket) before the engine stops."""
         self._refit_component().close()
+
+    def refit_lora_ids(self) -> list[int]:
+        """The LoRA ids registered in this worker's LoRA manager (adapter refits' and vLLM's own)."""
+        manager = getattr(self.model_runner, "lora_manager", None)
+        return sorted(manager.list_adapters()) if manager is not None else []
 
     def refit_audit_start(self) -> int:
         """The graph audit's start (rollout/worker/audit.py); returns how many tensors it recorded."""

@@ -34,6 +34,7 @@ from rollout.vllm_compat import (
     finalize_failed_reload,
     installed_vllm_version,
 )
+from rollout.worker.adapter import AdapterVersions
 from rollout.worker.logs import quiet_benign_reload_logs
 from rollout.worker.rpc import ReceiveRequest
 
@@ -53,6 +54,8 @@ class LoadTarget:
     # what vLLM's reload_weights runs after loading (encoder and multimodal cache resets), for the
     # direct path, which bypasses it
     after_direct_load: Callable[[], None] = lambda: None
+    # vLLM's worker LoRA manager (None: the engine runs without LoRA), for adapter refits
+    get_lora_manager: Callable[[], Any] = lambda: None
 
     @classmethod
     def of_worker(cls, worker: Any) -> LoadTarget:
@@ -74,6 +77,7 @@ class LoadTarget:
             runner.get_model,
             reload_layerwise,
             after_direct_load,
+            lambda: getattr(runner, "lora_manager", None),
         )
 
 
@@ -84,7 +88,7 @@ class Loaded:
     version: int
     load_s: float
     detached_bytes: int
-    load_path: LoadPath
+    load_path: str  # "direct" or "layerwise" (a LoadPath's value), or "adapter" (a LoRA refit)
     load_plan: str
 
 
@@ -111,6 +115,7 @@ class WorkerRefit:
         self.load_plan: LoadPlan | None = None
         self.plan_blocked: str | None = None  # why the direct path's writes cannot be replayed
         self.paths_logged: set[LoadPath] = set()
+        self.adapters: AdapterVersions | None = None  # LoRA refits: the versions installed
 
     def open_receiver(self, endpoint: str, cfg: TransferConfig, rank: int) -> WeightReceiver:
         """The receiver for `endpoint` as `rank`: kept across refits, new when either changes."""
@@ -206,6 +211,8 @@ class WorkerRefit:
         Raises on any failure (the sender has been told); a failed layerwise reload leaves no meta
         tensor or bucket reference behind, but the weights half-updated (the driver then refuses
         to generate until a complete refit)."""
+        if request.adapter is not None:
+            return self.receive_adapter(request)
         receiver, path = self._start(request)
         stream = BucketStream(receiver.cfg.timeout_s, self.detach_pending, request.next_bucket_s)
         outcome: dict[str, Any] = {}
@@ -249,7 +256,7 @@ class WorkerRefit:
         if "error" in outcome:
             raise outcome["error"]
         self._check_version(outcome["stats"].version, request.version)
-        return Loaded(request.version, load_s, stream.detached_bytes, path, plan)
+        return Loaded(request.version, load_s, stream.detached_bytes, path.value, plan)
 
     def receive_staged(self, request: ReceiveRequest) -> Loaded:
         """One refit, all or nothing: every tensor is copied out of the transfer as it arrives, and
@@ -278,7 +285,41 @@ class WorkerRefit:
             ) from exc
         finally:
             staged.clear()
-        return Loaded(request.version, time.perf_counter() - start, 0, path, plan)
+        return Loaded(request.version, time.perf_counter() - start, 0, path.value, plan)
+
+    def receive_adapter(self, request: ReceiveRequest) -> Loaded:
+        """A LoRA refit, all or nothing: the adapter's tensors (small) are copied out of the transfer,
+        then installed as one new adapter version in vLLM's LoRA manager (rollout/worker/adapter.py);
+        the base weights are never touched. A failed refit leaves the installed versions as they were."""
+        spec = request.adapter
+        receiver = self.open_receiver(
+            request.endpoint, request.transfer, request.rank_offset + self.rank
+        )
+        try:
+            if self.adapters is None:
+                self.adapters = AdapterVersions(self.target.get_lora_manager())
+        except ValueError as exc:
+            receiver.receive(_refuse(exc))
+            raise
+        staged: dict[str, torch.Tensor] = {}
+
+        def stage(weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
+            staged.update((name, t.clone()) for name, t in weights)  # the views die with the call
+
+        stats = receiver.receive(stage)
+        self._check_version(stats.version, request.version)
+        start = time.perf_counter()
+        try:
+            self.adapters.install(spec, staged)
+            self.sync()
+        except BaseException as exc:
+            raise RuntimeError(
+                f"refit version {request.version}: installing the adapter as LoRA id "
+                f"{spec.lora_id} failed: {exc}"
+            ) from exc
+        return Loaded(
+            request.version, time.perf_counter() - start, 0, "adapter", f"lora id {spec.lora_id}"
+        )
 
     @staticmethod
     def _check_version(sent: int, expected: int) -> None:

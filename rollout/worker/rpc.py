@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from rollout.load_path import LoadPath
 from rollout.transfer.config import TransferConfig
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: ReceiveRequest.adapter
 M = TypeVar("M", bound="Message")
 
 
@@ -66,6 +66,30 @@ class Message:
         return cls(**{k: v for k, v in data.items() if k != "protocol"})
 
 
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA refit: the tensors are one adapter version (PEFT names), installed in vLLM's LoRA manager
+    as LoRA id `lora_id`; the worker keeps the newest `max_versions` it installed and removes older ones."""
+
+    lora_id: int
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    max_versions: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def peft_config(self) -> dict[str, Any]:
+        """The adapter_config.json fields vLLM's PEFTHelper reads."""
+        return {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "target_modules": list(self.target_modules),
+            "bias": "none",
+        }
+
+
 def coerce_fields(message: Message) -> None:
     """A message's `transfer` (a TransferConfig from its fields) and `load_path` (a LoadPath)."""
     if isinstance(message.transfer, dict):
@@ -91,9 +115,17 @@ class ReceiveRequest(Message):
     receiver_exit_s: float
     load_path: LoadPath = LoadPath.auto
     rank_offset: int = 0
+    adapter: AdapterSpec | None = None  # a LoRA refit: only the adapter's tensors come
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        if isinstance(self.adapter, dict):
+            try:
+                object.__setattr__(self, "adapter", AdapterSpec(**self.adapter))
+            except TypeError as exc:
+                raise ValueError(
+                    f"refit worker RPC: a ReceiveRequest's adapter fields: {exc}"
+                ) from None
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@ error for a protocol mismatch or an unknown or missing field (the worker answers
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 
 from rollout.load_path import LoadPath
 from rollout.transfer import TransferConfig
 from rollout.worker.extension import RefitWorkerExtension
-from rollout.worker.rpc import PROTOCOL, ReceiveReply, ReceiveRequest
+from rollout.worker.rpc import PROTOCOL, AdapterSpec, ReceiveReply, ReceiveRequest
 
 # Changing either list means changing the protocol: bump rollout.worker.rpc.PROTOCOL with it.
 REQUEST_FIELDS = [
@@ -21,6 +23,7 @@ REQUEST_FIELDS = [
     "receiver_exit_s",
     "load_path",
     "rank_offset",
+    "adapter",
 ]
 REPLY_FIELDS = [
     "protocol",
@@ -47,11 +50,22 @@ def _request() -> ReceiveRequest:
 def test_the_request_crosses_as_plain_data_and_comes_back_equal():
     request = _request()
     data = request.to_dict()
-    assert list(data) == REQUEST_FIELDS and data["protocol"] == PROTOCOL == 1
+    assert list(data) == REQUEST_FIELDS and data["protocol"] == PROTOCOL == 2
     assert data["transfer"]["sync"] == "double_buffer" and data["load_path"] == "layerwise"
     wire = msgpack.unpackb(msgpack.packb(data))  # plain values only: no object needs pickle
     back = ReceiveRequest.from_dict(wire)
     assert back == request and back.load_path is LoadPath.layerwise and back.transfer.bucket_mb == 3
+
+
+def test_a_lora_refits_adapter_crosses_as_plain_data_and_comes_back_equal():
+    adapter = AdapterSpec(4, 8, 16.0, ("q_proj", "v_proj"), 2)
+    request = dataclasses.replace(_request(), adapter=adapter)
+    wire = msgpack.unpackb(msgpack.packb(request.to_dict()))
+    assert wire["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    back = ReceiveRequest.from_dict(wire)
+    assert back == request and back.adapter.peft_config()["lora_alpha"] == 16.0
+    with pytest.raises(ValueError, match="adapter fields"):
+        ReceiveRequest.from_dict({**wire, "adapter": {**wire["adapter"], "scale": 2}})
 
 
 def test_the_reply_carries_only_what_the_driver_reads():
@@ -63,7 +77,7 @@ def test_the_reply_carries_only_what_the_driver_reads():
 
 def test_a_protocol_mismatch_names_both_protocols_and_the_fix():
     data = {**_request().to_dict(), "protocol": 0}
-    with pytest.raises(ValueError, match=r"protocol 0, this side speaks 1.*reinstall"):
+    with pytest.raises(ValueError, match=r"protocol 0, this side speaks 2.*reinstall"):
         ReceiveRequest.from_dict(data)
     with pytest.raises(ValueError, match="protocol None"):
         ReceiveReply.from_dict(
@@ -94,5 +108,5 @@ def test_the_worker_answers_a_bad_request_with_its_error_instead_of_raising():
     assert (
         not reply.ok and reply.receiver == 1 and "must be a dict" in reply.error and reply.traceback
     )
-    reply = ReceiveReply.from_dict(_Worker().refit_receive({**_request().to_dict(), "protocol": 2}))
-    assert not reply.ok and "protocol 2" in reply.error
+    reply = ReceiveReply.from_dict(_Worker().refit_receive({**_request().to_dict(), "protocol": 3}))
+    assert not reply.ok and "protocol 3" in reply.error
