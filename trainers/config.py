@@ -13,7 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from rollout.config import EngineKind, RolloutConfig
+from rollout.config import DEFAULT_LORA_MODULES, AdapterConfig, EngineKind, RolloutConfig
 from rollout.transfer.config import coerce_enum
 from trainers.distributed.cluster import RayConfig
 
@@ -41,11 +41,44 @@ def _positive(key: str, value: float) -> None:
 
 
 @dataclass
+class LoraConfig:
+    """`model.lora`: train a LoRA adapter (PEFT) on the frozen base model instead of the whole model;
+    every refit then moves only the adapter (trainers/lora.py). `rank: null` = full fine-tuning."""
+
+    rank: Optional[int] = None
+    alpha: Optional[float] = None  # null: 2 x rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
+    # the adapter's learning rate is algorithm.lr x lr_scale (LoRA wants a larger step than the
+    # full model; the warm-start's lr too)
+    lr_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.rank is None:
+            return
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"model.lora.rank must be an integer >= 1 or null, got {self.rank!r}")
+        self.alpha = 2.0 * self.rank if self.alpha is None else self.alpha
+        if not self.alpha > 0 or not 0 <= self.dropout < 1 or not self.lr_scale > 0:
+            raise ValueError(
+                "model.lora.alpha and model.lora.lr_scale must be > 0 and model.lora.dropout in "
+                f"[0, 1), got {self.alpha!r}, {self.lr_scale!r}, {self.dropout!r}"
+            )
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules must name at least one module")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
+
+
+@dataclass
 class ModelConfig:
     """`model.path`: any Hugging Face model directory; null builds and caches the embedded tiny model."""
 
     path: Optional[str] = None
     cache_dir: str = "~/.cache/refit"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -240,6 +273,28 @@ class PPOConfig:
                 f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.engine=async "
                 f"(got {self.rollout.engine.value}: the sync engine cannot generate while the trainer trains)"
             )
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """model.lora sets the engine's adapter (rollout.adapter): the shape every refit installs."""
+        lora, ro = self.model.lora, self.rollout
+        if not lora.enabled:
+            if ro.adapter is not None:
+                raise ValueError(
+                    "rollout.adapter is set from model.lora: set model.lora.rank (and leave "
+                    "rollout.adapter null) to train a LoRA adapter"
+                )
+            return
+        if self.trainer.num_workers > 1:
+            raise ValueError(
+                f"model.lora.rank={lora.rank} with trainer.num_workers={self.trainer.num_workers}: "
+                "LoRA trains in one process for now (set trainer.num_workers=1)"
+            )
+        if ro.adapter is None:
+            ro.adapter = AdapterConfig(
+                lora.rank, lora.alpha, list(lora.target_modules), self.trainer.max_staleness + 1
+            )
+        ro.check_adapter()  # the engine's side: the engines and settings it supports
 
 
 def register_configs() -> None:

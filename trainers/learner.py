@@ -17,7 +17,8 @@ from torch import Tensor
 from rollout.api import RefitPort, RolloutEngine
 from trainers.algorithms import masked_mean
 from trainers.checkpoint import SHARDS, save_checkpoint
-from trainers.config import Algorithm, AlgorithmConfig, TrainerConfig
+from trainers.config import Algorithm, AlgorithmConfig, LoraConfig, TrainerConfig
+from trainers.lora import BaseModel, adapter_tensors, export_base, warm_start_params, wrap_policy
 from trainers.policy import TokenBatch, ValueModel, collate, load_policy, token_logprobs
 from trainers.tasks import Example, Task
 from trainers.update import Models, OldScores, minibatch_order, minibatch_step, score
@@ -69,11 +70,19 @@ class Learner(Protocol):
     def open_engine(self, rollout_cfg: Any, model_path: str) -> RolloutEngine:
         """The rollout engine placed where this learner feeds it."""
 
+    def engine_model_path(self, model_path: str, out_dir: Path) -> str:
+        """The weights the engine starts on (LoRA: the base, where it changed here)."""
+
     def save_checkpoint(self, path: Path, run_state: dict[str, Any]) -> Path: ...
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None: ...
 
     def close(self) -> None: ...
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer steps: all of them, or with LoRA the adapter's."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class LocalLearner:
@@ -90,15 +99,28 @@ class LocalLearner:
     """
 
     def __init__(
-        self, model_path: str, alg: AlgorithmConfig, trainer: TrainerConfig, device: torch.device
+        self,
+        model_path: str,
+        alg: AlgorithmConfig,
+        trainer: TrainerConfig,
+        device: torch.device,
+        lora: Optional[LoraConfig] = None,
     ) -> None:
+        """`lora` (model.lora with a rank): the policy is a PEFT adapter on the frozen base, and
+        refits send the adapter alone (trainers/lora.py)."""
         self.alg, self.micro_batch_size, self.device = alg, trainer.micro_batch_size, device
         self.trainer = trainer
-        policy = load_policy(model_path).to(device)
+        self.lora = lora if lora is not None and lora.enabled else None
+        policy, lr = load_policy(model_path), alg.lr
+        if self.lora is not None:
+            c = self.lora
+            policy = wrap_policy(policy, c.rank, c.alpha, c.dropout, c.target_modules)
+            lr *= c.lr_scale
+        policy = policy.to(device)
         critic = ValueModel(model_path).to(device) if alg.name is Algorithm.ppo else None
         self.models = Models(
             policy,
-            torch.optim.AdamW(policy.parameters(), lr=alg.lr, weight_decay=alg.weight_decay),
+            torch.optim.AdamW(trainable(policy), lr=lr, weight_decay=alg.weight_decay),
             None,
             critic,
             torch.optim.AdamW(critic.parameters(), lr=alg.critic_lr)
@@ -106,6 +128,7 @@ class LocalLearner:
             else None,
         )
         self._reference_loaded = False  # from a sharded checkpoint, by load_state_dict
+        self._base_changed = False  # LoRA: the base differs from model_path (engine_model_path)
         self.last_gather_peak_bytes: Optional[int] = None  # nothing is gathered here
 
     # the models by name, for the methods below and the tests
@@ -116,27 +139,43 @@ class LocalLearner:
     reference = property(lambda self: self.models.reference)
 
     def warm_start(self, tokenizer: Any, task: Task) -> Optional[float]:
-        """A short supervised warm-start on the task's reference completions; returns the last loss."""
+        """A short supervised warm-start on the task's reference completions; returns the last loss.
+        With LoRA it trains the base model (the adapter disabled and untouched), as supervised
+        fine-tuning before LoRA RL would: the engine then starts on that base (engine_model_path)."""
         t = self.trainer
         if t.warmup_steps == 0:
             return None
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.warmup_lr, weight_decay=0.0)
-        loss = torch.tensor(float("nan"))
-        for step in range(1, t.warmup_steps + 1):
-            examples = task.batch(
-                -step, t.warmup_batch_size
-            )  # negative steps: disjoint from the RL batches
-            batch = warm_start_batch(tokenizer, examples).to(self.device)
-            logp, _ = token_logprobs(self.policy, batch)
-            loss = -masked_mean(logp, batch.mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        with warm_start_params(self.policy, self.lora is not None) as params:
+            optimizer = torch.optim.AdamW(params, lr=t.warmup_lr, weight_decay=0.0)
+            loss = torch.tensor(float("nan"))
+            for step in range(1, t.warmup_steps + 1):
+                examples = task.batch(
+                    -step, t.warmup_batch_size
+                )  # negative steps: disjoint from the RL batches
+                batch = warm_start_batch(tokenizer, examples).to(self.device)
+                logp, _ = token_logprobs(self.policy, batch)
+                loss = -masked_mean(logp, batch.mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        self._base_changed = self.lora is not None
         return loss.item()
 
+    def engine_model_path(self, model_path: str, out_dir: Path) -> str:
+        """Where the engine loads its weights from: `model_path`, or with LoRA, once the base model
+        changed here (warm-started, or loaded from a checkpoint), that base saved under `out_dir`
+        (refits bring only the adapter, never the base)."""
+        if not self._base_changed:
+            return model_path
+        return export_base(self.policy, model_path, out_dir / "lora_base")
+
     def freeze_reference(self, state: Optional[dict] = None) -> None:
-        """With a KL penalty: the reference is a frozen copy of the policy now (or `state`, on resume)."""
+        """With a KL penalty: the reference is a frozen copy of the policy now (or `state`, on resume);
+        with LoRA, the base model itself (the adapter disabled), which never trains."""
         if self.alg.kl_coef <= 0 or (state is None and self._reference_loaded):
+            return
+        if self.lora is not None:
+            self.models.reference = BaseModel(self.policy)
             return
         self.models.reference = copy.deepcopy(self.policy).requires_grad_(False)
         if state is not None:
@@ -180,7 +219,9 @@ class LocalLearner:
         return next(self.policy.parameters()).dtype
 
     def named_parameters_for_refit(self) -> Iterable[tuple[str, Tensor]]:
-        """The policy's full tensors, by Hugging Face name."""
+        """The policy's full tensors, by Hugging Face name; with LoRA the adapter's, by PEFT's."""
+        if self.lora is not None:
+            return adapter_tensors(self.policy)
         return self.policy.named_parameters()
 
     def send(self, port: RefitPort, version: int) -> Any:
@@ -225,6 +266,7 @@ class LocalLearner:
             load_states(parts, state[SHARDS])
             return
         self.policy.load_state_dict(state["policy"])  # copies into the live device tensors
+        self._base_changed = self.lora is not None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
             if state.get("critic") is None:

@@ -36,6 +36,7 @@ from trainers.checkpoint import checkpoint_path, load_checkpoint
 from trainers.config import (
     Algorithm,
     AlgorithmConfig,
+    LoraConfig,
     PPOConfig,
     TrainerConfig,
     register_configs,
@@ -135,6 +136,7 @@ def build_learner(
     backend: str,
     ray: Optional[RayConfig] = None,
     engine_gpus: Optional[float] = None,
+    lora: Optional[LoraConfig] = None,
 ) -> Learner:
     """A LocalLearner, or with `trainer.num_workers > 1` that many FSDP2 ranks on Ray (a ShardedLearner) with
     the engine's bundle: rank 0's (`engine_gpus=None`, colocate) or one of its own with that many GPUs."""
@@ -147,7 +149,7 @@ def build_learner(
         return ShardedLearner(
             model_path, alg, trainer, ray or RayConfig(), trainer.num_workers, device, engine_gpus
         ).start()
-    return LocalLearner(model_path, alg, trainer, torch.device(device))
+    return LocalLearner(model_path, alg, trainer, torch.device(device), lora)
 
 
 def run_dir(t: TrainerConfig) -> Path:
@@ -180,7 +182,7 @@ def setup(cfg: PPOConfig, out_dir: Path) -> Setup:
         )
     )
     learner = build_learner(
-        model_path, cfg.algorithm, t, r.backend.name.value, cfg.ray, engine_gpus
+        model_path, cfg.algorithm, t, r.backend.name.value, cfg.ray, engine_gpus, cfg.model.lora
     )
     try:
         return prepare(learner, cfg, out_dir, ckpt, model_path, task, reward_fn, tokenizer)
@@ -215,7 +217,10 @@ def prepare(
         log.message(f"warm-start: {t.warmup_steps} supervised steps, final loss {loss:.3f}")
     # The frozen reference is the policy RL starts from (after the warm-start), or the checkpoint's.
     learner.freeze_reference(ckpt.get("reference") if ckpt is not None else None)
-    return Setup(out_dir, model_path, task, reward_fn, tokenizer, learner, state, log, loss)
+    engine_path = learner.engine_model_path(model_path, out_dir)
+    if engine_path != model_path:
+        log.message(f"LoRA: the engine starts on the warm-started base model in {engine_path}")
+    return Setup(out_dir, engine_path, task, reward_fn, tokenizer, learner, state, log, loss)
 
 
 def resume(learner: Learner, ckpt: dict, t: TrainerConfig) -> RunState:
@@ -418,13 +423,19 @@ def staleness(samples: list, rollouts: Rollouts, step: int) -> dict:
 
 def refit(ro: RolloutEngine, learner: Learner, t: TrainerConfig, step: int) -> dict:
     """Every `refit_every` steps (and at the last): the engine samples the next step with these weights."""
-    refit_s, gbps, peak_mb = 0.0, None, None
+    refit_s, gbps, peak_mb, moved_mb = 0.0, None, None, None
     if step % t.refit_every == 0 or step == t.total_steps:
         stats = ro.refit(step, learner.send)
         refit_s, gbps = stats.seconds, stats.num_bytes / stats.seconds / 1e9
+        moved_mb = stats.num_bytes / 2**20  # the model's bytes, or with LoRA the adapter's
         peak = learner.last_gather_peak_bytes  # a sharded learner's feeding rank: its gather's peak
         peak_mb = peak / 2**20 if peak is not None else None
-    return {"refit/gbps": gbps, "timing/refit_s": refit_s, "refit/gather_peak_mb": peak_mb}
+    return {
+        "refit/gbps": gbps,
+        "refit/mb": moved_mb,
+        "timing/refit_s": refit_s,
+        "refit/gather_peak_mb": peak_mb,
+    }
 
 
 def record(s: Setup, cfg: PPOConfig, step: int, metrics: dict) -> None:

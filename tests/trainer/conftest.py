@@ -36,8 +36,9 @@ def trainer_engine(tiny_path):
 def _shared_engine_awake(request):
     """Each test that uses the shared engine gets it awake: a run that failed mid-step (the canary's strict
     run raises after its generate put the engine to sleep) must not fail the next test's generate()."""
-    if "trainer_engine" in request.fixturenames:
-        request.getfixturevalue("trainer_engine").wake_up()
+    for name in ("trainer_engine", "lora_engine"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).wake_up()
     yield
 
 
@@ -51,3 +52,23 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20)
     yield RayConfig(address="auto", cpus_per_worker=0.5, timeout_s=120.0)
     ray.shutdown()
+
+
+LORA_OVERRIDES = ["model.lora.rank=8", "trainer.warmup_steps=0"]
+
+
+@pytest.fixture(scope="session")
+def lora_engine(tiny_path):
+    """ONE engine serving LoRA adapters on the tiny base (the default run's settings with
+    model.lora.rank=8) for the LoRA runs; they warm-start nothing, so that its base is theirs."""
+    from rollout import build_rollout
+
+    cfg = compose_typed(LORA_OVERRIDES).rollout
+    before = child_pids()
+    ro = build_rollout(cfg, tiny_path)
+    segments = vllm_segments_held_by(child_pids() - before)
+    yield ro
+    ro.close()
+    assert not vllm_segments_left(segments), (
+        f"the LoRA engine's vLLM shared memory survived close(): {vllm_segments_left(segments)}"
+    )

@@ -9,9 +9,8 @@ import math
 
 import pytest
 import torch
-from trainer_helpers import small_run_config
+from trainer_helpers import SkipsARefit, small_run_config
 
-from rollout import RefitStats
 from trainers.ppo import run
 from trainers.refit_canary import (
     FULL_PRECISION_GAP,
@@ -64,33 +63,6 @@ def test_config_rejects_a_non_positive_threshold():
 
     with pytest.raises(ValueError, match=r"trainer\.refit_gap_threshold must be > 0.*-1"):
         TrainerConfig(refit_gap_threshold=-1.0)
-
-
-class SkipsARefit:
-    """The real engine, except that the refit to `skip_version` loads nothing while the engine claims it."""
-
-    def __init__(self, engine, skip_version: int) -> None:
-        self._engine, self._skip = engine, skip_version
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def refit(self, version, send):
-        if version != self._skip:
-            return self._engine.refit(version, send)
-        self._engine.state.version = (
-            version  # what a refit that silently loaded nothing would leave behind
-        )
-        return RefitStats(
-            version,
-            seconds=1e-3,
-            num_bytes=1,
-            num_tensors=0,
-            num_buckets=0,
-            send_s=0.0,
-            load_s=0.0,
-            detached_bytes=0,
-        )
 
 
 def test_quiet_on_the_default_tiny_run(trainer_engine, tmp_path, caplog):

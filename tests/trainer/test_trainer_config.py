@@ -146,11 +146,28 @@ def test_recipes_set_what_their_names_say():
         ),
         ("ray.timeout_s=0", ValueError, "ray.timeout_s must be > 0"),
         ("ray.num_cpus=-1", ValueError, "ray.num_cpus must be > 0"),
+        ("model.lora.rank=0", ValueError, "model.lora.rank must be an integer >= 1 or null"),
+        (
+            "model.lora.rank=8 trainer.num_workers=2",
+            ValueError,
+            "model.lora.rank=8 with trainer.num_workers=2: LoRA trains in one process",
+        ),
+        (
+            "model.lora.rank=8 rollout.engine=async",
+            ValueError,
+            "rollout.adapter \\(LoRA refits\\) does not support rollout.engine=async",
+        ),
+        (
+            "model.lora.rank=8 model.lora.target_modules=[q_proj,lm_head]",
+            ValueError,
+            "rollout.adapter.target_modules: \\['lm_head'\\] cannot take a LoRA refit",
+        ),
+        ("model.lora.rank=16 rollout.backend.max_lora_rank=8", ValueError, "max_lora_rank=8"),
     ],
 )
 def test_bad_config_fails_at_compose_or_conversion(override, error, match):
     with pytest.raises(error) as info:
-        compose_typed([override])
+        compose_typed(override.split(" "))
     chain, exc = [], info.value
     while exc is not None:  # Hydra puts the schema's reason in the cause
         chain.append(str(exc))
@@ -200,3 +217,18 @@ def test_run_fails_before_any_engine_starts(tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         run(cfg)
     assert child_pids() == before, "a vLLM engine was started for a config that cannot run"
+
+
+def test_model_lora_sets_the_engines_adapter():
+    from rollout import AdapterConfig
+    from rollout.config import DEFAULT_LORA_MODULES
+
+    assert compose_typed().rollout.adapter is None  # full fine-tuning: refits move the model
+    cfg = compose_typed(["model.lora.rank=8"])
+    assert cfg.model.lora.alpha == 16.0  # null: 2 x rank
+    assert cfg.rollout.adapter == AdapterConfig(8, 16.0, list(DEFAULT_LORA_MODULES), 1)
+    from rollout import RolloutConfig
+    from trainers.config import PPOConfig
+
+    with pytest.raises(ValueError, match="rollout.adapter is set from model.lora"):
+        PPOConfig(rollout=RolloutConfig(adapter=AdapterConfig()))

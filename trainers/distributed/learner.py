@@ -182,6 +182,10 @@ class ShardedLearner:
         return metrics
 
     # -- the engine, refit, checkpoints ------------------------------------------------------------
+    def engine_model_path(self, model_path: str, out_dir: Path) -> str:
+        """The engine starts on `model_path` (the ranks train the full model: no LoRA here)."""
+        return model_path
+
     def open_engine(self, rollout_cfg: Any, model_path: str) -> Any:
         """The rollout engine as an actor of this run's placement group (trainers/distributed/engine_actor.py):
         on rank 0's bundle (colocate) or on its own (standalone), on rank 0's node (the transfer is node-local)."""
