@@ -101,6 +101,7 @@ def test_recipes_set_what_their_names_say():
     }
     assert by_name["ppo_tiny_cpu"].algorithm.name is Algorithm.ppo
     assert by_name["grpo_tiny_cpu"].algorithm.name is Algorithm.grpo
+    assert by_name["grpo_lora_tiny_cpu"].rollout.adapter.rank == 8
     assert by_name["grpo_qwen2.5-0.5b_gsm8k_gpu"].rollout.backend.name.value == "vllm_gpu"
     assert by_name["grpo_qwen2.5-7b_ascend"].rollout.backend.name.value == "vllm_ascend"
 
