@@ -30,6 +30,36 @@ def greedy(ro, prompts=PROMPTS, max_tokens: int = 16) -> list:
     return ro.generate(prompts, n=1, max_tokens=max_tokens, temperature=0.0)
 
 
+def assert_matches_transformers(model, samples, max_tokens: int, atol: float) -> None:
+    """transformers' greedy decode with `model` gives each sample's tokens, and its log-probs of them
+    match the engine's to `atol`."""
+    import torch
+
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.prompt_token_ids])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=model.config.pad_token_id,
+            )
+            expected = out[0, ids.shape[1] :].tolist()
+            expected = expected[: expected.index(eos) + 1] if eos in expected else expected
+            assert s.token_ids == expected, (
+                f"prompt {s.prompt_index}: engine {s.token_ids} vs transformers {expected}"
+            )
+            full = torch.tensor([s.prompt_token_ids + s.token_ids])
+            logp = torch.log_softmax(model(input_ids=full).logits[0], dim=-1)
+            start = len(s.prompt_token_ids) - 1
+            chosen = logp[torch.arange(start, start + len(s.token_ids)), torch.tensor(s.token_ids)]
+            torch.testing.assert_close(
+                torch.tensor(s.logprobs, dtype=chosen.dtype), chosen, atol=atol, rtol=0
+            )
+
+
 def child_pids() -> set[int]:
     """This process's children, minus Python's multiprocessing resource tracker (one per parent, lives until
     exit)."""

@@ -264,13 +264,7 @@ class WorkerRefit:
         (EndOfRefit). A sender that dies or fails midway leaves the model as it was. Costs a copy
         of the weights in this worker while the refit lasts."""
         receiver, path = self._start(request)
-        staged: list[tuple[str, torch.Tensor]] = []
-
-        def stage(weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
-            staged.extend((name, t.clone()) for name, t in weights)  # the views die with the call
-
-        stats = receiver.receive(stage)
-        self._check_version(stats.version, request.version)
+        staged = self._receive_copies(receiver, request)
         start = time.perf_counter()
         try:
             plan = self.reload(path, weights_iterator=iter(staged))
@@ -301,13 +295,7 @@ class WorkerRefit:
         except ValueError as exc:
             receiver.receive(_refuse(exc))
             raise
-        staged: dict[str, torch.Tensor] = {}
-
-        def stage(weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
-            staged.update((name, t.clone()) for name, t in weights)  # the views die with the call
-
-        stats = receiver.receive(stage)
-        self._check_version(stats.version, request.version)
+        staged = dict(self._receive_copies(receiver, request))
         start = time.perf_counter()
         try:
             self.adapters.install(spec, staged)
@@ -320,6 +308,20 @@ class WorkerRefit:
         return Loaded(
             request.version, time.perf_counter() - start, 0, "adapter", f"lora id {spec.lora_id}"
         )
+
+    def _receive_copies(
+        self, receiver: WeightReceiver, request: ReceiveRequest
+    ) -> list[tuple[str, torch.Tensor]]:
+        """The whole refit, each tensor copied out of its bucket as it comes (the views die with
+        the consume call); checks the version the sender sent."""
+        staged: list[tuple[str, torch.Tensor]] = []
+
+        def stage(weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
+            staged.extend((name, t.clone()) for name, t in weights)
+
+        stats = receiver.receive(stage)
+        self._check_version(stats.version, request.version)
+        return staged
 
     @staticmethod
     def _check_version(sent: int, expected: int) -> None:

@@ -61,29 +61,7 @@ def assert_matches_transformers(hf_model, state, samples) -> None:
     """transformers' greedy decode gives the same tokens; its log-probs of them match to REF_ATOL."""
     for name, param in hf_model.named_parameters():
         param.copy_(state[name].to(torch.float64))
-    eos = hf_model.config.eos_token_id
-    for s in samples:
-        ids = torch.tensor([s.prompt_token_ids])
-        out = hf_model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-            pad_token_id=hf_model.config.pad_token_id,
-        )
-        expected = out[0, ids.shape[1] :].tolist()
-        expected = expected[: expected.index(eos) + 1] if eos in expected else expected
-        assert s.token_ids == expected, (
-            f"prompt {s.prompt_index}: engine {s.token_ids} vs transformers {expected}"
-        )
-        logp = torch.log_softmax(
-            hf_model(torch.tensor([s.prompt_token_ids + s.token_ids])).logits[0], dim=-1
-        )
-        start = len(s.prompt_token_ids) - 1
-        chosen = logp[torch.arange(start, start + len(s.token_ids)), torch.tensor(s.token_ids)]
-        torch.testing.assert_close(
-            torch.tensor(s.logprobs, dtype=torch.float64), chosen, atol=REF_ATOL, rtol=0
-        )
+    helpers.assert_matches_transformers(hf_model, samples, MAX_TOKENS, REF_ATOL)
 
 
 def with_tied_head(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ import torch
 from rollout import AdapterConfig
 
 LORA_CFG = AdapterConfig(rank=8, alpha=16.0)
-REF_ATOL = 1e-4  # float32 engine vs float64 transformers
+REF_ATOL = 1e-4  # float32 engine vs float64 transformers (helpers.assert_matches_transformers)
 
 
 def lora_model(path, cfg: AdapterConfig = LORA_CFG, dtype: torch.dtype = torch.float64):
@@ -33,31 +33,3 @@ def perturb_adapter(model, seed: int, scale: float = 0.05) -> None:
 
 def adapter_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-@torch.no_grad()
-def assert_matches_transformers(model, samples, max_tokens: int) -> None:
-    """transformers (the PEFT model) decodes the same greedy tokens, and its log-probs of them match."""
-    eos = model.config.eos_token_id
-    for s in samples:
-        ids = torch.tensor([s.prompt_token_ids])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=model.config.pad_token_id,
-        )
-        expected = out[0, ids.shape[1] :].tolist()
-        expected = expected[: expected.index(eos) + 1] if eos in expected else expected
-        assert s.token_ids == expected, (
-            f"prompt {s.prompt_index}: engine {s.token_ids} vs transformers {expected}"
-        )
-        logp = torch.log_softmax(
-            model(input_ids=torch.tensor([s.prompt_token_ids + s.token_ids])).logits[0], dim=-1
-        )
-        start = len(s.prompt_token_ids) - 1
-        chosen = logp[torch.arange(start, start + len(s.token_ids)), torch.tensor(s.token_ids)]
-        torch.testing.assert_close(
-            torch.tensor(s.logprobs, dtype=torch.float64), chosen, atol=REF_ATOL, rtol=0
-        )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import child_pids
-from trainer_helpers import compose_typed
+from trainer_helpers import LORA_OVERRIDES, compose_typed
 from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 from rollout.tiny_model import ensure_tiny_model
@@ -17,19 +17,25 @@ def tiny_path() -> Path:
     return ensure_tiny_model()
 
 
-@pytest.fixture(scope="session")
-def trainer_engine(tiny_path):
+def shared_engine(overrides: list[str], model_path: Path, what: str):
+    """A session's engine with the engine settings of a run composed with `overrides`; at the end it is
+    closed and vLLM's shared memory it made must be gone."""
     from rollout import build_rollout
 
-    cfg = compose_typed().rollout  # the default run's engine settings
+    cfg = compose_typed(overrides).rollout
     before = child_pids()
-    ro = build_rollout(cfg, tiny_path)
+    ro = build_rollout(cfg, model_path)
     segments = vllm_segments_held_by(child_pids() - before)
     yield ro
     ro.close()
     assert not vllm_segments_left(segments), (
-        f"the trainer engine's vLLM shared memory survived close(): {vllm_segments_left(segments)}"
+        f"the {what}'s vLLM shared memory survived close(): {vllm_segments_left(segments)}"
     )
+
+
+@pytest.fixture(scope="session")
+def trainer_engine(tiny_path):
+    yield from shared_engine([], tiny_path, "trainer engine")  # the default run's engine settings
 
 
 @pytest.fixture(autouse=True)
@@ -54,21 +60,8 @@ def ray_session():
     ray.shutdown()
 
 
-LORA_OVERRIDES = ["model.lora.rank=8", "trainer.warmup_steps=0"]
-
-
 @pytest.fixture(scope="session")
 def lora_engine(tiny_path):
     """ONE engine serving LoRA adapters on the tiny base (the default run's settings with
     model.lora.rank=8) for the LoRA runs; they warm-start nothing, so that its base is theirs."""
-    from rollout import build_rollout
-
-    cfg = compose_typed(LORA_OVERRIDES).rollout
-    before = child_pids()
-    ro = build_rollout(cfg, tiny_path)
-    segments = vllm_segments_held_by(child_pids() - before)
-    yield ro
-    ro.close()
-    assert not vllm_segments_left(segments), (
-        f"the LoRA engine's vLLM shared memory survived close(): {vllm_segments_left(segments)}"
-    )
+    yield from shared_engine(LORA_OVERRIDES, tiny_path, "LoRA engine")

@@ -9,8 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import LORA_OVERRIDES
-from trainer_helpers import SkipsARefit, small_run_config
+from trainer_helpers import LORA_OVERRIDES, SkipsARefit, small_run_config
 
 from trainers.learner import LocalLearner
 from trainers.policy import collate, load_policy, token_logprobs

@@ -12,6 +12,8 @@ from trainers.config import PPOConfig, register_configs, to_typed
 
 ROOT = Path(__file__).resolve().parents[2]
 register_configs()
+# The LoRA runs of the shared LoRA engine (conftest.lora_engine): no warm-start, so its base is theirs.
+LORA_OVERRIDES = ["model.lora.rank=8", "trainer.warmup_steps=0"]
 
 
 def compose_typed(
