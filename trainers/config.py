@@ -50,7 +50,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_MODULES))
     # the adapter's learning rate is algorithm.lr x lr_scale (LoRA wants a larger step than the
-    # full model; the warm-start's lr too)
+    # full model); the warm-start trains the base at trainer.warmup_lr, unscaled
     lr_scale: float = 10.0
 
     def __post_init__(self) -> None:

@@ -219,7 +219,7 @@ def prepare(
     learner.freeze_reference(ckpt.get("reference") if ckpt is not None else None)
     engine_path = learner.engine_model_path(model_path, out_dir)
     if engine_path != model_path:
-        log.message(f"LoRA: the engine starts on the warm-started base model in {engine_path}")
+        log.message(f"LoRA: the engine starts on this run's base model, saved in {engine_path}")
     return Setup(out_dir, engine_path, task, reward_fn, tokenizer, learner, state, log, loss)
 
 

@@ -11,15 +11,12 @@ and adapters vLLM loads from directories beside them never evict them); older on
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from typing import Any
 
 import torch
 
 from rollout.worker.rpc import AdapterSpec
-
-logger = logging.getLogger(__name__)
 
 
 class AdapterVersions:
@@ -34,9 +31,9 @@ class AdapterVersions:
         self.manager = lora_manager  # vllm.lora.worker_manager.LRUCacheWorkerLoRAManager
         self.installed: deque[int] = deque()
 
-    def install(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> int:
+    def install(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> None:
         """Install `tensors` as LoRA id `spec.lora_id` (replacing that id if present), then remove the
-        versions beyond the newest `spec.max_versions`. Returns the adapter's bytes."""
+        versions beyond the newest `spec.max_versions`."""
         from vllm.lora.peft_helper import PEFTHelper
 
         manager = self.manager
@@ -66,7 +63,6 @@ class AdapterVersions:
         # directory to reload it from); the GPU slots stay vLLM's to schedule
         adapters._registered_adapters.pin(spec.lora_id)
         self.installed.append(spec.lora_id)
-        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @staticmethod
     def _check_modules(lora: Any, spec: AdapterSpec) -> None:
