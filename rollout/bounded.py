@@ -45,8 +45,17 @@ class EngineCoreWatch:
         if self.died is None and getattr(resources, "engine_dead", False):
             if self._thread.is_alive():
                 self._thread.join(2.0)
-            return self.died or f"{self.owner}: vLLM's engine core is dead"
+            if self.died is None:  # a loaded machine can starve the watch: read the exit code here
+                exited = [p for p in self._procs if p.exitcode is not None]
+                return (
+                    self._exit_message(exited[0])
+                    if exited
+                    else f"{self.owner}: vLLM's engine core is dead"
+                )
         return self.died
+
+    def _exit_message(self, proc: Any) -> str:
+        return f"{self.owner}: vLLM's engine core (pid {proc.pid}) exited with code {proc.exitcode}"
 
     def stop(self) -> None:
         self._stopped.set()
@@ -60,9 +69,7 @@ class EngineCoreWatch:
             return
         proc = by_sentinel[done[0]]
         proc.join(1.0)  # reaps it: its exit code
-        self.died = (
-            f"{self.owner}: vLLM's engine core (pid {proc.pid}) exited with code {proc.exitcode}"
-        )
+        self.died = self._exit_message(proc)
         logger.error("%s; failing the calls waiting on it", self.died)
         self._fail_waiters()
 
