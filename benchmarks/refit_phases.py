@@ -68,8 +68,16 @@ def instrument(ro, log: dict) -> None:
     ):
         if hasattr(engine, name):
             setattr(engine, name, _timed(getattr(engine, name), name, log))
-    ro._channel.refit = _timed(ro._channel.refit, "transfer+load", log)
-    for name in ("_pause", "_after_refit", "_reset_caches_async", "refit_done", "prepare_refit"):
+    # the refit's three steps as the Refitter calls them on its target (rollout.refit.RefitTarget), and
+    # the coroutines the async engine runs inside them
+    for name in (
+        "refit_prepare",
+        "refit_rpc",
+        "refit_finish",
+        "_pause",
+        "_after_refit",
+        "_reset_caches_async",
+    ):
         if hasattr(ro, name):
             setattr(ro, name, _timed(getattr(ro, name), name, log))
 
