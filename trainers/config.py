@@ -297,6 +297,72 @@ class PPOConfig:
         ro.check_adapter()  # the engine's side: the engines and settings it supports
 
 
+def _schema_child(tp: Any, key: str) -> Any:
+    """The type under `key` of the dataclass `tp` (Optional unwrapped); KeyError if it has none."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(tp)
+    if key not in {f.name for f in dataclasses.fields(tp)}:
+        raise KeyError(key)
+    child = hints[key]
+    args = [a for a in typing.get_args(child) if a is not type(None)]
+    if typing.get_origin(child) is typing.Union and len(args) == 1:
+        child = args[0]
+    return child
+
+
+def _schema_keys(tp: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of the dataclass `tp`, nested ones included."""
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(tp):
+        key, child = f"{prefix}{f.name}", _schema_child(tp, f.name)
+        keys.append(key)
+        if dataclasses.is_dataclass(child):
+            keys += _schema_keys(child, key + ".")
+    return keys
+
+
+def check_override_keys(overrides: list[str], groups: set[str]) -> None:
+    """Command-line `key=value` overrides name keys of the schema: an unknown one (a typo, or Hydra's
+    suggested `+key=`, which would add a key nothing reads) fails before anything starts, naming the
+    closest keys. Config-group choices (`groups`: `model=tiny`, `rollout/backend=vllm_gpu`), `hydra.*`
+    keys and keys below a free-form node (a dict, a list) are left to Hydra."""
+    import dataclasses
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in groups or "/" in key or key.split(".")[0] == "hydra" or override.package:
+            continue
+        node: Any = PPOConfig
+        for depth, part in enumerate(key.split(".")):
+            if not dataclasses.is_dataclass(node):
+                break  # a dict, a list or a value: Hydra and OmegaConf check it
+            try:
+                node = _schema_child(node, part)
+            except KeyError:
+                prefix = ".".join(key.split(".")[:depth])
+                names = [f.name for f in dataclasses.fields(node)]
+                rest = key.split(".")[depth + 1 :]
+                close = [
+                    ".".join([*key.split(".")[:depth], c, *rest])
+                    for c in difflib.get_close_matches(part, names, n=2, cutoff=0.6)
+                ]
+                close = close or [
+                    k for k in _schema_keys(PPOConfig) if k.rsplit(".", 1)[-1] == part
+                ]
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(
+                    f"unknown config key {key!r} (command line: {override.input_line!r}){hint} "
+                    f"The keys of {prefix or 'the config'}: {', '.join(names)}"
+                ) from None
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="ppo_schema", node=PPOConfig)
 

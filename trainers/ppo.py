@@ -535,5 +535,23 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(summary["exit_code"])
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Unknown keys among the command line's overrides end the run before Hydra composes, with the
+    closest keys named (trainers.config.check_override_keys)."""
+    from trainers.config import check_override_keys
+
+    groups = {str(p.relative_to(CONF_DIR)) for p in CONF_DIR.rglob("*") if p.is_dir()}
+    try:
+        check_override_keys([a for a in argv if "=" in a and not a.startswith("-")], groups)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 if __name__ == "__main__":
+    import sys
+
+    check_command_line(sys.argv[1:])
     main()

@@ -233,3 +233,54 @@ def test_model_lora_sets_the_engines_adapter():
 
     with pytest.raises(ValueError, match="rollout.adapter is set from model.lora"):
         PPOConfig(rollout=RolloutConfig(adapter=AdapterConfig()))
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("trainer.totl_steps=5", "'trainer.total_steps'"),
+        ("+trainer.totl_steps=5", "'trainer.total_steps'"),  # Hydra's `+` would add it silently
+        ("trainr.total_steps=5", "'trainer.total_steps'"),
+        ("trainer.lr=1e-3", "'algorithm.lr'"),  # the key lives in another node
+        ("rollout.transfer.bukcet_mb=4", "'rollout.transfer.bucket_mb'"),
+    ],
+)
+def test_an_unknown_key_on_the_command_line_fails_at_once_with_the_closest_key(
+    tmp_path, override, suggestion
+):
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "trainers.ppo", override, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert f"unknown config key '{override.lstrip('+').split('=')[0]}'" in done.stderr, done.stderr
+    assert f"did you mean {suggestion}?" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists(), "the run started before the check"
+    assert time.monotonic() - start < 60
+
+
+def test_known_keys_group_choices_and_hydra_keys_pass_the_key_check():
+    from trainers.ppo import check_command_line
+
+    check_command_line(
+        [
+            "trainer.total_steps=5",
+            "model=tiny",
+            "debug=tiny",
+            "logger=[jsonl]",
+            "rollout/backend=vllm_gpu",
+            "hydra.run.dir=x",
+            "algorithm.lr=1e-3,2e-3",
+            "model.lora.rank=8",
+            "ray.timeout_s=3",
+            "--config-name=ppo",
+        ]
+    )
