@@ -51,19 +51,18 @@ def _is_sharded(path: Path) -> bool:
     return (path / RUN_STATE).is_file()
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint (file or sharded directory), or a run/checkpoints directory (its latest step is taken)."""
+def resolve_checkpoint(path: str | Path, name: str = "trainer.resume") -> Path:
+    """A checkpoint (file or sharded directory), or a run/checkpoints directory (its latest step is
+    taken); `name` is what the user called it, for the error."""
     path = Path(path).expanduser()
     if path.is_dir() and not _is_sharded(path):
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = [p for p in folder.glob("step_*") if p.suffix == ".pt" or _is_sharded(p)]
         if not found:
-            raise FileNotFoundError(
-                f"trainer.resume={str(path)!r}: no step_* checkpoint in {folder}"
-            )
+            raise FileNotFoundError(f"{name}={str(path)!r}: no step_* checkpoint in {folder}")
         return max(found, key=lambda p: p.stem)
     if not (path.is_file() or _is_sharded(path)):
-        raise FileNotFoundError(f"trainer.resume={str(path)!r} does not exist")
+        raise FileNotFoundError(f"{name}={str(path)!r} does not exist")
     return path
 
 

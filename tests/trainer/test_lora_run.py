@@ -49,6 +49,38 @@ def test_a_lora_run_moves_only_the_adapter_and_the_engine_tracks_it(
         assert row["kl"] is not None and row["kl"] >= 0.0  # to the base: the adapter disabled
     assert summary["steps"] == cfg.trainer.total_steps
     assert lora_engine.version == cfg.trainer.total_steps
+    check_export(tmp_path)
+
+
+def check_export(run_dir) -> None:
+    """python -m trainers.export of a LoRA run: the merged model (transformers) and the adapter alone
+    (PEFT on the base it trained on) both give the checkpoint's policy's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.export import load_trained_policy
+    from trainers.export import main as export_main
+
+    policy, model_path, _ = load_trained_policy(run_dir)
+    export_main([str(run_dir), str(run_dir / "merged")])
+    export_main([str(run_dir), str(run_dir / "adapter"), "--adapter-only"])
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32)
+    base_path = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    assert (
+        base_path == model_path
+    )  # no warm-start: the adapter sits on the model the run started on
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, run_dir / "adapter")
+    with torch.no_grad():
+        want = policy(ids).logits
+        torch.testing.assert_close(merged(ids).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(adapter(ids).logits, want, atol=0, rtol=0)
+    assert not any("lora" in k for k in merged.state_dict()), (
+        "the merged export kept adapter tensors"
+    )
 
 
 def test_the_learner_trains_only_the_adapter_and_its_reference_is_the_base(tiny_path):
@@ -86,3 +118,45 @@ def test_a_skipped_adapter_refit_is_caught_by_the_canary(lora_engine, tmp_path, 
             small_run_config(tmp_path / "strict", *overrides, "trainer.strict_refit=true"),
             rollout=stale,
         )
+
+
+def test_an_adapter_exported_after_the_base_changed_names_the_base_it_trained_on(
+    tiny_path, tmp_path
+):
+    """A warm-started base (or a resumed one) is part of what the adapter learned on: --adapter-only
+    then writes that base beside the adapter and the adapter's config names it, not the start model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import DEFAULT_LORA_MODULES
+    from trainers.export import _point_adapter_at_its_base
+    from trainers.lora import wrap_policy
+
+    policy = wrap_policy(load_policy(str(tiny_path)), 8, 16.0, 0.0, list(DEFAULT_LORA_MODULES))
+    out = tmp_path / "adapter"
+    _point_adapter_at_its_base(policy, str(tiny_path), out)
+    assert policy.peft_config["default"].base_model_name_or_path == str(tiny_path)
+    assert not (out / "base").exists()
+
+    with torch.no_grad():
+        policy.get_base_model().lm_head.weight.add_(0.5)  # what a warm-start does to the base
+    _point_adapter_at_its_base(policy, str(tiny_path), out)
+    assert policy.peft_config["default"].base_model_name_or_path == str(out / "base")
+    policy.save_pretrained(out)
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32), out
+    )
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, policy(ids).logits, atol=0, rtol=0)
+
+
+def test_export_names_what_it_cannot_export(tmp_path):
+    from trainers.export import main as export_main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"checkpoint='.*empty': no step_\* checkpoint"):
+        export_main([str(tmp_path / "empty"), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"checkpoint='.*nowhere' does not exist"):
+        export_main([str(tmp_path / "nowhere"), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing half-written

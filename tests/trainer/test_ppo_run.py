@@ -126,6 +126,27 @@ def test_engine_serves_exactly_the_trainers_step_k_weights(trainer_engine, tmp_p
     assert (engine - before).abs().max() > 1e-2, (
         "step-2 weights are indistinguishable from the initial ones"
     )
+    # python -m trainers.export: a Hugging Face directory that transformers and a fresh vLLM engine load
+    # as exactly the step-2 policy (the run directory resolves to its latest checkpoint, step 2)
+    from transformers import AutoModelForCausalLM
+
+    from rollout import build_rollout
+    from trainers.export import main as export_main
+
+    export_main([str(tmp_path), str(tmp_path / "hf")])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        hf = token_logprobs(exported, batch)[0][batch.mask > 0]
+    assert torch.equal(hf, ours), "the exported model differs from the checkpoint's policy"
+    with build_rollout(trainer_engine.cfg, str(tmp_path / "hf")) as fresh:
+        again = fresh.generate(prompts, n=1, max_tokens=6, temperature=0.0)
+    assert [s.token_ids for s in again] == [s.token_ids for s in samples]
+    torch.testing.assert_close(
+        torch.tensor([x for s in again for x in s.logprobs]),
+        torch.tensor([x for s in samples for x in s.logprobs]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_refit_every_k_logs_the_version_lag_and_the_gap_sees_stale_weights(
