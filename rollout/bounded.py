@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing import connection
 from typing import Any, TypeVar
@@ -46,7 +47,8 @@ class EngineCoreWatch:
             if self._thread.is_alive():
                 self._thread.join(2.0)
             if self.died is None:  # a loaded machine can starve the watch: read the exit code here
-                exited = [p for p in self._procs if p.exitcode is not None]
+                ended = set(connection.wait([p.sentinel for p in self._procs], timeout=0))
+                exited = [p for p in self._procs if p.sentinel in ended]
                 return (
                     self._exit_message(exited[0])
                     if exited
@@ -55,7 +57,14 @@ class EngineCoreWatch:
         return self.died
 
     def _exit_message(self, proc: Any) -> str:
-        return f"{self.owner}: vLLM's engine core (pid {proc.pid}) exited with code {proc.exitcode}"
+        # Reaps it for its exit code. vLLM's own monitor may be reaping it in another thread: the loser
+        # of that waitpid sees None until the winner has stored the code, so wait for it a moment.
+        deadline = time.monotonic() + 2.0
+        proc.join(1.0)
+        while proc.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        code = proc.exitcode if proc.exitcode is not None else "unknown (not reaped yet)"
+        return f"{self.owner}: vLLM's engine core (pid {proc.pid}) exited with code {code}"
 
     def stop(self) -> None:
         self._stopped.set()
@@ -68,7 +77,6 @@ class EngineCoreWatch:
         if self._stopped.is_set():
             return
         proc = by_sentinel[done[0]]
-        proc.join(1.0)  # reaps it: its exit code
         self.died = self._exit_message(proc)
         logger.error("%s; failing the calls waiting on it", self.died)
         self._fail_waiters()
