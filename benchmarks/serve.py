@@ -40,6 +40,7 @@ import requests
 from benchmarks import hydra_app, register_schema
 from benchmarks.refit import RefitBenchRollout
 from rollout.vllm_segments import EngineSegments
+from rollout.vllm_sockets import VllmSocketDir
 
 
 def free_port() -> int:
@@ -78,6 +79,7 @@ class VllmServer:
         self.proc: subprocess.Popen | None = None
         self.seconds_to_start = 0.0
         self.segments = EngineSegments("vllm serve")
+        self.sockets: VllmSocketDir | None = None
 
     def start(self) -> VllmServer:
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
@@ -92,7 +94,8 @@ class VllmServer:
         args += ["--gpu-memory-utilization", "0.1", "--seed", "0"]
         if self.backend is not None:
             args += ["--weight-transfer-config", json.dumps({"backend": self.backend})]
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+        self.sockets = VllmSocketDir()  # vLLM's IPC socket files, removed by close()
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **self.sockets.env}
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         start = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -145,6 +148,8 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.segments.release()
+        if self.sockets is not None:
+            self.sockets.remove()
 
     def __enter__(self) -> VllmServer:
         return self.start()

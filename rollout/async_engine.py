@@ -51,6 +51,7 @@ from rollout.vllm_compat import (
 )
 from rollout.vllm_logs import vllm_logging_env
 from rollout.vllm_segments import EngineSegments
+from rollout.vllm_sockets import VllmSocketDir
 from rollout.worker.rpc import ReceiveRequest
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class AsyncVllmRollout:
             target=self._loop.run_forever, name="async-rollout-loop", daemon=True
         )
         self._thread.start()
+        self.sockets = VllmSocketDir()
         try:
             self._resumed = self._call(_new_event(), "creating the resume event")
             self.engine = self._call(self._start(), "engine start-up")
@@ -181,6 +183,7 @@ class AsyncVllmRollout:
                 os.sched_setaffinity(self._thread.native_id, self._cores[0])
         except BaseException:
             self._stop_loop()
+            self.sockets.remove()
             raise
         self.vllm_segments = EngineSegments.of_client(
             self.engine.engine_core, f"async engine {engine_index}"
@@ -224,7 +227,11 @@ class AsyncVllmRollout:
                 k, num_engines, tp, units=sorted(self._cores[1]), bind_alone=True
             )
             os.sched_setaffinity(0, self._cores[1])
-        env = {**env, **vllm_logging_env(self.cfg.vllm_log_file, self.cfg.vllm_console_level)}
+        env = {
+            **env,
+            **vllm_logging_env(self.cfg.vllm_log_file, self.cfg.vllm_console_level),
+            **self.sockets.env,
+        }
         with vllm_worker_env(env):
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, disable_log_stats=True))
 
@@ -561,6 +568,7 @@ class AsyncVllmRollout:
             finally:
                 self._stop_loop()
                 self.vllm_segments.release()
+                self.sockets.remove()
 
     async def _cancel_requests(self) -> None:
         tasks = list(self._tasks)

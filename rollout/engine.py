@@ -27,6 +27,7 @@ from rollout.vllm_compat import (
 )
 from rollout.vllm_logs import vllm_logging_env
 from rollout.vllm_segments import EngineSegments
+from rollout.vllm_sockets import VllmSocketDir
 from rollout.worker.rpc import ReceiveRequest
 
 logger = logging.getLogger(__name__)
@@ -84,16 +85,22 @@ class VllmRollout:
         self._can_sleep = check_engine_setup(cfg, self.platform, self.vllm_version)
         transfer = resolved_transfer(cfg, self.platform)
         tp = cfg.backend.tensor_parallel_size
+        self.sockets = VllmSocketDir()
         env = {
             **self.platform.worker_env(engine_index, cfg.num_engines, tp),
             **vllm_logging_env(cfg.vllm_log_file, cfg.vllm_console_level),
+            **self.sockets.env,
         }
-        with vllm_worker_env(env):
-            self.llm = LLM(
-                **engine_kwargs(
-                    cfg, self.model_path, self.platform, self._can_sleep, worker_extension
+        try:
+            with vllm_worker_env(env):
+                self.llm = LLM(
+                    **engine_kwargs(
+                        cfg, self.model_path, self.platform, self._can_sleep, worker_extension
+                    )
                 )
-            )
+        except BaseException:  # vLLM shut its processes down; nothing binds the sockets any more
+            self.sockets.remove()
+            raise
         # vLLM's own shared memory (message queues, locks, CPU all-reduce), removed by close() if its processes
         # leave any (a SIGKILLed worker does)
         self.vllm_segments = EngineSegments.of_client(
@@ -275,6 +282,7 @@ class VllmRollout:
                 )
             finally:
                 self.vllm_segments.release()
+                self.sockets.remove()
 
     def __enter__(self) -> "VllmRollout":
         return self

@@ -60,6 +60,13 @@ def assert_matches_transformers(model, samples, max_tokens: int, atol: float) ->
             )
 
 
+def vllm_socket_dir(ro) -> str:
+    """The engine's own directory of vLLM's IPC socket files (rollout/vllm_sockets.py), checked to hold
+    them: close() must remove it (`assert not os.path.exists(...)`)."""
+    assert os.listdir(ro.sockets.path), f"vLLM bound no socket file in {ro.sockets.path}"
+    return ro.sockets.path
+
+
 def child_pids() -> set[int]:
     """This process's children, minus Python's multiprocessing resource tracker (one per parent, lives until
     exit)."""

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import TEST_ENGINE_CFG, child_pids, wait_gone
+from helpers import TEST_ENGINE_CFG, child_pids, vllm_socket_dir, wait_gone
 from vllm_shm import vllm_segments_held_by, vllm_segments_left
 
 from benchmarks.worker_ext import BENCH_WORKER_EXTENSION
@@ -42,10 +42,12 @@ def engine(tiny_path):
     ro = build_rollout(ENGINE_CFG, tiny_path, worker_extension=BENCH_WORKER_EXTENSION)
     spawned = child_pids() - before
     segments = vllm_segments_held_by(spawned)
+    sockets = vllm_socket_dir(ro)
     yield ro
     endpoint = ro.refitter.endpoint
     ro.close()
     assert not wait_gone(spawned), "vLLM processes survived close()"
+    assert not os.path.exists(sockets), f"vLLM's socket files survived close(): {sockets}"
     assert not vllm_segments_left(segments), (
         f"vLLM's shared memory survived close(): {vllm_segments_left(segments)}"
     )
