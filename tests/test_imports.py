@@ -25,6 +25,7 @@ LAYERS = [
         "rollout.vllm_compat",
         "rollout.platform",
         "rollout.vllm_segments",
+        "rollout.vllm_sockets",
         "rollout.cache_reset",
         "rollout.graph_audit",
         "rollout.bounded",
