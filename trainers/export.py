@@ -21,25 +21,16 @@ import torch
 from trainers.checkpoint import SHARDS, load_checkpoint, resolve_checkpoint
 
 
-def _model_path(config: dict[str, Any]) -> str:
-    model = config["model"]
-    if model.get("path"):
-        return model["path"]
-    from rollout.tiny_model import ensure_tiny_model
-
-    return str(ensure_tiny_model(cache_dir=model.get("cache_dir", "~/.cache/refit")))
-
-
 def load_trained_policy(checkpoint: str | Path) -> tuple[Any, str, dict[str, Any]]:
     """(policy, the model path it was trained from, the run's config) of a checkpoint; the policy is
     the PEFT model for a LoRA run."""
-    from trainers.policy import load_policy
+    from trainers.policy import load_policy, resolve_model_path
 
     state = load_checkpoint(checkpoint)
     config = state.get("config")
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"{checkpoint}: not a trainers.ppo checkpoint (it holds no run config)")
-    model_path = _model_path(config)
+    model_path = resolve_model_path(config["model"]["path"], config["model"]["cache_dir"])
     policy = load_policy(model_path)
     lora = config["model"].get("lora") or {}
     if lora.get("rank"):
@@ -64,15 +55,11 @@ def load_trained_policy(checkpoint: str | Path) -> tuple[Any, str, dict[str, Any
 def _point_adapter_at_its_base(policy: Any, model_path: str, out: Path) -> None:
     """The adapter's config names the base it trained on: `model_path`, or where the warm-start (or
     a resumed checkpoint) changed the base, that base, written beside the adapter in `out/base`."""
-    from trainers.lora import export_base
+    from trainers.lora import base_state, export_base
     from trainers.policy import load_policy
 
     original = load_policy(model_path).state_dict()
-    trained = {
-        name.replace(".base_layer.", "."): t
-        for name, t in policy.get_base_model().state_dict().items()
-        if "lora_" not in name
-    }
+    trained = base_state(policy)
     same = all(torch.equal(t, original[name]) for name, t in trained.items() if name in original)
     base = model_path if same else export_base(policy, model_path, out / "base")
     for adapter_config in policy.peft_config.values():

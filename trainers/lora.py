@@ -66,18 +66,23 @@ def warm_start_params(policy: Any, lora: bool) -> Iterator[list[nn.Parameter]]:
             p.requires_grad_(False)
 
 
+def base_state(policy: Any) -> dict[str, Tensor]:
+    """The base model's tensors under a PEFT policy, by the plain model's names (no adapter tensors)."""
+    return {
+        name.replace(".base_layer.", "."): t
+        for name, t in policy.get_base_model().state_dict().items()
+        if "lora_" not in name
+    }
+
+
 def export_base(policy: Any, model_path: str, out_dir: Path) -> str:
     """Save the base model under a PEFT policy (no adapter tensors) as a Hugging Face directory the
     engine can start on, with `model_path`'s tokenizer; returns its path."""
     from transformers import AutoTokenizer
 
-    base = policy.get_base_model()
-    state = {
-        name.replace(".base_layer.", "."): t
-        for name, t in base.state_dict().items()
-        if "lora_" not in name
-    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    base.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    policy.get_base_model().save_pretrained(
+        out_dir, state_dict=base_state(policy), safe_serialization=True
+    )
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir)
     return str(out_dir)

@@ -98,6 +98,15 @@ class ValueModel(nn.Module):
         return self.head(hidden[:, :-1].float()).squeeze(-1)
 
 
+def resolve_model_path(path: Optional[str], cache_dir: str) -> str:
+    """`model.path`, or with none the tiny model (built once under `model.cache_dir`)."""
+    if path is not None:
+        return path
+    from rollout.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(cache_dir=cache_dir))
+
+
 def load_policy(model_path: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -46,7 +46,7 @@ from trainers.distributed.cluster import RayConfig
 from trainers.interrupts import Interrupts
 from trainers.learner import Learner, LocalLearner
 from trainers.loggers import build_loggers
-from trainers.policy import collate
+from trainers.policy import collate, resolve_model_path
 from trainers.refit_canary import check_refit_gap, gap_threshold, logprob_gaps
 from trainers.rollouts import RolloutProducer, Rollouts, SyncRollouts
 from trainers.run_log import LOG_NAME, run_log
@@ -121,14 +121,6 @@ def evaluate(ro: RolloutEngine, task: Task, reward_fn: RewardFn, cfg: PPOConfig)
     return float(score(samples, [e.answer for e in task.eval], reward_fn).mean())
 
 
-def resolve_model(cfg: PPOConfig) -> str:
-    if cfg.model.path is not None:
-        return cfg.model.path
-    from rollout.tiny_model import ensure_tiny_model
-
-    return str(ensure_tiny_model(cache_dir=cfg.model.cache_dir))
-
-
 def build_learner(
     model_path: str,
     alg: AlgorithmConfig,
@@ -167,7 +159,7 @@ def setup(cfg: PPOConfig, out_dir: Path) -> Setup:
     reward_fn = build_reward(cfg.task.reward)
     task = build_task(cfg.task, seed=t.seed)
     ckpt = load_checkpoint(t.resume) if t.resume else None
-    model_path = resolve_model(cfg)
+    model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
